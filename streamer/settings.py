@@ -1,0 +1,101 @@
+"""One typed settings object for every kg-streamer command.
+
+Defaults are safe for a laptop: the embedded broker and graph DB on loopback ports, a state
+directory `.kgs` under the working directory. Every field can be overridden by an environment
+variable with the prefix ``KGS_`` (``KGS_STATE_DIR``, ``KGS_BOOTSTRAP_SERVERS``,
+``KGS_BOLT_URI``, ``KGS_BOLT_PASSWORD`` ...) or by a ``.env`` file. Production (docker-compose)
+changes only these values; the code is the same.
+
+Secrets are ``SecretStr``: they print as ``**********`` in logs and reprs.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KGS_", env_file=".env", extra="ignore")
+
+    # --- where local state lives (embedded services, worker checkpoints, caches) ---
+    state_dir: Path = Path(".kgs")
+
+    # --- Kafka ---
+    bootstrap_servers: str = "127.0.0.1:19092"
+    local_broker: Literal["noida", "tansu"] = Field(
+        "noida",
+        description="Embedded broker started by `kg-streamer services up`. noida-db persists "
+        "topics and offsets to the state dir (survives restarts and kill -9); tansu keeps "
+        "everything in memory.",
+    )
+    topic_products: str = "kg.products"
+    topic_interactions: str = "kg.interactions"
+    topic_relations: str = "kg.relations"
+    topic_changes: str = "kg.changes"
+    topic_embeddings: str = "kg.embeddings"
+    topic_dlq: str = "kg.dlq"
+    input_partitions: int = 3
+    changes_partitions: int = Field(
+        1, description="kg.changes is the graph's changelog; one partition keeps it totally ordered."
+    )
+    ingest_group: str = "kg-ingest"
+    embed_group: str = "kg-embed"
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 1_000
+    max_poll_interval_ms: int = 300_000
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+
+    # --- graph DB over Bolt ---
+    bolt_uri: str = "bolt://127.0.0.1:17687"
+    bolt_user: str = "root"
+    bolt_password: SecretStr = SecretStr("kg-streamer-local")
+    bolt_database: str = "kg"
+    graph_dialect: Literal["auto", "neo4j", "arcadedb"] = "auto"
+    arcadedb_http_port: int = 12480
+
+    # --- ingest ---
+    batch_max_events: int = 1_000
+    batch_max_wait_s: float = 0.5
+    max_event_bytes: int = 256 * 1024
+    graph_retry_attempts: int = 5
+    graph_retry_base_s: float = 0.2
+    graph_retry_max_s: float = 5.0
+    backpressure_pause_s: float = 5.0
+
+    # --- embedding worker ---
+    text_model: str = Field("all-MiniLM-L6-v2", description="'all-MiniLM-L6-v2' (offline package) or a local HF model path")
+    graph_checkpoint: Path | None = None
+    gnn_layers: int = 2
+    gnn_hidden: int = 128
+    gnn_out: int = 128
+    gnn_seed: int = 0
+    fusion: Literal["concat", "mean"] = "concat"
+    fusion_text_weight: float = 0.5
+    device: str = Field("auto", description="'auto' (cuda when present), 'cpu', 'cuda', 'cuda:1' ...")
+    torch_threads: int = 0
+    embed_batch_max_changes: int = 5_000
+    embed_batch_max_wait_s: float = 0.2
+
+    # --- observability ---
+    metrics_addr: str = Field("127.0.0.1:9464", description="host:port for /metrics; empty disables")
+    log_level: str = "INFO"
+
+    @cached_property
+    def input_topics(self) -> list[str]:
+        return [self.topic_products, self.topic_interactions, self.topic_relations]
+
+    def local_dir(self, name: str) -> Path:
+        """A sub-directory of the state dir, created on demand."""
+        path = self.state_dir / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def load_settings(**overrides) -> Settings:
+    """Settings from defaults < .env < environment < explicit overrides."""
+    return Settings(**overrides)
