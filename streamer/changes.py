@@ -7,10 +7,16 @@ that: the changelog is replayed at least once).
 
     {"op": "node_upsert", "key": "Product:85123A", "label": "Product", "id": "85123A",
      "ts": 1291191960000, "props": {"title": ..., "description": ..., "brand": ...,
-     "categories": [...], "attributes": {...}, "price": ...}}
+     "categories": [...], "attributes": {...}, "price": ...,
+     "out_edges": [["HAS_BRAND", "Brand:Acme"], ["IN_CATEGORY", "Category:Home > Kitchen"], ...]}}
     {"op": "node_delete", "key": "Product:85123A", "label": "Product", "id": "85123A", "ts": ...}
     {"op": "edge_upsert", "src": "User:17850", "rel": "PURCHASED", "dst": "Product:85123A", "ts": ...}
     {"op": "edge_delete", "src": ..., "rel": ..., "dst": ..., "ts": ...}
+
+A product's ``props.out_edges`` is the complete set of its structural outgoing edges after
+the change: the consumer replaces the old set (so edges a product lost need no record of
+their own). A ``node_delete`` removes the node and every edge incident to it.
+Brand, Category, Attribute and User nodes come into being with the first edge that names them.
 
 ``ts`` is the event time (epoch ms) of the newest source event that produced the change; the
 worker carries it to the vectors it publishes so freshness can be measured end to end.

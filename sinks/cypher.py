@@ -1,0 +1,183 @@
+"""Every Cypher statement kg-streamer sends, in one place.
+
+Rules (checked by tests/sinks/test_cypher_lint.py with Neo4j's own Cypher 5 linter, and run
+against ArcadeDB over Bolt by the integration tests):
+
+* every value is a ``$parameter``; rows go in as ``UNWIND $rows AS row``;
+* labels and relationship types are formatted into the text only from the allowlists in
+  ``streamer.events`` (``_label`` and ``_rel`` refuse anything else), never from event text;
+* each statement touches one entity per row: ``streamer.mutations.plan_batch`` coalesces first.
+
+Version guard: a node or relationship stores the ``ts`` (and for products the producer
+``version``) of the event that last wrote it; a write applies only when the row is strictly
+newer, so replays and out-of-order events change nothing. The "current" reads return the rows
+whose event *is* the stored state (just written or written before an earlier crash) so their
+changes are (re)published to kg.changes: that is what makes a crash between the graph commit
+and the changelog publish lose nothing.
+
+``all_statements()`` lists every statement for the linter.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+from streamer.events import ACTION_TYPES, NODE_LABELS, RELATION_TYPES
+
+
+def _label(label: str) -> str:
+    if label not in NODE_LABELS:
+        raise ValueError(f"label {label!r} is not in the allowlist")
+    return label
+
+
+def _rel(rel: str) -> str:
+    if rel not in RELATION_TYPES and rel not in ACTION_TYPES.values():
+        raise ValueError(f"relationship type {rel!r} is not in the allowlist")
+    return rel
+
+
+# --- schema -----------------------------------------------------------------------------
+def schema_statements() -> list[str]:
+    """One uniqueness constraint per label (this also gives Neo4j and ArcadeDB an index on id)."""
+    return [
+        f"CREATE CONSTRAINT {label.lower()}_id IF NOT EXISTS FOR (n:{label}) REQUIRE n.id IS UNIQUE"
+        for label in NODE_LABELS
+    ]
+
+
+# --- products ---------------------------------------------------------------------------
+_NEWER = "(p.ts IS NULL OR row.version > coalesce(p.version, 0) OR (row.version = coalesce(p.version, 0) AND row.ts > p.ts))"
+
+PRODUCT_UPSERT = f"""UNWIND $rows AS row
+MERGE (p:Product {{id: row.id}})
+WITH p, row
+WHERE {_NEWER}
+SET p.title = row.title, p.description = row.description, p.brand = row.brand,
+    p.categories = row.categories, p.attributes = row.attributes, p.price = row.price,
+    p.ts = row.ts, p.version = row.version, p.deleted = false
+RETURN row.id AS id"""
+
+# Structural edges the product no longer has (applied rows only; row.owned = "REL|dst id").
+PRODUCT_DROP_STALE_EDGES = """UNWIND $rows AS row
+MATCH (p:Product {id: row.id})-[r:HAS_BRAND|IN_CATEGORY|HAS_ATTRIBUTE]->(x)
+WHERE NOT ((type(r) + '|' + x.id) IN row.owned)
+DELETE r"""
+
+PRODUCT_BRANDS = """UNWIND $rows AS row
+MATCH (p:Product {id: row.product_id})
+MERGE (b:Brand {id: row.id})
+MERGE (p)-[:HAS_BRAND]->(b)"""
+
+CATEGORY_NODES = """UNWIND $rows AS row
+MERGE (c:Category {id: row.id})
+ON CREATE SET c.name = row.name"""
+
+CATEGORY_PARENTS = """UNWIND $rows AS row
+MATCH (child:Category {id: row.child})
+MATCH (parent:Category {id: row.parent})
+MERGE (child)-[:PARENT]->(parent)"""
+
+PRODUCT_CATEGORIES = """UNWIND $rows AS row
+MATCH (p:Product {id: row.product_id})
+MATCH (c:Category {id: row.id})
+MERGE (p)-[:IN_CATEGORY]->(c)"""
+
+PRODUCT_ATTRIBUTES = """UNWIND $rows AS row
+MATCH (p:Product {id: row.product_id})
+MERGE (a:Attribute {id: row.id})
+ON CREATE SET a.key = row.key, a.value = row.value
+MERGE (p)-[:HAS_ATTRIBUTE]->(a)"""
+
+PRODUCT_DELETE = f"""UNWIND $rows AS row
+MERGE (p:Product {{id: row.id}})
+WITH p, row
+WHERE {_NEWER}
+SET p.deleted = true, p.ts = row.ts, p.version = row.version, p.title = null, p.description = null,
+    p.brand = null, p.categories = null, p.attributes = null, p.price = null
+RETURN row.id AS id"""
+
+PRODUCT_DETACH = """UNWIND $ids AS id
+MATCH (p:Product {id: id})-[r]-()
+DELETE r"""
+
+PRODUCT_CURRENT = """UNWIND $rows AS row
+MATCH (p:Product {id: row.id})
+WHERE p.ts = row.ts AND coalesce(p.version, 0) = row.version AND coalesce(p.deleted, false) = row.deleted
+RETURN row.id AS id"""
+
+
+# --- interactions: User-[:<ACTION>]->Product ----------------------------------------------
+@cache
+def interaction_upsert(rel: str) -> str:
+    return f"""UNWIND $rows AS row
+MERGE (p:Product {{id: row.product_id}})
+WITH p, row
+WHERE coalesce(p.deleted, false) = false
+MERGE (u:User {{id: row.user_id}})
+MERGE (u)-[r:{_rel(rel)}]->(p)
+WITH r, row, [t IN row.tss WHERE r.last_ts IS NULL OR t > r.last_ts] AS fresh
+WITH r, row, fresh,
+     CASE WHEN r.first_ts IS NULL OR row.tss[0] < r.first_ts THEN row.tss[0] ELSE r.first_ts END AS first_ts,
+     CASE WHEN r.last_ts IS NULL OR row.tss[-1] > r.last_ts THEN row.tss[-1] ELSE r.last_ts END AS last_ts,
+     CASE WHEN row.rating_ts IS NOT NULL AND (r.rating_ts IS NULL OR row.rating_ts > r.rating_ts)
+          THEN [row.rating, row.rating_ts] ELSE [r.rating, r.rating_ts] END AS rating
+SET r.count = coalesce(r.count, 0) + size(fresh), r.first_ts = first_ts, r.last_ts = last_ts,
+    r.rating = rating[0], r.rating_ts = rating[1]
+RETURN row.user_id AS user_id, row.product_id AS product_id, last_ts AS ts"""
+
+
+# --- relations between allowlisted labels -------------------------------------------------
+@cache
+def relation_upsert(src_label: str, rel: str, dst_label: str) -> str:
+    return f"""UNWIND $rows AS row
+MERGE (a:{_label(src_label)} {{id: row.src}})
+MERGE (b:{_label(dst_label)} {{id: row.dst}})
+WITH a, b, row
+WHERE coalesce(a.deleted, false) = false AND coalesce(b.deleted, false) = false
+MERGE (a)-[r:{_rel(rel)}]->(b)
+WITH r, row
+WHERE r.ts IS NULL OR row.ts > r.ts
+SET r = row.props
+SET r.ts = row.ts, r.deleted = false"""
+
+
+@cache
+def relation_delete(src_label: str, rel: str, dst_label: str) -> str:
+    return f"""UNWIND $rows AS row
+MATCH (a:{_label(src_label)} {{id: row.src}})-[r:{_rel(rel)}]->(b:{_label(dst_label)} {{id: row.dst}})
+WHERE r.ts IS NULL OR row.ts > r.ts
+SET r.deleted = true, r.ts = row.ts"""
+
+
+@cache
+def relation_current(src_label: str, rel: str, dst_label: str) -> str:
+    return f"""UNWIND $rows AS row
+MATCH (a:{_label(src_label)} {{id: row.src}})-[r:{_rel(rel)}]->(b:{_label(dst_label)} {{id: row.dst}})
+WHERE r.ts = row.ts
+RETURN row.src AS src, row.dst AS dst, coalesce(r.deleted, false) AS deleted"""
+
+
+# --- reads ------------------------------------------------------------------------------
+COUNT_NODES = "MATCH (n) RETURN count(n) AS n"
+COUNT_RELATIONSHIPS = "MATCH ()-[r]->() RETURN count(r) AS n"
+PING = "RETURN 1 AS ok"
+
+
+def all_statements() -> list[tuple[str, str]]:
+    """(name, text) of every statement the project can send: the linter's input."""
+    out = [(f"schema[{i}]", s) for i, s in enumerate(schema_statements())]
+    for name in (
+        "PRODUCT_UPSERT", "PRODUCT_DROP_STALE_EDGES", "PRODUCT_BRANDS", "CATEGORY_NODES", "CATEGORY_PARENTS",
+        "PRODUCT_CATEGORIES", "PRODUCT_ATTRIBUTES", "PRODUCT_DELETE", "PRODUCT_DETACH", "PRODUCT_CURRENT",
+        "COUNT_NODES", "COUNT_RELATIONSHIPS", "PING",
+    ):
+        out.append((name, globals()[name]))
+    for rel in ACTION_TYPES.values():
+        out.append((f"interaction_upsert[{rel}]", interaction_upsert(rel)))
+    for src in NODE_LABELS:
+        for rel in RELATION_TYPES:
+            for dst in NODE_LABELS:
+                for fn in (relation_upsert, relation_delete, relation_current):
+                    out.append((f"{fn.__name__}[{src},{rel},{dst}]", fn(src, rel, dst)))
+    return out

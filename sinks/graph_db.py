@@ -1,0 +1,235 @@
+"""Graph DB sink: one ``GraphBatch`` -> one Bolt transaction -> the changes it made current.
+
+Contract of ``GraphSink.write(batch)``:
+
+* all statements of the batch run in ONE explicit transaction, nodes before relationships
+  (products, product deletes, interactions, relations); it commits or nothing is applied;
+* it returns ``WriteResult`` with the ``Change`` records (streamer/changes.py) of every row
+  whose event is now the stored state, for the caller to publish to kg.changes;
+* transient failures (Neo4j ``TransientError`` such as deadlocks, connection loss, database
+  unavailable) are retried ``graph_retry_attempts`` times with exponential backoff and full
+  jitter; after that ``GraphUnavailable`` is raised and the caller applies backpressure;
+* any other failure (the database refused the statement or its data) raises
+  ``GraphRejected``: the caller bisects the batch to find the event to dead-letter.
+
+The Bolt driver's own managed-transaction retry is not used: retries are bounded here so the
+consumer decides what happens next (pause partitions) instead of blocking for 30 s.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+from neo4j import GraphDatabase
+from neo4j.exceptions import (
+    ClientError,
+    DatabaseUnavailable,
+    Neo4jError,
+    ServiceUnavailable,
+    SessionExpired,
+    TransientError,
+)
+
+from sinks import cypher
+from streamer import changes as ch
+from streamer.mutations import GraphBatch
+from streamer.settings import Settings
+
+log = logging.getLogger(__name__)
+
+TRANSIENT = (TransientError, ServiceUnavailable, SessionExpired, DatabaseUnavailable, ConnectionError, OSError)
+
+
+class GraphUnavailable(Exception):
+    """The graph DB did not accept the batch after bounded retries (transient cause)."""
+
+
+class GraphRejected(Exception):
+    """The graph DB refused the batch (non-transient): some event in it cannot be written."""
+
+    def __init__(self, error_class: str, message: str):
+        super().__init__(message)
+        self.error_class = error_class
+        self.message = message
+
+
+@dataclass
+class WriteResult:
+    changes: list[ch.Change] = field(default_factory=list)
+    nodes_written: int = 0          # product rows applied (upserts + tombstones)
+    relationships_written: int = 0  # interaction and relation rows applied
+    attempts: int = 1
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, TRANSIENT):
+        return True
+    # Some servers report deadlocks / lock timeouts as ClientError with a transient code.
+    code = getattr(exc, "code", "") or ""
+    return isinstance(exc, Neo4jError) and (".Transient." in code or "Deadlock" in code)
+
+
+class GraphSink:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.driver = GraphDatabase.driver(
+            settings.bolt_uri,
+            auth=(settings.bolt_user, settings.bolt_password.get_secret_value()),
+            connection_timeout=10,
+            max_transaction_retry_time=0,
+        )
+        self.database = settings.bolt_database
+
+    def close(self) -> None:
+        self.driver.close()
+
+    # --- small helpers ---------------------------------------------------------------
+    def query(self, statement: str, **params) -> list[dict]:
+        """Run one read (or schema) statement in an auto-commit transaction."""
+        with self.driver.session(database=self.database) as session:
+            return [record.data() for record in session.run(statement, params)]
+
+    def ping(self) -> bool:
+        try:
+            return self.query(cypher.PING)[0]["ok"] == 1
+        except Exception:  # noqa: BLE001 - any failure means "not answering"
+            return False
+
+    def ensure_schema(self) -> None:
+        for statement in cypher.schema_statements():
+            self.query(statement)
+
+    def counts(self) -> tuple[int, int]:
+        return self.query(cypher.COUNT_NODES)[0]["n"], self.query(cypher.COUNT_RELATIONSHIPS)[0]["n"]
+
+    # --- the batch write -------------------------------------------------------------
+    def write(self, batch: GraphBatch) -> WriteResult:
+        attempts = self.settings.graph_retry_attempts
+        for attempt in range(1, attempts + 1):
+            try:
+                result = self._write_once(batch)
+                result.attempts = attempt
+                return result
+            except Exception as exc:  # noqa: BLE001 - classified below
+                if not _is_transient(exc):
+                    code = getattr(exc, "code", None) or type(exc).__name__
+                    raise GraphRejected(str(code), str(exc)) from exc
+                if attempt == attempts:
+                    raise GraphUnavailable(f"graph write failed after {attempts} attempts: {exc}") from exc
+                delay = random.uniform(0, min(self.settings.graph_retry_max_s, self.settings.graph_retry_base_s * 2**attempt))
+                log.warning("transient graph error (attempt %d/%d, retry in %.2fs): %s", attempt, attempts, delay, exc)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _write_once(self, batch: GraphBatch) -> WriteResult:
+        result = WriteResult()
+        now_ms = int(time.time() * 1000)
+        with self.driver.session(database=self.database) as session:
+            tx = session.begin_transaction()
+            try:
+                self._products(tx, batch, result)
+                self._interactions(tx, batch, result)
+                self._relations(tx, batch, result)
+                tx.commit()
+            except BaseException:
+                if tx.closed() is False:
+                    tx.rollback()
+                raise
+        unique = {(c.op, c.key, c.src, c.rel, c.dst): c for c in result.changes}
+        result.changes = [ch.Change(**{**c.__dict__, "committed_ms": now_ms}) for c in unique.values()]
+        return result
+
+    def _products(self, tx, batch: GraphBatch, result: WriteResult) -> None:
+        rows = [_product_params(r) for r in batch.product_upserts]
+        if rows:
+            applied = {rec["id"] for rec in tx.run(cypher.PRODUCT_UPSERT, rows=rows)}
+            result.nodes_written += len(applied)
+            if applied:
+                fresh = [r for r in batch.product_upserts if r["id"] in applied]
+                tx.run(cypher.PRODUCT_DROP_STALE_EDGES, rows=[{"id": r["id"], "owned": r["owned"]} for r in fresh]).consume()
+                self._run_rows(tx, cypher.PRODUCT_BRANDS, [{"product_id": r["id"], "id": b} for r in fresh for b in r["brand_ids"]])
+                categories = {c["id"]: c for r in fresh for c in r["categories_path"]}
+                self._run_rows(tx, cypher.CATEGORY_NODES, sorted(categories.values(), key=lambda c: c["id"]))
+                self._run_rows(tx, cypher.CATEGORY_PARENTS, _parent_rows(fresh))
+                self._run_rows(tx, cypher.PRODUCT_CATEGORIES, [{"product_id": r["id"], "id": c} for r in fresh for c in r["leaf_category"]])
+                self._run_rows(
+                    tx, cypher.PRODUCT_ATTRIBUTES, [{"product_id": r["id"], **a} for r in fresh for a in r["attribute_nodes"]]
+                )
+        deletes = batch.product_deletes
+        if deletes:
+            applied = [rec["id"] for rec in tx.run(cypher.PRODUCT_DELETE, rows=deletes)]
+            result.nodes_written += len(applied)
+            if applied:
+                tx.run(cypher.PRODUCT_DETACH, ids=applied).consume()
+        every = [{"id": r["id"], "ts": r["ts"], "version": r["version"], "deleted": False} for r in batch.product_upserts]
+        every += [{"id": r["id"], "ts": r["ts"], "version": r["version"], "deleted": True} for r in deletes]
+        if not every:
+            return
+        current = {rec["id"] for rec in tx.run(cypher.PRODUCT_CURRENT, rows=every)}
+        for row in batch.product_upserts:
+            if row["id"] in current:
+                result.changes.append(_product_change(row))
+                for parent in _parent_rows([row]):
+                    result.changes.append(ch.edge_upsert(f"Category:{parent['child']}", "PARENT", f"Category:{parent['parent']}", row["ts"]))
+        for row in deletes:
+            if row["id"] in current:
+                result.changes.append(ch.node_delete("Product", row["id"], row["ts"]))
+
+    def _interactions(self, tx, batch: GraphBatch, result: WriteResult) -> None:
+        for rel in sorted(batch.interactions):
+            for rec in tx.run(cypher.interaction_upsert(rel), rows=batch.interactions[rel]):
+                result.relationships_written += 1
+                result.changes.append(
+                    ch.edge_upsert(ch.node_key("User", rec["user_id"]), rel, ch.node_key("Product", rec["product_id"]), rec["ts"])
+                )
+
+    def _relations(self, tx, batch: GraphBatch, result: WriteResult) -> None:
+        for (src_label, rel, dst_label), rows in sorted(batch.relations.items()):
+            upserts = [r for r in rows if r["op"] == "upsert"]
+            deletes = [r for r in rows if r["op"] == "delete"]
+            if upserts:
+                tx.run(cypher.relation_upsert(src_label, rel, dst_label), rows=upserts).consume()
+            if deletes:
+                tx.run(cypher.relation_delete(src_label, rel, dst_label), rows=deletes).consume()
+            by_key = {(r["src"], r["dst"]): r for r in rows}
+            for rec in tx.run(cypher.relation_current(src_label, rel, dst_label), rows=[{k: r[k] for k in ("src", "dst", "ts")} for r in rows]):
+                row = by_key[(rec["src"], rec["dst"])]
+                if rec["deleted"] != (row["op"] == "delete"):
+                    continue
+                result.relationships_written += 1
+                make = ch.edge_delete if rec["deleted"] else ch.edge_upsert
+                result.changes.append(make(ch.node_key(src_label, row["src"]), rel, ch.node_key(dst_label, row["dst"]), row["ts"]))
+
+    @staticmethod
+    def _run_rows(tx, statement: str, rows: list[dict]) -> None:
+        if rows:
+            tx.run(statement, rows=rows).consume()
+
+
+_PRODUCT_PARAM_KEYS = ("id", "ts", "version", "title", "description", "brand", "categories", "attributes", "price")
+
+
+def _product_params(row: dict) -> dict:
+    return {k: row[k] for k in _PRODUCT_PARAM_KEYS}
+
+
+def _parent_rows(rows: list[dict]) -> list[dict]:
+    pairs = set()
+    for row in rows:
+        path = [c["id"] for c in row["categories_path"]]
+        pairs.update((child, parent) for parent, child in zip(path, path[1:]))
+    return [{"child": c, "parent": p} for c, p in sorted(pairs)]
+
+
+def _product_change(row: dict) -> ch.Change:
+    props = {k: row[k] for k in ("title", "description", "brand", "categories", "price")}
+    props["attributes"] = json.loads(row["attributes"])
+    props["out_edges"] = [[rel, f"{_OWNED_LABEL[rel]}:{dst}"] for rel, _, dst in (o.partition("|") for o in row["owned"])]
+    return ch.node_upsert("Product", row["id"], row["ts"], props)
+
+
+_OWNED_LABEL = {"HAS_BRAND": "Brand", "IN_CATEGORY": "Category", "HAS_ATTRIBUTE": "Attribute"}
