@@ -20,7 +20,10 @@ Brand, Category, Attribute and User nodes come into being with the first edge th
 
 ``ts`` is the event time (epoch ms) of the newest source event that produced the change; the
 worker carries it to the vectors it publishes so freshness can be measured end to end.
-``committed_ms`` (wall clock, epoch ms) is when the graph transaction committed.
+``committed_ms`` (wall clock, epoch ms) is when the graph transaction committed, and
+``source_ms`` the Kafka timestamp of the oldest input message of that batch (when the event
+entered the pipeline): freshness is measured from it, which stays meaningful when historical
+data is replayed.
 A node key is ``"<Label>:<id>"``; labels never contain ':' so the key splits on the first ':'.
 """
 
@@ -54,6 +57,7 @@ class Change:
     rel: str | None = None
     dst: str | None = None
     committed_ms: int | None = field(default=None, compare=False)
+    source_ms: int | None = field(default=None, compare=False)
 
     @property
     def partition_key(self) -> str:

@@ -1,0 +1,81 @@
+"""Every Prometheus metric kg-streamer exports, declared once: name, unit, help, labels.
+
+Conventions: base units with the unit in the name (``_seconds``, ``_bytes``), counters end in
+``_total``, the consumer group label is always spelled ``group``, topic partitions are
+``topic`` + ``partition``. ``serve(settings)`` starts the /metrics endpoint of a long-running
+command (no-op when ``metrics_addr`` is empty).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
+
+_BATCH_SIZES = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 50000)
+_DURATIONS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_FRESHNESS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600)
+
+# --- ingest ---------------------------------------------------------------------------
+EVENTS_CONSUMED = Counter("kgs_events_consumed_total", "Input messages polled from Kafka.", ["group", "topic"])
+EVENTS_APPLIED = Counter(
+    "kgs_events_applied_total", "Valid input events written to the graph DB (committed transactions).", ["group", "topic", "kind"]
+)
+EVENTS_DLQ = Counter(
+    "kgs_events_dlq_total", "Input messages sent to the dead-letter topic, by error class.", ["group", "topic", "error_class"]
+)
+GRAPH_WRITES = Counter(
+    "kgs_graph_writes_total", "Graph entities written, by kind (node or relationship).", ["group", "kind"]
+)
+CHANGES_PUBLISHED = Counter("kgs_changes_published_total", "Change records acknowledged on kg.changes.", ["group"])
+GRAPH_RETRIES = Counter("kgs_graph_retries_total", "Graph transactions retried after a transient error.", ["group"])
+GRAPH_ERRORS = Counter(
+    "kgs_graph_errors_total", "Graph transactions that failed, by outcome (transient, unavailable, rejected).", ["group", "outcome"]
+)
+BACKPRESSURE = Gauge("kgs_backpressure_paused", "1 while the consumer has paused its partitions for backpressure.", ["group"])
+
+# --- batches and stages ----------------------------------------------------------------
+BATCH_EVENTS = Histogram("kgs_batch_events", "Messages per processed batch.", ["group"], buckets=_BATCH_SIZES)
+STAGE_SECONDS = Histogram(
+    "kgs_stage_duration_seconds", "Time spent in one pipeline stage for one batch.", ["group", "stage"], buckets=_DURATIONS
+)
+
+# --- offsets and lag --------------------------------------------------------------------
+COMMITTED_OFFSET = Gauge("kgs_consumer_committed_offset", "Last offset committed by the group.", ["group", "topic", "partition"])
+LAG_MESSAGES = Gauge(
+    "kgs_consumer_lag_messages", "Messages between the committed offset and the log end.", ["group", "topic", "partition"]
+)
+LAG_SECONDS = Gauge(
+    "kgs_consumer_lag_seconds",
+    "Age of the oldest unconsumed message (broker timestamp), 0 when caught up.",
+    ["group", "topic", "partition"],
+)
+LAST_COMMIT_TIMESTAMP = Gauge(
+    "kgs_consumer_last_commit_timestamp_seconds", "Unix time of the group's last successful commit.", ["group", "topic", "partition"]
+)
+
+# --- freshness --------------------------------------------------------------------------
+FRESHNESS_GRAPH = Histogram(
+    "kgs_freshness_graph_seconds", "Input message timestamp (entry into Kafka) to graph transaction committed.", ["group"], buckets=_FRESHNESS
+)
+FRESHNESS_VECTOR = Histogram(
+    "kgs_freshness_vector_seconds", "Input message timestamp (entry into Kafka) to refreshed vector acknowledged on kg.embeddings.", ["group"], buckets=_FRESHNESS
+)
+
+# --- embedding worker -------------------------------------------------------------------
+AFFECTED_NODES = Histogram(
+    "kgs_affected_nodes", "Nodes recomputed per micro-batch, by GNN layer.", ["group", "layer"], buckets=_BATCH_SIZES
+)
+VECTORS_PUBLISHED = Counter("kgs_vectors_published_total", "Vectors (and tombstones) acknowledged on kg.embeddings.", ["group", "kind"])
+VECTORS_SUPPRESSED = Counter(
+    "kgs_vectors_suppressed_total", "Refreshed vectors not published because their change was under the threshold.", ["group"]
+)
+TEXT_ENCODED = Counter("kgs_text_encoded_total", "Product texts run through the transformer (cache misses).", ["group"])
+MODEL_INFO = Info("kgs_model", "The graph encoder serving vectors: version, layers, dims, device.")
+
+
+def serve(addr: str) -> bool:
+    """Start the /metrics HTTP endpoint on "host:port"; returns False when disabled."""
+    if not addr:
+        return False
+    host, _, port = addr.rpartition(":")
+    start_http_server(int(port), addr=host or "0.0.0.0")
+    return True

@@ -1,0 +1,76 @@
+"""Create the project's topics, idempotently: ``ensure_topics(settings)``.
+
+Topics: the input topics (``settings.input_topics``, ``settings.input_partitions`` each),
+``kg.changes`` (``settings.changes_partitions``, 1 by default: the graph's changelog stays
+totally ordered), ``kg.dlq`` (1 partition) and ``kg.embeddings`` (``input_partitions``,
+``cleanup.policy=compact``: the latest vector per node key). A topic that already exists is
+left as it is (its partition count is not changed; a mismatch is logged as a warning).
+
+What the brokers do (measured with kafka-python 3.0.12):
+
+- CreateTopics with per-topic configs: **noida-db 0.2.3** creates the topic and stores the
+  configs (DescribeConfigs returns ``cleanup.policy=compact``). **Tansu 0.6.0** creates the
+  topic and answers success, but drops the configs (DescribeConfigs returns nothing), so
+  kg.embeddings is not compacted there. Neither embedded broker is relied on to compact:
+  consumers of kg.embeddings must take the latest record per key anyway (as on real Kafka,
+  where compaction is lazy). A repeated CreateTopics gives TopicAlreadyExists (error 36) on
+  both, which is what makes this function idempotent.
+- Auto-create: both create an unknown topic when a *producer* asks for its metadata (noida-db
+  with 1 partition, Tansu with 4); a consumer's metadata request does not create it. Real
+  Kafka may have auto-create off. So every topic is created here, explicitly, before use.
+- ``replication_factor=-1`` (the broker's default, Kafka >= 2.4) works on both and on real
+  Kafka, so production gets its cluster's default replication without a setting.
+- End offsets: noida-db answers ``end_offsets()`` correctly; Tansu answers the base offset of
+  the last *batch* + 1 (wrong as soon as a batch holds more than one record): compute lag from
+  ``consumer.highwater()`` after a fetch, not from ``end_offsets()``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from kafka.admin import KafkaAdminClient
+from kafka.errors import TopicAlreadyExistsError, for_code
+
+from streamer.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def topic_plan(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Every topic the project uses -> its CreateTopics options."""
+    def topic(partitions: int, **configs: str) -> dict[str, Any]:
+        return {"num_partitions": partitions, "replication_factor": -1, "configs": configs}
+
+    plan = {name: topic(settings.input_partitions) for name in settings.input_topics}
+    plan[settings.topic_changes] = topic(settings.changes_partitions)
+    plan[settings.topic_dlq] = topic(1)
+    plan[settings.topic_embeddings] = topic(settings.input_partitions, **{"cleanup.policy": "compact"})
+    return plan
+
+
+def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> list[str]:
+    """Create the project's topics that do not exist yet; return the names it created."""
+    plan = topic_plan(settings)
+    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, client_id="kgs-topics",
+                             request_timeout_ms=int(timeout_s * 1000))
+    try:
+        response = admin.create_topics(plan, timeout_ms=int(timeout_s * 1000), raise_errors=False)
+        created: list[str] = []
+        for result in response["topics"]:
+            error = for_code(result["error_code"])
+            if result["error_code"] == 0:
+                created.append(result["name"])
+            elif error is not TopicAlreadyExistsError:
+                raise error(f"creating topic {result['name']}: {result.get('error_message')}")
+        existing = {t["name"]: len(t["partitions"]) for t in admin.describe_topics(list(plan))}
+    finally:
+        admin.close()
+    for name, options in plan.items():
+        if existing.get(name) != options["num_partitions"]:
+            log.warning("topic %s has %s partitions, settings ask for %d (left as it is)",
+                        name, existing.get(name), options["num_partitions"])
+    if created:
+        log.info("created topics %s", ", ".join(created))
+    return created
