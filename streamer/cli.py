@@ -1,0 +1,141 @@
+"""``kg-streamer`` command line: one sub-command per job, all configured by ``Settings``.
+
+    kg-streamer services up|down|status     embedded broker + graph DB in the state dir
+    kg-streamer topics                      create the topics (idempotent)
+    kg-streamer load online-retail PATH     replay a real data set into the input topics
+    kg-streamer load amazon DIR
+    kg-streamer ingest [--until-caught-up]  the ingest consumer (long-lived by default)
+    kg-streamer schema [--out FILE]         write the input events' JSON Schema
+    kg-streamer demo                        services up, load the committed sample, ingest, summary
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from streamer.settings import Settings
+
+log = logging.getLogger("kg-streamer")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_DIR = REPO_ROOT / "data" / "sample"
+
+
+def _setup_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=getattr(logging, settings.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("kafka", "neo4j"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_services(args, settings: Settings) -> int:
+    from streamer.local_services import LocalServices
+
+    services = LocalServices(settings)
+    if args.action == "up":
+        services.up()
+    elif args.action == "down":
+        services.down()
+    print(json.dumps(services.status(), indent=2, default=str))
+    return 0
+
+
+def cmd_topics(args, settings: Settings) -> int:
+    from streamer.topics import ensure_topics
+
+    print(json.dumps(ensure_topics(settings)))
+    return 0
+
+
+def cmd_load(args, settings: Settings) -> int:
+    from streamer.loaders import replay
+
+    from streamer.topics import ensure_topics
+
+    ensure_topics(settings)
+    loader = replay.load_online_retail if args.dataset == "online-retail" else replay.load_amazon
+    stats = loader(args.path, settings, limit=args.limit, rate=args.rate)
+    print(json.dumps(stats.summary() if hasattr(stats, "summary") else stats, indent=2, default=str))
+    return 0
+
+
+def cmd_ingest(args, settings: Settings) -> int:
+    from streamer import metrics
+    from streamer.ingest import IngestConsumer
+    from streamer.topics import ensure_topics
+
+    ensure_topics(settings)
+    metrics.serve(settings.metrics_addr)
+    consumer = IngestConsumer(settings)
+    consumer.install_signal_handlers()
+    stats = consumer.run(until_caught_up=args.until_caught_up, max_seconds=args.max_seconds)
+    print(json.dumps(stats.summary(), indent=2))
+    return 0
+
+
+def cmd_schema(args, settings: Settings) -> int:
+    from streamer.events import json_schema
+
+    text = json.dumps(json_schema(), indent=2) + "\n"
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_demo(args, settings: Settings) -> int:
+    from streamer.demo import run_demo
+
+    return run_demo(settings, sample_dir=Path(args.sample_dir), limit=args.limit)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kg-streamer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("services", help="start/stop the embedded broker and graph DB")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.set_defaults(func=cmd_services)
+
+    p = sub.add_parser("topics", help="create the topics (idempotent)")
+    p.set_defaults(func=cmd_topics)
+
+    p = sub.add_parser("load", help="replay a real data set into the input topics")
+    p.add_argument("dataset", choices=["online-retail", "amazon"])
+    p.add_argument("path", help="online_retail.csv.gz file, or the Amazon directory")
+    p.add_argument("--limit", type=int, default=None, help="stop after N events")
+    p.add_argument("--rate", type=float, default=None, help="events per second (default: as fast as possible)")
+    p.set_defaults(func=cmd_load)
+
+    p = sub.add_parser("ingest", help="consume input topics into the graph DB")
+    p.add_argument("--until-caught-up", action="store_true", help="exit once the group's lag is 0")
+    p.add_argument("--max-seconds", type=float, default=None)
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("schema", help="print or write the JSON Schema of input events")
+    p.add_argument("--out", default=None)
+    p.set_defaults(func=cmd_schema)
+
+    p = sub.add_parser("demo", help="the main job on embedded services and the committed real sample")
+    p.add_argument("--sample-dir", default=str(SAMPLE_DIR))
+    p.add_argument("--limit", type=int, default=None, help="events per data set")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = Settings()
+    _setup_logging(settings)
+    return args.func(args, settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
