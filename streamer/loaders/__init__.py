@@ -1,13 +1,13 @@
 """Real public data sets as kg-streamer input events, in event-time order.
 
 Each loader module has one entry point, ``events(path, limit=None, report=None)``, which
-yields plain event dicts that ``streamer.events.validate_event`` accepts, oldest first (ties:
-products, then relations, then interactions, so a node's upsert precedes the edges that name
-it). Pass a ``LoadReport`` to see what was emitted and what was skipped and why:
+yields plain event dicts that ``streamer.events.validate_event`` accepts, oldest first; at
+equal times a product's upsert comes before the relations and interactions that name it.
+Pass a ``LoadReport`` to see what was emitted and what was skipped and why:
 
     report = LoadReport("online_retail")
     for event in online_retail.events(path, report=report): ...
-    print(report.summary())
+    print(report.summary())  # a dict: rows read, events per type, skipped per reason
 
 * ``streamer.loaders.online_retail`` -- UCI Online Retail (one CSV, streamed row by row)
 * ``streamer.loaders.amazon``        -- Amazon Review Data 2018, one category (meta + ratings)
@@ -33,7 +33,11 @@ __all__ = ["LoadReport", "iso_utc", "open_text", "take", "load_online_retail", "
 
 @dataclass
 class LoadReport:
-    """What one loader run read, emitted and skipped (reason -> count)."""
+    """What one loader run read, emitted and skipped (reason -> count).
+
+    With a ``limit``, Online Retail counts the rows read until the limit was reached; the Amazon
+    loader reads both files whole before it yields anything, so its rows/skipped cover them all.
+    """
 
     source: str
     rows: Counter[str] = field(default_factory=Counter)  # input records read, per input file kind
@@ -41,16 +45,20 @@ class LoadReport:
     skipped: Counter[str] = field(default_factory=Counter)  # records (or list items) dropped, per reason
     notes: Counter[str] = field(default_factory=Counter)  # records used after a documented fix-up
 
-    def summary(self) -> str:
-        def fmt(counter: Counter[str]) -> str:
-            return ", ".join(f"{k}={v:,}" for k, v in sorted(counter.items())) or "-"
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready counts, largest first."""
 
-        return (
-            f"{self.source}: read {fmt(self.rows)}\n"
-            f"  emitted {sum(self.events.values()):,} events: {fmt(self.events)}\n"
-            f"  skipped: {fmt(self.skipped)}\n"
-            f"  notes: {fmt(self.notes)}"
-        )
+        def ordered(counter: Counter[str]) -> dict[str, int]:
+            return dict(counter.most_common())
+
+        return {
+            "source": self.source,
+            "rows": ordered(self.rows),
+            "events": sum(self.events.values()),
+            "events_by_type": ordered(self.events),
+            "skipped": ordered(self.skipped),
+            "notes": ordered(self.notes),
+        }
 
 
 def iso_utc(epoch_s: float) -> str:

@@ -11,7 +11,8 @@ Products (``meta_*``)
   the rest count as ``duplicate_meta``.
 * ``title``: HTML entities decoded, complete tags removed; a title still holding markup
   (``<span class="a-size-medium a-color-secondary"``, ``Magazines" />``: a scraping error on
-  ~93% of the Magazine rows) becomes None rather than a fragment (``notes.broken_title``).
+  2,173 of the 2,320 Magazine products) becomes None rather than a fragment
+  (``notes.broken_title``).
   The text encoder still has the description, brand and categories.
 * ``description``: the list's non-empty paragraphs, tags removed (``<br />`` -> newline),
   entities decoded, joined with newlines, cut at 20,000 characters.
@@ -27,9 +28,9 @@ Relations
   listed asin, directed as Amazon lists them, with ``props.position`` = the index in the list
   (Amazon's order). Only edges whose target is a node this data set creates anyway (it has
   metadata or ratings) are kept: the other targets are products of other categories with no
-  text and no interactions (12k+ for Magazine), which would swamp the graph with featureless
+  text and no interactions (15,883 for Magazine), which would swamp the graph with featureless
   nodes (``skipped.edge_to_unknown_asin``; ``keep_external=True`` keeps them).
-  Self-loops and repeats are dropped.
+  Self-loops and repeats within a list are dropped (``skipped.self_or_repeated_edge``).
 
 Ratings -> ``rate`` interactions (user = reviewerID, rating 1..5, ts = unixTime, day resolution)
 * An exact duplicate row is dropped (``duplicate_rating``: 1,221 rows). A second row for the
@@ -43,7 +44,8 @@ Event time for products and relations (the metadata has none: it is a 2018 crawl
 * A product's upsert takes the time of its first rating, so products join the stream when
   the first customer meets them and never precede the interaction history by years; a product
   nobody rated takes the time of the earliest rating in the file (the start of the stream).
-* A relation takes the later of its two endpoints' times, so it arrives once both exist.
+* A relation takes the later of its two endpoints' times, so it arrives once both exist
+  (an external target, with ``keep_external``, counts as existing from the start).
   ``also_buy``/``also_view`` reflect 2018, so early edges are anachronistic either way; this
   choice keeps every edge between nodes that already exist in the replayed graph.
 """
@@ -53,7 +55,6 @@ from __future__ import annotations
 import csv
 import html
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any, Iterator
@@ -200,7 +201,7 @@ def read_ratings(path: Path, report: LoadReport) -> list[tuple[int, str, str, fl
             except ValueError:  # wrong column count or not a number
                 report.skipped["malformed_row"] += 1
                 continue
-            if not asin or not reviewer or max(len(asin), len(reviewer)) > 256 or not (0 <= rating <= 10) or not math.isfinite(rating):
+            if not asin or not reviewer or max(len(asin), len(reviewer)) > 256 or not 0 <= rating <= 10:
                 report.skipped["malformed_row"] += 1
                 continue
             key = (asin, reviewer, unix)

@@ -21,11 +21,15 @@ Mapping
   with Amazon's 10-character ASINs and 13-14 character reviewer ids.
 
 Product upserts
-* One upsert the first time a stock code appears on an accepted line, and a new one whenever
-  its (cleaned) description differs from the last one sent: the shop renamed the item
-  (1,527 times in the full data, on 212 stock codes), which changes the text the embeddings
-  are built from. Each upsert is a full snapshot (title and price) and carries ``version``
-  = 0, 1, 2 ... per stock code, so two upserts within the same minute still order correctly
+* One upsert the first time a stock code appears on an accepted line, and a new one when it
+  appears under a (cleaned) description it never had before: the shop renamed the item
+  (225 times in the full data, on 207 stock codes), which changes the text the embeddings
+  are built from. Going back to an earlier name is not a rename: some codes alternate
+  between two names in use at the same time (23203 switches between "JUMBO BAG DOILEY
+  PATTERNS" and "JUMBO BAG VINTAGE DOILEY" 45 times in 2011), and re-sending each switch
+  would re-embed the product for nothing; the graph keeps the most recently introduced
+  name. Each upsert is a full snapshot (title and price) and carries ``version`` = 0, 1, 2
+  ... per stock code, so two upserts within the same minute still order correctly
   downstream (a newer version wins before ts is compared).
 * Price changes alone do not make an upsert: unit prices vary line by line with quantity
   tiers and customers (~184k changes), which is pricing, not a catalogue change. ``price`` is
@@ -45,18 +49,20 @@ Rows not turned into events (``report.skipped``, first matching reason wins)
 * ``non_sale_invoice``: any other non-numeric InvoiceNo (``A563185``: "Adjust bad debt").
 * ``non_product_code``: a StockCode that is not a catalogue item: anything that is not five
   digits plus at most two letters (POST, DOT, M, C2, D, S, B, CRUK, BANK CHARGES, AMAZONFEE,
-  PADS, gift_0001_*, DCGS*), plus ``23444`` ("Next Day Carriage"), a five-digit service code.
+  PADS, gift_0001_* vouchers; also DCGS*, dotcom-only lines of which none has a customer),
+  plus ``23444`` ("Next Day Carriage"), a five-digit service code.
 * ``non_positive_quantity``: quantity <= 0 outside cancellations (stock write-offs such as
   "damaged", "check", "?", all without a customer).
-* ``non_positive_price``: unit price <= 0 (adjustments and free samples; 40 lines with a
-  customer in the full data are free items, not purchases).
+* ``non_positive_price``: unit price <= 0 (adjustments and free samples; the 33 such lines
+  with a customer in the full data are free items, not purchases).
 * ``missing_customer``: no CustomerID (~25% of lines, guest or phone orders): the product
   upsert is still emitted if due, the interaction is not. Inventing one user per invoice would
-  add 1,400+ one-order users that carry no history.
+  add 1,371 one-order users that carry no history.
 
-Fix-ups (``report.notes``)
+Fix-ups and facts (``report.notes``)
 * ``unusable_description``: "Unknown", empty, or no letter/digit at all ("?"): the title
   stays the last usable one (None if there never was one) and never triggers an upsert.
+* ``renamed_product``: upserts sent because a product got a new name (see above).
 
 Country is not used: users carry no properties in the event schema, and a per-country node
 would need a relationship type outside the allowlist.
@@ -144,7 +150,8 @@ def _events(path: Path, report: LoadReport) -> Iterator[dict[str, Any]]:
         i_inv, i_code, i_desc, i_qty, i_date, i_price, i_cust = (header.index(n) for n in COLUMNS[:7])
         width = len(header)
 
-        products: dict[str, tuple[str | None, int]] = {}  # stock code -> (last title sent, version)
+        titles: dict[str, set[str]] = {}  # stock code -> every usable title it has had
+        versions: dict[str, int] = {}  # stock code -> version of its last upsert
         last_date_text: str | None = None
         last_time: datetime | None = None
         ts = ""
@@ -204,10 +211,15 @@ def _events(path: Path, report: LoadReport) -> Iterator[dict[str, Any]]:
             title = clean_title(row[i_desc])
             if title is None:
                 report.notes["unusable_description"] += 1
-            known = products.get(code)
-            if known is None or (title is not None and title != known[0]):
-                version = 0 if known is None else known[1] + 1
-                products[code] = (title, version)
+            names = titles.get(code)
+            if names is None or (title is not None and title not in names):
+                if names is None:
+                    names = titles[code] = set()
+                elif names:
+                    report.notes["renamed_product"] += 1
+                if title is not None:
+                    names.add(title)
+                versions[code] = versions.get(code, -1) + 1
                 yield {
                     "type": "product",
                     "op": "upsert",
@@ -218,7 +230,7 @@ def _events(path: Path, report: LoadReport) -> Iterator[dict[str, Any]]:
                     "categories": [],
                     "attributes": {},
                     "price": price,
-                    "version": version,
+                    "version": versions[code],
                     "ts": ts,
                 }
 

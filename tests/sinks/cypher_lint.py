@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,12 +33,21 @@ ROOT = Path(__file__).resolve().parents[2]
 LINT_DIR = ROOT / "tools" / "cypher-lint"
 LINT_SCRIPT = LINT_DIR / "lint.mjs"
 PACKAGE = "@neo4j-cypher/language-support"
+# `sinks` (the project package) must not resolve to tests/sinks, a directory without
+# __init__.py that Python would take as a namespace package whenever tests/ is on sys.path
+# (pytest puts it there for any test module directly under tests/). A regular package found
+# anywhere on sys.path wins over namespace portions, so having the repository root on it is enough.
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
+
 INSTALL_HINT = (
     "install it with `scripts/install_cypher_lint.sh` "
     "(or `npm ci --prefix tools/cypher-lint`; needs node >= 20 and npm)"
 )
-# Linting takes ~40 ms a statement after a ~0.5 s start; big inputs are split across processes.
-_CHUNK = 64
+# A statement takes 25-900 ms to lint (Neo4j's semantic analysis dominates), a node process
+# ~0.5 s to start and ~350 MB: large inputs are split over a few processes run side by side.
+_MIN_PER_PROCESS = 32
+_MAX_PROCESSES = 8
 _TIMEOUT_S = 300
 
 
@@ -146,13 +156,14 @@ def lint(
         relationship_types = default_rels if relationship_types is None else relationship_types
     schema = {"labels": list(labels), "relationshipTypes": list(relationship_types)}
 
-    chunks = [pairs[i : i + _CHUNK] for i in range(0, len(pairs), _CHUNK)]
+    processes = max(1, min(_MAX_PROCESSES, os.cpu_count() or 1, len(pairs) // _MIN_PER_PROCESS))
+    size = -(-len(pairs) // processes)
+    chunks = [pairs[i : i + size] for i in range(0, len(pairs), size)]
     payloads = [
         {**schema, "statements": [{"name": name, "query": text} for name, text in chunk]}
         for chunk in chunks
     ]
-    workers = max(1, min(len(payloads), os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=len(payloads)) as pool:
         answers = list(pool.map(lambda payload: _run(node, payload), payloads))
 
     problems: list[Problem] = []
