@@ -155,7 +155,7 @@ MATCH (b:{_label(dst_label)} {{id: row.dst}})
 MERGE (a)-[r:{_rel(rel)}]->(b)
 WITH r, row
 WHERE r.ts IS NULL OR row.ts > r.ts
-SET r.deleted = true, r.ts = row.ts"""
+SET r = {{deleted: true, ts: row.ts}}"""
 
 
 @cache

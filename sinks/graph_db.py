@@ -9,8 +9,10 @@ Contract of ``GraphSink.write(batch)``:
 * transient failures (Neo4j ``TransientError`` such as deadlocks, connection loss, database
   unavailable) are retried ``graph_retry_attempts`` times with exponential backoff and full
   jitter; after that ``GraphUnavailable`` is raised and the caller applies backpressure;
-* any other failure (the database refused the statement or its data) raises
-  ``GraphRejected``: the caller bisects the batch to find the event to dead-letter.
+* a database error that is not transient (the database refused the statement or its data)
+  raises ``GraphRejected``: the caller bisects the batch to find the event to dead-letter;
+* anything else (a bug) propagates and stops the consumer: nothing is committed, so the
+  batch is replayed after the fix instead of being dead-lettered.
 
 The Bolt driver's own managed-transaction retry is not used: retries are bounded here so the
 consumer decides what happens next (pause partitions) instead of blocking for 30 s.
@@ -114,7 +116,7 @@ class GraphSink:
                 result = self._write_once(batch)
                 result.attempts = attempt
                 return result
-            except Exception as exc:  # noqa: BLE001 - classified below
+            except (Neo4jError, *TRANSIENT) as exc:
                 if not _is_transient(exc):
                     code = getattr(exc, "code", None) or type(exc).__name__
                     raise GraphRejected(str(code), str(exc)) from exc

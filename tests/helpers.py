@@ -73,7 +73,6 @@ def graph_snapshot(settings: Settings, prefix: str) -> dict[str, Any]:
     Ids are returned with the prefix stripped so runs in two namespaces can be compared.
     """
     driver = GraphDatabase.driver(settings.bolt_uri, auth=(settings.bolt_user, settings.bolt_password.get_secret_value()))
-    strip = len(prefix)
     with driver.session(database=settings.bolt_database) as session:
         nodes = session.run(
             "MATCH (n) WHERE n.id STARTS WITH $p RETURN labels(n)[0] AS label, n.id AS id, properties(n) AS props", p=prefix
@@ -86,7 +85,9 @@ def graph_snapshot(settings: Settings, prefix: str) -> dict[str, Any]:
     driver.close()
 
     def unprefix(value):
-        return value[strip:] if isinstance(value, str) and value.startswith(prefix) else value
+        if isinstance(value, list):
+            return [unprefix(v) for v in value]
+        return value.replace(prefix, "") if isinstance(value, str) else value
 
     def clean(props: dict) -> dict:
         return {k: unprefix(v) for k, v in sorted(props.items()) if k != "id"}

@@ -304,4 +304,7 @@ def test_kill_9_mid_stream_then_restart_equals_clean_run(settings, prefix):
         out, _ = restart.communicate()
         raise AssertionError("restarted ingest did not finish:\n" + out.decode()[-5000:]) from None
     assert restart.returncode == 0, out.decode()[-3000:]
-    assert graph_snapshot(settings, crash_prefix) == graph_snapshot(settings, clean_prefix)
+    crashed, clean = graph_snapshot(settings, crash_prefix), graph_snapshot(settings, clean_prefix)
+    for part in ("nodes", "relationships"):
+        assert sorted(set(crashed[part]) ^ set(clean[part])) == [], part
+        assert crashed[part] == clean[part]
