@@ -11,6 +11,8 @@ changes, edge adds and deletes, node deletes), after EVERY batch
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -39,7 +41,7 @@ def feat(seed: int) -> torch.Tensor:
 # ---- a plain reference model of the graph ---------------------------------------------------
 class Reference:
     def __init__(self, model: GraphEncoder) -> None:
-        self.model = model
+        self.model = copy.deepcopy(model).cpu()      # never move the engine's own model
         self.nodes: dict[str, torch.Tensor] = {}
         self.edges: set[tuple[str, str, str]] = set()
 
@@ -73,7 +75,7 @@ class Reference:
                 src.append(pos[d]); dst.append(pos[s])
         x = torch.stack([self.nodes[k] for k in keys])
         ei = torch.tensor([src, dst], dtype=torch.long).reshape(2, -1)
-        hs = self.model.cpu().forward_all(x, ei)
+        hs = self.model.forward_all(x, ei)
         return {k: hs[-1][i] for k, i in pos.items()}
 
 
