@@ -151,6 +151,17 @@ class IncrementalEngine:
         self._ts = torch.zeros(0, dtype=torch.int64, device=self.device)
         self._ensure_capacity(16)
 
+    @classmethod
+    def from_settings(cls, settings: Any, text: TextEncoder | None = None) -> "IncrementalEngine":
+        """The engine the worker runs: graph model from ``settings`` (checkpoint or seeded
+        init, input width = the text encoder's), fusion and device from ``settings``, and
+        product text through ``text`` (none: type embeddings only)."""
+        model = GraphEncoder.from_settings(settings, in_dim=text.dim if text is not None else 384)
+        return cls(model, settings.device, fusion=settings.fusion,
+                   fusion_text_weight=settings.fusion_text_weight,
+                   featurize=Featurizer(text) if text is not None else None,
+                   text_model_id=text.model_id if text is not None else "")
+
     # ---- identity ----------------------------------------------------------------------
     @property
     def model_version(self) -> str:

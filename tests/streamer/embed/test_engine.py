@@ -488,3 +488,13 @@ def test_event_time_of_each_published_vector_is_the_newest_change_that_reached_i
     got = dict(zip(r.changed_keys, r.changed_ts))
     assert got == {"Product:d": 20, "Product:c": 20, "Product:b": 30, "Product:a": 30, "User:x": 30}
     assert bool((engine._ts == -1).all())          # the scratch is clean between batches
+
+
+def test_from_settings():
+    from streamer.settings import Settings
+
+    engine = IncrementalEngine.from_settings(Settings(gnn_hidden=8, gnn_out=8, device="cpu", fusion_text_weight=0.7))
+    assert engine.dims == [384, 8, 8] and engine.device.type == "cpu"
+    assert engine.fusion == "concat" and engine.out_dim == 392 and engine.featurize is None
+    engine.apply([C.edge_upsert("User:1", "VIEWED", "Product:1", 1)])
+    assert engine.verify()[1] == 0
