@@ -5,6 +5,8 @@
     kg-streamer load online-retail PATH     replay a real data set into the input topics
     kg-streamer load amazon DIR
     kg-streamer ingest [--until-caught-up]  the ingest consumer (long-lived by default)
+    kg-streamer embed [--until-caught-up]   the embedding worker (long-lived by default)
+    kg-streamer verify [--against-topic]    full recompute == incremental state? (exit 1 if not)
     kg-streamer schema [--out FILE]         write the input events' JSON Schema
     kg-streamer demo                        services up, load the committed sample, ingest, summary
 """
@@ -79,6 +81,28 @@ def cmd_ingest(args, settings: Settings) -> int:
     return 0
 
 
+def cmd_embed(args, settings: Settings) -> int:
+    from streamer import metrics
+    from streamer.embed.worker import EmbedWorker
+    from streamer.topics import ensure_topics
+
+    ensure_topics(settings)
+    metrics.serve(settings.metrics_addr)
+    worker = EmbedWorker(settings)
+    worker.install_signal_handlers()
+    stats = worker.run(until_caught_up=args.until_caught_up, max_seconds=args.max_seconds)
+    print(json.dumps(stats.summary(), indent=2))
+    return 0
+
+
+def cmd_verify(args, settings: Settings) -> int:
+    from streamer.embed.audit import verify
+
+    report = verify(settings, against_topic=args.against_topic, tol=args.tol)
+    print(json.dumps(report, indent=2))
+    return 0 if report["ok"] else 1
+
+
 def cmd_schema(args, settings: Settings) -> int:
     from streamer.events import json_schema
 
@@ -118,6 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until-caught-up", action="store_true", help="exit once the group's lag is 0")
     p.add_argument("--max-seconds", type=float, default=None)
     p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("embed", help="the embedding worker: kg.changes -> incremental GNN -> kg.embeddings")
+    p.add_argument("--until-caught-up", action="store_true", help="exit once the group's lag is 0")
+    p.add_argument("--max-seconds", type=float, default=None)
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("verify", help="audit: full recompute vs the worker's incremental state (exit 1 on failure)")
+    p.add_argument("--tol", type=float, default=1e-5)
+    p.add_argument("--against-topic", action="store_true", help="also compare with the last vector per key on kg.embeddings")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("schema", help="print or write the JSON Schema of input events")
     p.add_argument("--out", default=None)

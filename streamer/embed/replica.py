@@ -302,6 +302,20 @@ class Replica:
                     out.append((self.keys[v], self.rels[c // 2], self.keys[int(w)]))
         return out
 
+    def out_edges(self, key: str, rels: set[str] | None = None) -> set[tuple[str, str]]:
+        """The node's outgoing typed edges as {(rel, dst key)} (optionally only these rels)."""
+        v = self.index.get(key)
+        if v is None:
+            return set()
+        s, n = int(self.start[v]), int(self.length[v])
+        out = set()
+        for w, c in zip(self.nbr[s:s + n], self.code[s:s + n]):
+            if c % 2 == 0:
+                rel = self.rels[c // 2]
+                if rels is None or rel in rels:
+                    out.add((rel, self.keys[int(w)]))
+        return out
+
     # ---- bulk load and compaction ------------------------------------------------------
     def bulk_add_edges(self, src: np.ndarray, rel: np.ndarray, dst: np.ndarray) -> int:
         """Load many edges at once into a replica that has nodes but no edges yet.
