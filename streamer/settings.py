@@ -85,6 +85,7 @@ class Settings(BaseSettings):
     torch_threads: int = 0
     embed_batch_max_changes: int = 5_000
     embed_batch_max_wait_s: float = 0.2
+    embed_checkpoint_every_s: float = Field(30.0, description="how often the worker checkpoints its replica and caches")
 
     # --- observability ---
     metrics_addr: str = Field("127.0.0.1:9464", description="host:port for /metrics; empty disables")

@@ -19,7 +19,7 @@ Lifecycle (one thread; kafka-python heartbeats from its own thread, auto-commit 
    reports the keys whose vectors moved (bitwise) and the deleted keys.
 5. **publish** -- those vectors (and tombstones) to kg.embeddings, keyed by node; waits for
    the broker's acknowledgement.
-6. **commit** -- the kg.changes offsets after the batch. Every ``checkpoint_every_s`` the
+6. **commit** -- the kg.changes offsets after the batch. Every ``embed_checkpoint_every_s`` the
    engine state and those offsets are written to the state dir (atomically) after the commit.
 
 A crash anywhere replays from the last checkpoint: replaying changes the replica already has
@@ -56,7 +56,6 @@ from streamer.settings import Settings
 log = logging.getLogger(__name__)
 
 OWNED_RELS = {"HAS_BRAND", "IN_CATEGORY", "HAS_ATTRIBUTE"}
-CHECKPOINT_EVERY_S = 30.0
 
 
 def expand_out_edges(changes: list[Change], replica) -> list[Change]:
@@ -281,7 +280,7 @@ class EmbedWorker:
         with m.STAGE_SECONDS.labels(self.group, "commit").time():
             self._commit(records)
         self._account(records, report, source_ms, acked)
-        if time.monotonic() - self.last_checkpoint >= CHECKPOINT_EVERY_S:
+        if time.monotonic() - self.last_checkpoint >= self.settings.embed_checkpoint_every_s:
             self.checkpoint()
 
     def _publish_all(self) -> None:

@@ -298,6 +298,8 @@ def test_two_consumers_in_one_group_share_the_partitions(settings, broker_kind, 
     assert a.wait(30) == 0, a.tail()
     assert b.wait(30) == 0, b.tail()
 
+    dead = [(dict(r.headers), r.value) for r in read_topic(run, run.topic_dlq, timeout_s=3)]
+    assert (a.summary()["dead_letters"], b.summary()["dead_letters"], dead) == (0, 0, [])
     got_a, got_b = a.summary()["events_in"], b.summary()["events_in"]
     assert got_a > 0 and got_b > 0, (got_a, got_b)
     assert got_a + got_b == len(events), "every event consumed once, by one of the two"
