@@ -25,6 +25,7 @@ log = logging.getLogger("kg-streamer")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_DIR = REPO_ROOT / "data" / "sample"
+PLUGIN_MODULES = ("streamer.ops.cli", "streamer.model.cli")
 
 
 def _setup_logging(settings: Settings) -> None:
@@ -161,6 +162,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-dir", default=str(SAMPLE_DIR))
     p.add_argument("--limit", type=int, default=None, help="events per data set")
     p.set_defaults(func=cmd_demo)
+
+    # Sub-commands of other concerns live next to their code; each module has register(sub).
+    import importlib
+
+    for name in PLUGIN_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if not name.startswith(exc.name or "\0"):
+                raise
+            continue
+        module.register(sub)
     return parser
 
 
