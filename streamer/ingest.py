@@ -39,15 +39,14 @@ import time
 from collections import Counter as Tally
 from dataclasses import dataclass, field, replace
 
-from kafka import ConsumerRebalanceListener, KafkaConsumer
+from kafka import ConsumerRebalanceListener
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import CommitFailedError, KafkaError, RebalanceInProgressError
-from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from sinks.graph_db import GraphRejected, GraphSink, GraphUnavailable
 from sinks.kafka_producer import KafkaPublisher
 from streamer import metrics as m
 from streamer.changes import Change
+from streamer.consumer import caught_up, commit_after, make_consumer
 from streamer.events import InvalidEvent, decode_event
 from streamer.mutations import plan_batch
 from streamer.settings import Settings
@@ -127,18 +126,7 @@ class IngestConsumer:
         self.group = settings.ingest_group
         self.graph = graph or GraphSink(settings)
         self.publisher = publisher or KafkaPublisher(settings, client_id="kg-ingest")
-        self.consumer = KafkaConsumer(
-            bootstrap_servers=settings.bootstrap_servers,
-            group_id=settings.ingest_group,
-            client_id="kg-ingest",
-            enable_auto_commit=False,
-            auto_offset_reset=settings.auto_offset_reset,
-            session_timeout_ms=settings.session_timeout_ms,
-            heartbeat_interval_ms=settings.heartbeat_interval_ms,
-            max_poll_interval_ms=settings.max_poll_interval_ms,
-            max_poll_records=settings.batch_max_events,
-            group_instance_id=settings.group_instance_id,
-        )
+        self.consumer = make_consumer(settings, settings.ingest_group, "kg-ingest", settings.batch_max_events)
         self.consumer.subscribe(settings.input_topics, listener=_Rebalance(self))
         self.pending: list[ConsumerRecord] = []
         self.batch_started: float | None = None
@@ -205,14 +193,7 @@ class IngestConsumer:
         return full or waited or self.stopping
 
     def _caught_up(self) -> bool:
-        assigned = self.consumer.assignment()
-        if not assigned:
-            return False
-        for tp in assigned:
-            highwater = self.consumer.highwater(tp)
-            if highwater is None or self.consumer.position(tp) < highwater:
-                return False
-        return True
+        return caught_up(self.consumer)
 
     # --- process one batch ----------------------------------------------------------
     def _process_pending(self) -> bool:
@@ -289,23 +270,7 @@ class IngestConsumer:
             m.BACKPRESSURE.labels(self.group).set(0)
 
     def _commit(self, records: list[ConsumerRecord]) -> None:
-        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
-        for record in records:
-            tp = TopicPartition(record.topic, record.partition)
-            if tp not in offsets or record.offset + 1 > offsets[tp].offset:
-                offsets[tp] = OffsetAndMetadata(record.offset + 1, "", -1)
-        try:
-            self.consumer.commit(offsets)
-        except (CommitFailedError, RebalanceInProgressError) as exc:
-            # The work is durable and idempotent: the partition's next owner replays it.
-            log.warning("commit failed after a rebalance (%s); the batch will be replayed", exc)
-            return
-        except KafkaError:
-            raise
-        now = time.time()
-        for tp, meta in offsets.items():
-            m.COMMITTED_OFFSET.labels(self.group, tp.topic, str(tp.partition)).set(meta.offset)
-            m.LAST_COMMIT_TIMESTAMP.labels(self.group, tp.topic, str(tp.partition)).set(now)
+        commit_after(self.consumer, self.group, records)
 
     def _account(self, records, valid, dead, changes, nodes, rels, started) -> None:
         self.stats.batches += 1

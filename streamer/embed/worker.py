@@ -40,15 +40,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from kafka import ConsumerRebalanceListener, KafkaConsumer
-from kafka.errors import CommitFailedError, RebalanceInProgressError
-from kafka.structs import OffsetAndMetadata, TopicPartition
+from kafka import ConsumerRebalanceListener
+from kafka.structs import TopicPartition
 
 from encoders.graph import GraphEncoder
 from encoders.text import TextEncoder
 from sinks.kafka_producer import KafkaPublisher
 from streamer import metrics as m
 from streamer.changes import Change, edge_delete, edge_upsert
+from streamer.consumer import caught_up, commit_after, make_consumer
 from streamer.embed.engine import Featurizer, IncrementalEngine
 from streamer.embed.vectors import VectorRecord
 from streamer.settings import Settings
@@ -149,18 +149,7 @@ class EmbedWorker:
              "device": str(self.engine.device)}
         )
         self.publisher = publisher or KafkaPublisher(settings, client_id="kg-embed")
-        self.consumer = KafkaConsumer(
-            bootstrap_servers=settings.bootstrap_servers,
-            group_id=self.group,
-            client_id="kg-embed",
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            session_timeout_ms=settings.session_timeout_ms,
-            heartbeat_interval_ms=settings.heartbeat_interval_ms,
-            max_poll_interval_ms=settings.max_poll_interval_ms,
-            max_poll_records=settings.embed_batch_max_changes,
-            group_instance_id=settings.group_instance_id,
-        )
+        self.consumer = make_consumer(settings, self.group, "kg-embed", settings.embed_batch_max_changes)
         self.consumer.subscribe([settings.topic_changes], listener=_Rebalance(self))
         self.pending: list = []
         self.batch_started: float | None = None
@@ -250,14 +239,7 @@ class EmbedWorker:
         return full or self.stopping or time.monotonic() - (self.batch_started or 0) >= self.settings.embed_batch_max_wait_s
 
     def _caught_up(self) -> bool:
-        assigned = self.consumer.assignment()
-        if not assigned:
-            return False
-        for tp in assigned:
-            highwater = self.consumer.highwater(tp)
-            if highwater is None or self.consumer.position(tp) < highwater:
-                return False
-        return True
+        return caught_up(self.consumer)
 
     # --- one micro-batch --------------------------------------------------------------
     def _process_pending(self) -> None:
@@ -300,21 +282,11 @@ class EmbedWorker:
         self.checkpoint()
 
     def _commit(self, records) -> None:
-        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+        # the engine has applied these records whether or not the group accepts the commit
         for r in records:
             tp = TopicPartition(r.topic, r.partition)
-            if tp not in offsets or r.offset + 1 > offsets[tp].offset:
-                offsets[tp] = OffsetAndMetadata(r.offset + 1, "", -1)
-        self.positions.update({tp: meta.offset for tp, meta in offsets.items()})
-        try:
-            self.consumer.commit(offsets)
-        except (CommitFailedError, RebalanceInProgressError) as exc:
-            log.warning("commit failed after a rebalance (%s); the next owner replays from the checkpoint", exc)
-            return
-        now = time.time()
-        for tp, meta in offsets.items():
-            m.COMMITTED_OFFSET.labels(self.group, tp.topic, str(tp.partition)).set(meta.offset)
-            m.LAST_COMMIT_TIMESTAMP.labels(self.group, tp.topic, str(tp.partition)).set(now)
+            self.positions[tp] = max(self.positions.get(tp, 0), r.offset + 1)
+        commit_after(self.consumer, self.group, records)
 
     def checkpoint(self) -> None:
         """Engine state + the changelog offsets it covers + the text cache, atomically."""

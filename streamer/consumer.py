@@ -1,0 +1,71 @@
+"""Kafka consumer pieces shared by the long-running consumers (ingest and embed).
+
+* ``make_consumer`` -- a group member with auto-commit off and the session settings;
+* ``caught_up`` -- lag 0 on every assigned partition, from ``highwater()`` (Tansu's
+  ``end_offsets()`` is wrong, and the highwater is what the last fetch saw);
+* ``commit_after`` -- commit the offsets after the last record of a finished batch; a commit
+  refused because the group rebalanced is logged and dropped (the work is durable and
+  idempotent, the partition's next owner replays it); records the offset gauges.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from kafka import KafkaConsumer
+from kafka.errors import CommitFailedError, RebalanceInProgressError
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from streamer import metrics as m
+from streamer.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def make_consumer(settings: Settings, group: str, client_id: str, max_poll_records: int) -> KafkaConsumer:
+    return KafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers,
+        group_id=group,
+        client_id=client_id,
+        enable_auto_commit=False,
+        auto_offset_reset=settings.auto_offset_reset,
+        session_timeout_ms=settings.session_timeout_ms,
+        heartbeat_interval_ms=settings.heartbeat_interval_ms,
+        max_poll_interval_ms=settings.max_poll_interval_ms,
+        max_poll_records=max_poll_records,
+        group_instance_id=settings.group_instance_id,
+    )
+
+
+def caught_up(consumer: KafkaConsumer) -> bool:
+    assigned = consumer.assignment()
+    if not assigned:
+        return False
+    for tp in assigned:
+        highwater = consumer.highwater(tp)
+        if highwater is None or consumer.position(tp) < highwater:
+            return False
+    return True
+
+
+def commit_after(consumer: KafkaConsumer, group: str, records) -> dict[TopicPartition, int]:
+    """Commit the offset after the last of ``records`` per partition; returns what was committed
+    ({} when the group rebalanced and refused the commit)."""
+    offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+    for r in records:
+        tp = TopicPartition(r.topic, r.partition)
+        if tp not in offsets or r.offset + 1 > offsets[tp].offset:
+            offsets[tp] = OffsetAndMetadata(r.offset + 1, "", -1)
+    if not offsets:
+        return {}
+    try:
+        consumer.commit(offsets)
+    except (CommitFailedError, RebalanceInProgressError) as exc:
+        log.warning("%s: commit refused after a rebalance (%s); the batch will be replayed", group, exc)
+        return {}
+    now = time.time()
+    for tp, meta in offsets.items():
+        m.COMMITTED_OFFSET.labels(group, tp.topic, str(tp.partition)).set(meta.offset)
+        m.LAST_COMMIT_TIMESTAMP.labels(group, tp.topic, str(tp.partition)).set(now)
+    return {tp: meta.offset for tp, meta in offsets.items()}
