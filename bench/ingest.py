@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", type=str, default=None, help="sweep, e.g. 250,1000,5000 (overrides --batch-size)")
     parser.add_argument("--broker", choices=("tansu", "noida"), default=defaults.local_broker)
     parser.add_argument("--limit", type=int, default=None, help="replay only the first N events (default: all)")
-    parser.add_argument("--baseline-events", type=int, default=5_000, help="at most this many events in the baseline")
+    parser.add_argument("--baseline-events", type=int, default=20_000, help="at most this many events in the baseline")
     parser.add_argument("--baseline-seconds", type=float, default=25.0, help="stop the one-per-tx baseline after this long")
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--warmup-events", type=int, default=1_000)

@@ -19,6 +19,14 @@ Contract
 * ``dense(l, agg, x_self)`` is the node-wise half of layer ``l`` (``lin_l(agg) + lin_r(x_self)``
   and the ReLU): exactly what ``SAGEConv.forward`` does after ``propagate``. The incremental
   engine calls it for the rows it recomputes; ``forward_all`` is the plain PyG forward pass.
+* Optional **alignment head** (``align=True``, issue 6): a linear map ``align_text(t)`` from the
+  text space (``in_dim``) into the structure space (``out``), trained with a contrastive loss
+  between a product's text embedding and its structure vector ``hL``
+  (``streamer/model/train.py``). A text query ``q`` then becomes the vector
+  ``fuse(q, align_text(q))``, comparable with published product vectors
+  (``kg-streamer search``). The head is not used by message passing; it lives in the same
+  checkpoint, so it is part of ``version``. ``align=False`` configs serialise exactly as before
+  (their version is unchanged).
 * Fusion (``fuse``) makes the published vector from the text features ``t = h0`` and the
   structure vector ``s = hL``, both first L2-normalised, with ``w = fusion_text_weight``:
 
@@ -55,13 +63,17 @@ class GraphEncoderConfig:
     aggr: Literal["mean", "sum"] = "mean"
     seed: int = 0
     node_types: tuple[str, ...] = field(default=DEFAULT_NODE_TYPES)
+    align: bool = False
 
     def dims(self) -> list[int]:
         """Feature width of h0..hL."""
         return [self.in_dim] + [self.hidden] * (self.layers - 1) + [self.out]
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        doc = asdict(self)
+        if not doc["align"]:
+            del doc["align"]   # configs without the head keep the JSON (and version) they always had
+        return json.dumps(doc, sort_keys=True)
 
     @staticmethod
     def from_json(raw: str) -> "GraphEncoderConfig":
@@ -85,6 +97,10 @@ class GraphEncoder(nn.Module):
                 SAGEConv(dims[i], dims[i + 1], aggr=config.aggr) for i in range(config.layers))
             emb = torch.randn(len(config.node_types) + 1, config.in_dim)
         self.type_embedding = nn.Embedding.from_pretrained(F.normalize(emb, dim=1), freeze=True)
+        if config.align:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed + 1)
+                self.align = nn.Linear(config.in_dim, config.out, bias=False)
         self._type_index = {t: i for i, t in enumerate(config.node_types)}
         self.eval()
 
@@ -126,6 +142,16 @@ class GraphEncoder(nn.Module):
 
     def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
         return self.forward_all(x, edge_index)[-1]
+
+    @property
+    def has_align(self) -> bool:
+        return self.config.align
+
+    def align_text(self, text: Tensor) -> Tensor:
+        """Text embeddings [n, in_dim] -> the structure space [n, out] (needs ``align=True``)."""
+        if not self.config.align:
+            raise ValueError("this graph model has no alignment head (train with --align)")
+        return self.align(F.normalize(text, p=2, dim=1))
 
     # ---- identity and persistence ------------------------------------------------------
     @property

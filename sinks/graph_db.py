@@ -9,6 +9,12 @@ Contract of ``GraphSink.write(batch)``:
 * transient failures (Neo4j ``TransientError`` such as deadlocks, connection loss, database
   unavailable) are retried ``graph_retry_attempts`` times with exponential backoff and full
   jitter; after that ``GraphUnavailable`` is raised and the caller applies backpressure;
+* a unique-constraint violation (``Neo.ClientError.Schema.ConstraintValidationFailed``) is a
+  write-write race, not bad data: every statement MERGEs on the constrained id, so it only
+  happens when a concurrent transaction (another consumer of the group) created the same node
+  first -- ArcadeDB's optimistic MVCC reports that at commit. It is retried like a transient
+  error (the retry MERGEs onto the node that now exists); only if it persists through every
+  attempt is it treated as a refusal (``GraphRejected``);
 * a database error that is not transient (the database refused the statement or its data)
   raises ``GraphRejected``: the caller bisects the batch to find the event to dead-letter;
 * anything else (a bug) propagates and stops the consumer: nothing is committed, so the
@@ -67,6 +73,14 @@ class WriteResult:
     attempts: int = 1
 
 
+# A concurrent transaction created the same node first (see the module docstring).
+CONFLICT_CODES = frozenset({"Neo.ClientError.Schema.ConstraintValidationFailed"})
+
+
+def _is_conflict(exc: BaseException) -> bool:
+    return isinstance(exc, Neo4jError) and (getattr(exc, "code", "") or "") in CONFLICT_CODES
+
+
 def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, TRANSIENT):
         return True
@@ -117,10 +131,13 @@ class GraphSink:
                 result.attempts = attempt
                 return result
             except (Neo4jError, *TRANSIENT) as exc:
-                if not _is_transient(exc):
+                conflict = _is_conflict(exc)
+                if not conflict and not _is_transient(exc):
                     code = getattr(exc, "code", None) or type(exc).__name__
                     raise GraphRejected(str(code), str(exc)) from exc
                 if attempt == attempts:
+                    if conflict:  # not a race after all: let the caller isolate the event
+                        raise GraphRejected(str(exc.code), str(exc)) from exc
                     raise GraphUnavailable(f"graph write failed after {attempts} attempts: {exc}") from exc
                 delay = random.uniform(0, min(self.settings.graph_retry_max_s, self.settings.graph_retry_base_s * 2**attempt))
                 log.warning("transient graph error (attempt %d/%d, retry in %.2fs): %s", attempt, attempts, delay, exc)

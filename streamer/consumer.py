@@ -5,7 +5,9 @@
   ``end_offsets()`` is wrong, and the highwater is what the last fetch saw);
 * ``commit_after`` -- commit the offsets after the last record of a finished batch; a commit
   refused because the group rebalanced is logged and dropped (the work is durable and
-  idempotent, the partition's next owner replays it); records the offset gauges.
+  idempotent, the partition's next owner replays it); records the offset gauges and writes the
+  commit time into the offset metadata (``streamer.ops.lag.commit_metadata``), from which
+  ``kg-streamer status`` reads the last commit age off the broker.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from kafka.errors import CommitFailedError, RebalanceInProgressError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from streamer import metrics as m
+from streamer.ops.lag import commit_metadata
 from streamer.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -53,10 +56,11 @@ def commit_after(consumer: KafkaConsumer, group: str, records) -> dict[TopicPart
     """Commit the offset after the last of ``records`` per partition; returns what was committed
     ({} when the group rebalanced and refused the commit)."""
     offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+    metadata = commit_metadata()
     for r in records:
         tp = TopicPartition(r.topic, r.partition)
         if tp not in offsets or r.offset + 1 > offsets[tp].offset:
-            offsets[tp] = OffsetAndMetadata(r.offset + 1, "", -1)
+            offsets[tp] = OffsetAndMetadata(r.offset + 1, metadata, -1)
     if not offsets:
         return {}
     try:

@@ -1,6 +1,8 @@
 """Ingest consumer: input topics -> graph DB -> kg.changes, and only then the offset commit.
 
-Lifecycle (one thread; kafka-python heartbeats from its own thread, auto-commit is off):
+Lifecycle (one thread; kafka-python heartbeats from its own thread, auto-commit is off; while
+metrics are served, ``streamer.ops.lag`` samples the group's lag from the broker on a thread and
+connections of its own, never touching this loop):
 
 1. **poll** -- ``consumer.poll`` until the batch holds ``batch_max_events`` messages or the
    oldest has waited ``batch_max_wait_s``.
@@ -49,6 +51,7 @@ from streamer.changes import Change
 from streamer.consumer import caught_up, commit_after, make_consumer
 from streamer.events import InvalidEvent, decode_event
 from streamer.mutations import plan_batch
+from streamer.ops.lag import LagMonitor, start_monitor
 from streamer.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -134,10 +137,12 @@ class IngestConsumer:
         self.next_retry: float = 0.0
         self.stopping = False
         self.stats = IngestStats()
+        self.lag_monitor: LagMonitor | None = None  # started by run()
 
     # --- the loop -------------------------------------------------------------------
     def run(self, until_caught_up: bool = False, max_seconds: float | None = None) -> IngestStats:
         self.graph.ensure_schema()
+        self.lag_monitor = start_monitor(self.settings, self.group, self.settings.input_topics, role="ingest")
         deadline = time.monotonic() + max_seconds if max_seconds else None
         try:
             while not self.stopping:
@@ -162,6 +167,8 @@ class IngestConsumer:
         signal.signal(signal.SIGINT, self.stop)
 
     def close(self) -> None:
+        if self.lag_monitor is not None:
+            self.lag_monitor.stop()
         for closer in (self.consumer.close, self.publisher.close, self.graph.close):
             try:
                 closer()

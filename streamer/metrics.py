@@ -2,7 +2,7 @@
 
 Conventions: base units with the unit in the name (``_seconds``, ``_bytes``), counters end in
 ``_total``, the consumer group label is always spelled ``group``, topic partitions are
-``topic`` + ``partition``. ``serve(settings)`` starts the /metrics endpoint of a long-running
+``topic`` + ``partition``. ``serve(addr)`` starts the /metrics endpoint of a long-running
 command (no-op when ``metrics_addr`` is empty).
 """
 
@@ -51,6 +51,24 @@ LAG_SECONDS = Gauge(
 LAST_COMMIT_TIMESTAMP = Gauge(
     "kgs_consumer_last_commit_timestamp_seconds", "Unix time of the group's last successful commit.", ["group", "topic", "partition"]
 )
+# The lag gauges below (and LAG_MESSAGES / LAG_SECONDS above) are set by streamer/ops/lag.py from
+# the broker: every long-running consumer samples its own group, `kg-streamer lag-exporter`
+# samples any groups (and keeps reporting while the consumers are down). Several processes may
+# report the same partition: aggregate with max by (group, topic, partition).
+COMMIT_STALENESS = Gauge(
+    "kgs_consumer_commit_staleness_seconds",
+    "While lag > 0: seconds the group has had work without committing, min(now - last commit, lag seconds); 0 when caught up.",
+    ["group", "topic", "partition"],
+)
+GROUP_MEMBERS = Gauge("kgs_consumer_group_members", "Live members of the consumer group (DescribeGroups).", ["group"])
+TOPIC_END_OFFSET = Gauge(
+    "kgs_topic_end_offset", "Log end offset (high watermark from a fetch) of a partition the monitored groups read.", ["topic", "partition"]
+)
+TOPIC_START_OFFSET = Gauge("kgs_topic_start_offset", "Log start offset (oldest retained message) of a partition.", ["topic", "partition"])
+LAG_SAMPLE_TIMESTAMP = Gauge(
+    "kgs_lag_last_sample_timestamp_seconds", "Unix time of the lag monitor's last successful sample of the group.", ["group"]
+)
+LAG_SAMPLE_ERRORS = Counter("kgs_lag_sample_errors_total", "Lag samples of the group that failed (broker unreachable, timeouts).", ["group"])
 
 # --- freshness --------------------------------------------------------------------------
 FRESHNESS_GRAPH = Histogram(
@@ -70,6 +88,27 @@ VECTORS_SUPPRESSED = Counter(
 )
 TEXT_ENCODED = Counter("kgs_text_encoded_total", "Product texts run through the transformer (cache misses).", ["group"])
 MODEL_INFO = Info("kgs_model", "The graph encoder serving vectors: version, layers, dims, device.")
+
+
+GRAPH_ERROR_OUTCOMES = ("transient", "unavailable", "rejected")
+
+
+def init_labels(group: str, role: str) -> None:
+    """Create the series a consumer may only touch on rare events (retries, errors, tombstones),
+    at 0, so that rate() and alerts see them from the first scrape instead of missing the
+    first increment. ``role`` is "ingest" or "embed"."""
+    BATCH_EVENTS.labels(group)
+    if role == "ingest":
+        GRAPH_RETRIES.labels(group)
+        for outcome in GRAPH_ERROR_OUTCOMES:
+            GRAPH_ERRORS.labels(group, outcome)
+        BACKPRESSURE.labels(group).set(0)
+        CHANGES_PUBLISHED.labels(group)
+    elif role == "embed":
+        for kind in ("vector", "tombstone"):
+            VECTORS_PUBLISHED.labels(group, kind)
+        VECTORS_SUPPRESSED.labels(group)
+        TEXT_ENCODED.labels(group)
 
 
 def serve(addr: str) -> bool:

@@ -1,13 +1,19 @@
 """Embedding worker: kg.changes -> exact incremental GNN embeddings -> kg.embeddings -> commit.
 
-Lifecycle (one thread; kafka-python heartbeats from its own thread, auto-commit off):
+Lifecycle (one thread; kafka-python heartbeats from its own thread, auto-commit off; while metrics
+are served, ``streamer.ops.lag`` samples the group's lag from the broker on a thread and
+connections of its own, never touching this loop):
 
 1. **start** -- load the text encoder (offline transformers model), the graph encoder
    (checkpoint or seeded init) and, if ``<state_dir>/embed/engine.pt`` exists, the engine
    state (graph replica, every layer's activations and aggregates) with the changelog
    offsets it covers (``offsets.json``). No checkpoint: an empty replica. If the checkpoint
-   was made with another model version, the caches are rebuilt from the replica and every
-   vector is republished with the new version (a full re-embed).
+   was made with another model version (``KGS_GRAPH_CHECKPOINT`` names a newly trained model,
+   or the fusion settings changed), every cache is recomputed by layer-wise full-graph
+   inference with a progress bar (``streamer.model.reembed``) and every live node's vector is
+   republished with the new version before the loop starts (a full re-embed); the old vectors
+   stay on the compacted topic until each key's new one replaces them, and every record
+   names its version.
 2. **assign** -- each assigned kg.changes partition is positioned from the *checkpoint*
    (``seek``), or at the beginning when there is none: the replica is a function of the
    changelog, so the worker's own checkpoint decides where it resumes, not the group commit
@@ -51,6 +57,8 @@ from streamer.changes import Change, edge_delete, edge_upsert
 from streamer.consumer import caught_up, commit_after, make_consumer
 from streamer.embed.engine import Featurizer, IncrementalEngine
 from streamer.embed.vectors import VectorRecord
+from streamer.model.reembed import load_engine
+from streamer.ops.lag import LagMonitor, start_monitor
 from streamer.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -156,6 +164,7 @@ class EmbedWorker:
         self.stopping = False
         self.last_checkpoint = time.monotonic()
         self.positions: dict[TopicPartition, int] = {}
+        self.lag_monitor: LagMonitor | None = None  # started by run()
 
     # --- start-up ---------------------------------------------------------------------
     def _load_engine(self) -> tuple[IncrementalEngine, dict[str, int]]:
@@ -171,8 +180,9 @@ class EmbedWorker:
         if not self.engine_path.exists():
             return IncrementalEngine(model, s.device, **kwargs), {}
         meta = json.loads(self.offsets_path.read_text()) if self.offsets_path.exists() else {}
-        engine = IncrementalEngine.load(self.engine_path, model, s.device, **kwargs)
-        if meta.get("model_version") and meta["model_version"] != engine.model_version:
+        # another graph model: layer-wise full re-embed of the replica, with a progress bar
+        engine, reembedded = load_engine(self.engine_path, model, s.device, **kwargs)
+        if reembedded or (meta.get("model_version") and meta["model_version"] != engine.model_version):
             log.info("model version %s -> %s: full re-embed", meta["model_version"], engine.model_version)
             self.stats.full_reembed = True
         log.info("resumed from checkpoint: %d nodes, offsets %s", engine.replica.num_nodes, meta.get("offsets"))
@@ -190,6 +200,7 @@ class EmbedWorker:
     # --- the loop ---------------------------------------------------------------------
     def run(self, until_caught_up: bool = False, max_seconds: float | None = None) -> EmbedStats:
         deadline = time.monotonic() + max_seconds if max_seconds else None
+        self.lag_monitor = start_monitor(self.settings, self.group, [self.settings.topic_changes], role="embed")
         try:
             if self.stats.full_reembed:
                 self._publish_all()
@@ -216,6 +227,8 @@ class EmbedWorker:
         signal.signal(signal.SIGINT, self.stop)
 
     def close(self) -> None:
+        if self.lag_monitor is not None:
+            self.lag_monitor.stop()
         for closer in (self.consumer.close, self.publisher.close):
             try:
                 closer()
@@ -267,16 +280,21 @@ class EmbedWorker:
 
     def _publish_all(self) -> None:
         """Full re-embed after a model change: every live node's vector with the new version."""
+        from tqdm.auto import tqdm
+
         slots = self.engine.replica.live_slots()
         keys = [self.engine.replica.keys[int(s)] for s in slots]
-        vectors = _numpy(self.engine.vectors(torch.as_tensor(slots, dtype=torch.long)))
         now = int(time.time() * 1000)
         chunk = 10_000
-        for i in range(0, len(keys), chunk):
-            self.publisher.publish(
-                self.settings.topic_embeddings,
-                [VectorRecord(k, v, self.engine.model_version, None, None, now).to_kafka() for k, v in zip(keys[i:i + chunk], vectors[i:i + chunk])],
-            )
+        version = self.engine.model_version
+        with tqdm(total=len(keys), desc=f"publish {version}", unit="vector", mininterval=1.0) as bar:
+            for i in range(0, len(keys), chunk):
+                vectors = _numpy(self.engine.vectors(torch.as_tensor(slots[i:i + chunk], dtype=torch.long)))
+                self.publisher.publish(
+                    self.settings.topic_embeddings,
+                    [VectorRecord(k, v, version, None, None, now).to_kafka() for k, v in zip(keys[i:i + chunk], vectors)],
+                )
+                bar.update(len(vectors))
         self.stats.vectors_published += len(keys)
         m.VECTORS_PUBLISHED.labels(self.group, "vector").inc(len(keys))
         self.checkpoint()
@@ -308,6 +326,7 @@ class EmbedWorker:
         s.tombstones_published += len(report.deleted_keys)
         s.rows_recomputed += report.rows_recomputed
         s.observe_affected(report.affected)
+        m.BATCH_EVENTS.labels(self.group).observe(len(records))
         m.VECTORS_PUBLISHED.labels(self.group, "vector").inc(len(report.changed_keys))
         m.VECTORS_PUBLISHED.labels(self.group, "tombstone").inc(len(report.deleted_keys))
         for layer, n in enumerate(report.affected):
