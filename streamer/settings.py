@@ -87,6 +87,17 @@ class Settings(BaseSettings):
     embed_batch_max_wait_s: float = 0.2
     embed_checkpoint_every_s: float = Field(30.0, description="how often the worker checkpoints its replica and caches")
 
+    # --- embedding engine: exact (default) or bounded mode (docs/engine.md "Bounded mode") ---
+    # exact: every vector equals a full recompute (1e-5). bounded: a recomputed hidden row passes
+    # its change on only when it moved by more than embed_propagate_threshold (max-abs) since it
+    # last did, and a vector is published only when h_L moved by more than
+    # embed_publish_threshold; what is held back is carried forward, and the error against a
+    # full recompute stays under the engine's reported error_bound (kg-streamer verify uses it).
+    embed_mode: Literal["exact", "bounded"] = "exact"
+    embed_propagate_threshold: float = Field(5e-5, ge=0, description="bounded mode: hidden-layer threshold")
+    embed_publish_threshold: float = Field(1e-4, ge=0, description="bounded mode: publish threshold on h_L")
+    embed_reanchor_every: int = Field(256, ge=1, description="recompute a sum from its neighbours after this many deltas")
+
     # --- observability ---
     metrics_addr: str = Field("127.0.0.1:9464", description="host:port for /metrics; empty disables")
     log_level: str = "INFO"

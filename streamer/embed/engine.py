@@ -44,6 +44,7 @@ import hashlib
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,12 +84,31 @@ class BatchReport:
     max_ts: int | None = None
     seconds: float = 0.0
     affected_rows: list[Tensor] = field(default_factory=list)   # per layer, on CPU
+    # bounded mode (all zero in exact mode): per layer 0..L, recomputed rows whose value moved
+    # but stayed under the layer's threshold (held back), and the largest such change
+    suppressed: list[int] = field(default_factory=list)
+    max_residual: list[float] = field(default_factory=list)
+    vectors_suppressed: int = 0       # refreshed vectors not published (h_L under the publish threshold)
+    error_bound: float = 0.0          # a priori bound on max |h - exact| after this batch
 
     def summary(self) -> dict[str, Any]:
         return {"changes": self.changes, "affected": self.affected, "changed": self.changed,
                 "rows_recomputed": self.rows_recomputed, "delta_messages": self.delta_messages,
-                "reanchored_rows": self.reanchored_rows, "published": len(self.changed_keys),
-                "deleted": len(self.deleted_keys), "seconds": round(self.seconds, 6)}
+                "reanchored_rows": self.reanchored_rows, "published": len(self.changed_rows),
+                "deleted": len(self.deleted_keys), "suppressed": self.suppressed,
+                "vectors_suppressed": self.vectors_suppressed, "max_residual": self.max_residual,
+                "error_bound": self.error_bound, "seconds": round(self.seconds, 6)}
+
+
+def engine_options(settings: Any) -> dict[str, Any]:
+    """Engine keyword arguments from ``Settings`` (mode, thresholds, drift guard); settings
+    objects without those fields give the defaults."""
+    mode = getattr(settings, "embed_mode", "exact")
+    opts: dict[str, Any] = {"mode": mode, "reanchor_every": int(getattr(settings, "embed_reanchor_every", 256))}
+    if mode == "bounded":
+        opts["propagate_threshold"] = float(getattr(settings, "embed_propagate_threshold", 0.0))
+        opts["publish_threshold"] = float(getattr(settings, "embed_publish_threshold", 0.0))
+    return opts
 
 
 class Featurizer:
@@ -115,6 +135,67 @@ class Featurizer:
         return {k: v for (k, _), v in zip(todo, vecs)}
 
 
+class _EdgeRun:
+    """Edge records of a micro-batch between two node deletes, resolved to slots, in order."""
+
+    __slots__ = ("s", "r", "d", "op", "ts")
+
+    def __init__(self) -> None:
+        self.s: list[int] = []
+        self.r: list[int] = []
+        self.d: list[int] = []
+        self.op: list[int] = []       # 1 = upsert, 0 = delete
+        self.ts: list[int] = []
+
+    def add(self, s: int, r: int, d: int, op: int, ts: int) -> None:
+        self.s.append(s); self.r.append(r); self.d.append(d); self.op.append(op); self.ts.append(ts)
+
+    def take(self) -> tuple[np.ndarray, ...]:
+        out = tuple(np.asarray(x, dtype=np.int64) for x in (self.s, self.r, self.d, self.op, self.ts))
+        for x in (self.s, self.r, self.d, self.op, self.ts):
+            x.clear()
+        return out
+
+
+class _Structure:
+    """Structural sum events: ``owner``'s sums gain (+1) or lose (-1) ``src``'s *old* row."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def add(self, owner: np.ndarray, src: np.ndarray | int, sign: float, ts: np.ndarray | int) -> None:
+        owner = np.asarray(owner, dtype=np.int64)
+        n = len(owner)
+        if n:
+            self.parts.append((owner, np.broadcast_to(np.asarray(src, dtype=np.int64), (n,)),
+                               np.full(n, sign, dtype=np.float32), np.broadcast_to(np.asarray(ts, dtype=np.int64), (n,))))
+
+    def edges(self, s: np.ndarray, d: np.ndarray, sign: float, ts: np.ndarray) -> None:
+        """Both halves of each edge (one for a self-loop)."""
+        self.add(d, s, sign, ts)
+        k = s != d
+        self.add(s[k], d[k], sign, ts[k])
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        if not self.parts:
+            z = np.zeros(0, dtype=np.int64)
+            return z, z, np.zeros(0, dtype=np.float32), z
+        return tuple(np.concatenate([p[i] for p in self.parts]) for i in range(4))  # type: ignore[return-value]
+
+
+def _lipschitz(model: GraphEncoder) -> list[float]:
+    """Per layer l = 1..L (index 0 unused): an upper bound of how much an error of e (max-abs)
+    in every input row of layer l can move an output row, for mean aggregation:
+    ``||W_l||_inf + ||W_r||_inf`` (max absolute row sums; ReLU is 1-Lipschitz)."""
+    out = [0.0]
+    for conv in model.convs:
+        lip = float(conv.lin_l.weight.detach().abs().sum(1).max())
+        if getattr(conv, "lin_r", None) is not None:
+            lip += float(conv.lin_r.weight.detach().abs().sum(1).max())
+        out.append(lip)
+    return out
+
+
 class IncrementalEngine:
     def __init__(
         self,
@@ -124,13 +205,13 @@ class IncrementalEngine:
         fusion: Literal["concat", "mean"] = "concat",
         fusion_text_weight: float = 0.5,
         mode: Literal["exact", "bounded"] = "exact",
+        propagate_threshold: float = 0.0,
+        publish_threshold: float = 0.0,
         reanchor_every: int = 256,
         agg_dtype: torch.dtype = torch.float32,
         featurize: Featurize | None = None,
         text_model_id: str = "",
     ) -> None:
-        if mode != "exact":
-            raise NotImplementedError("bounded mode is issue 4; the hook is IncrementalEngine._propagating")
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.dims = model.dims
@@ -138,36 +219,75 @@ class IncrementalEngine:
         self.mean = model.config.aggr == "mean"
         self.fusion, self.fusion_text_weight = fusion, fusion_text_weight
         self.out_dim = fused_dim(fusion, self.dims[0], self.dims[-1])
-        self.mode = mode
         self.reanchor_every = reanchor_every
         self.agg_dtype = agg_dtype
         self.featurize = featurize
         self.text_model_id = text_model_id
+        self.lipschitz = _lipschitz(self.model)
+        self.configure(mode, propagate_threshold, publish_threshold, _rebuild=False)
         self.replica = Replica()
         self.cap = 0
         self.h: list[Tensor] = [torch.zeros(0, d, device=self.device) for d in self.dims]
         self.S: list[Tensor] = [torch.zeros(0, d, device=self.device, dtype=agg_dtype) for d in self.dims[:-1]]
-        self.count = [torch.zeros(0, dtype=torch.int32, device=self.device) for _ in range(self.L)]
+        # drift counters live on the host (index bookkeeping is numpy), whatever the device
+        self.count = [torch.zeros(0, dtype=torch.int32) for _ in range(self.L)]
         self._ts = torch.zeros(0, dtype=torch.int64, device=self.device)
+        self._pos = np.zeros(0, dtype=np.int64)          # scratch for set unions
+        self._isnew = np.zeros(0, dtype=bool)            # scratch: created in this batch
         self._ensure_capacity(16)
 
     @classmethod
     def from_settings(cls, settings: Any, text: TextEncoder | None = None) -> "IncrementalEngine":
         """The engine the worker runs: graph model from ``settings`` (checkpoint or seeded
-        init, input width = the text encoder's), fusion and device from ``settings``, and
-        product text through ``text`` (none: type embeddings only)."""
+        init, input width = the text encoder's), fusion, device, bounded mode and torch threads
+        from ``settings``, and product text through ``text`` (none: type embeddings only)."""
+        threads = int(getattr(settings, "torch_threads", 0) or 0)
+        if threads > 0:
+            torch.set_num_threads(threads)
         model = GraphEncoder.from_settings(settings, in_dim=text.dim if text is not None else 384)
         return cls(model, settings.device, fusion=settings.fusion,
                    fusion_text_weight=settings.fusion_text_weight,
                    featurize=Featurizer(text) if text is not None else None,
-                   text_model_id=text.model_id if text is not None else "")
+                   text_model_id=text.model_id if text is not None else "",
+                   **engine_options(settings))
 
-    # ---- identity ----------------------------------------------------------------------
+    # ---- identity and mode ---------------------------------------------------------------
     @property
     def model_version(self) -> str:
         """Version of the published vectors: graph model version + text model + fusion."""
         raw = f"{self.text_model_id}|{self.model.version}|{self.fusion}|{self.fusion_text_weight}"
         return hashlib.sha256(raw.encode()).hexdigest()[:12]
+
+    def configure(self, mode: Literal["exact", "bounded"] = "exact", propagate_threshold: float = 0.0,
+                  publish_threshold: float = 0.0, *, _rebuild: bool = True) -> None:
+        """Switch between exact and bounded mode (module doc, "Bounded mode"). exact -> bounded
+        keeps the state (an exact state satisfies every bound); bounded -> exact re-anchors
+        everything with ``rebuild()`` so that the state is exact again."""
+        if mode not in ("exact", "bounded"):
+            raise ValueError(f"mode must be 'exact' or 'bounded', not {mode!r}")
+        if mode == "exact" and (propagate_threshold or publish_threshold):
+            raise ValueError("thresholds need mode='bounded' (exact mode propagates every change)")
+        if propagate_threshold < 0 or publish_threshold < 0:
+            raise ValueError("thresholds must be >= 0")
+        if mode == "bounded" and not self.mean:
+            raise ValueError("bounded mode needs mean aggregation (with sum the bound grows with the degree)")
+        was_bounded = getattr(self, "mode", "exact") == "bounded"
+        self.mode = mode
+        # eps[l]: a recomputed row of layer l passes its change on only above eps[l]; layer 0
+        # (input features) is always exact, layer L's threshold is the publish threshold
+        self.thresholds = [0.0] + [float(propagate_threshold)] * (self.L - 1) + [float(publish_threshold)]
+        if _rebuild and was_bounded and mode == "exact":
+            self.rebuild()
+
+    @property
+    def error_bound(self) -> float:
+        """A priori bound on max |h_l - exact h_l| (every layer up to L) in the current mode:
+        e_0 = 0, e_l = lip_l * e_(l-1) + eps_l, where lip_l = ||W_l||_inf + ||W_r||_inf (mean
+        aggregation) and eps_l the layer's threshold. 0 in exact mode (up to float rounding)."""
+        e = 0.0
+        for layer in range(1, self.L + 1):
+            e = self.lipschitz[layer] * e + self.thresholds[layer]
+        return e
 
     # ---- storage -----------------------------------------------------------------------
     def _ensure_capacity(self, need: int) -> None:
@@ -176,7 +296,7 @@ class IncrementalEngine:
         new = max(need, 2 * self.cap)
 
         def grow(t: Tensor, fill: int = 0) -> Tensor:
-            out = torch.full((new, *t.shape[1:]), fill, dtype=t.dtype, device=self.device)
+            out = torch.full((new, *t.shape[1:]), fill, dtype=t.dtype, device=t.device)
             out[:t.shape[0]] = t
             return out
 
@@ -184,35 +304,58 @@ class IncrementalEngine:
         self.S = [grow(t) for t in self.S]
         self.count = [grow(t) for t in self.count]
         self._ts = grow(self._ts, -1)
+        self._pos = np.zeros(new, dtype=np.int64)
+        isnew = np.zeros(new, dtype=bool)
+        isnew[:len(self._isnew)] = self._isnew
+        self._isnew = isnew
         self.cap = new
 
-    def _idx(self, a: np.ndarray | Sequence[int]) -> Tensor:
-        return torch.as_tensor(np.asarray(a, dtype=np.int64), device=self.device)
+    def _t(self, a: np.ndarray | Sequence[int]) -> Tensor:
+        """int64 index array -> tensor on the device (zero-copy on CPU)."""
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(self.device)
 
-    def _degree(self, rows: Tensor) -> Tensor:
-        deg = self.replica.length[rows.cpu().numpy()]
-        return torch.as_tensor(deg.astype(np.float32), device=self.device)
+    _idx = _t
+
+    def _union(self, *parts: np.ndarray) -> np.ndarray:
+        """Distinct elements of index arrays, O(total) with a scratch array (no sort)."""
+        parts = tuple(p for p in parts if len(p))
+        if not parts:
+            return np.zeros(0, dtype=np.int64)
+        idx = np.concatenate(parts).astype(np.int64, copy=False) if len(parts) > 1 else np.asarray(parts[0], np.int64)
+        if len(idx) < 2:
+            return idx
+        ar = np.arange(len(idx), dtype=np.int64)
+        self._pos[idx] = ar
+        return idx[self._pos[idx] == ar]
+
+    def _count(self, layer: int, idx: np.ndarray) -> None:
+        cnt = self.count[layer].numpy()
+        if len(idx) > max(4096, self.replica.num_slots >> 4):
+            cnt[:self.replica.num_slots] += np.bincount(idx, minlength=self.replica.num_slots).astype(np.int32)
+        else:
+            np.add.at(cnt, idx, 1)
 
     def _set_default_features(self, slots: np.ndarray) -> None:
         if len(slots):
             labels = [self.replica.label_of(int(s)) for s in slots]
-            self.h[0][self._idx(slots)] = self.model.type_features(labels).to(self.device)
+            self.h[0][self._t(slots)] = self.model.type_features(labels).to(self.device)
 
     # ---- the incremental step ----------------------------------------------------------
     @torch.no_grad()
     def apply(self, changes: Sequence[Change], features: FeatureMap | None = None,
               with_vectors: bool = True) -> BatchReport:
         """Apply one micro-batch (in order) and bring every cache up to date. ``features``:
-        new input features by node key (else ``featurize(changes)``, else the type embedding)."""
+        new input features by node key (else ``featurize(changes)``, else the type embedding).
+        ``with_vectors=False`` skips building the published keys, event times and vectors
+        (``changed_rows`` is still set): for benchmarks and replays that publish nothing."""
         t_start = time.perf_counter()
         if features is None and self.featurize is not None:
             features = self.featurize(changes)
         features = features or {}
         rep = self.replica
-        ev_owner: list[int] = []            # owner's sum gains (+1) / loses (-1) src's old row
-        ev_src: list[int] = []
-        ev_sign: list[float] = []
-        ev_ts: list[int] = []
+        index, rel_ids = rep.index, rep._rel_id
+        structure = _Structure()
+        run = _EdgeRun()
         x_new: dict[int, tuple[Tensor | None, int]] = {}   # slot -> (features or None=type emb, ts)
         created: set[int] = set()
         removed: list[int] = []
@@ -220,181 +363,248 @@ class IncrementalEngine:
         max_ts: int | None = None
 
         def node(key: str, label: str | None, ts: int) -> int:
-            slot, new = rep.add_node(key, label)
-            if new:
+            slot = index.get(key)
+            if slot is None:
+                slot, _ = rep.add_node(key, label)
                 created.add(slot)
                 x_new[slot] = (None, ts)
             return slot
 
+        # one pass resolves keys to slots; edge records are applied in vectorised runs (a run
+        # ends at a node delete, whose removal of incident edges must see the edges before it)
         for ch in changes:
-            max_ts = ch.ts if max_ts is None else max(max_ts, ch.ts)
-            if ch.op == "node_upsert":
+            op, ts = ch.op, ch.ts
+            if max_ts is None or ts > max_ts:
+                max_ts = ts
+            if op == "edge_upsert":
+                assert ch.src is not None and ch.dst is not None and ch.rel is not None
+                s = node(ch.src, None, ts)
+                run.add(s, rep.rel_id(ch.rel), node(ch.dst, None, ts), 1, ts)
+            elif op == "edge_delete":
+                assert ch.src is not None and ch.dst is not None and ch.rel is not None
+                s, d, r = index.get(ch.src), index.get(ch.dst), rel_ids.get(ch.rel)
+                if s is not None and d is not None and r is not None:
+                    run.add(s, r, d, 0, ts)
+            elif op == "node_upsert":
                 assert ch.key is not None
-                slot = node(ch.key, ch.label, ch.ts)
-                x_new[slot] = (features.get(ch.key), ch.ts)
+                slot = node(ch.key, ch.label, ts)
+                x_new[slot] = (features.get(ch.key), ts)
                 deleted.pop(ch.key, None)
-            elif ch.op == "node_delete":
+            elif op == "node_delete":
                 assert ch.key is not None
                 deleted[ch.key] = None
-                slot = rep.index.get(ch.key)
+                slot = index.get(ch.key)
                 if slot is None:
                     continue
-                for w in rep.remove_node(slot).tolist():
-                    if w != slot:
-                        ev_owner.append(w); ev_src.append(slot); ev_sign.append(-1.0); ev_ts.append(ch.ts)
+                self._apply_edges(run, structure)
+                nbrs = rep.remove_node(slot)
+                structure.add(nbrs[nbrs != slot], slot, -1.0, ts)
                 removed.append(slot)
                 x_new.pop(slot, None)
-            elif ch.op in ("edge_upsert", "edge_delete"):
-                assert ch.src is not None and ch.dst is not None and ch.rel is not None
-                if ch.op == "edge_upsert":
-                    s, d = node(ch.src, None, ch.ts), node(ch.dst, None, ch.ts)
-                    if not rep.add_edge(s, ch.rel, d):
-                        continue
-                    sign = 1.0
-                else:
-                    s, d = rep.index.get(ch.src, -1), rep.index.get(ch.dst, -1)
-                    if s < 0 or d < 0 or not rep.remove_edge(s, ch.rel, d):
-                        continue
-                    sign = -1.0
-                pairs = [(d, s)] if s == d else [(d, s), (s, d)]
-                for owner, src in pairs:
-                    ev_owner.append(owner); ev_src.append(src); ev_sign.append(sign); ev_ts.append(ch.ts)
             else:
-                raise ValueError(f"unknown change op {ch.op!r}")
+                raise ValueError(f"unknown change op {op!r}")
+        self._apply_edges(run, structure)
 
-        report = self._propagate(ev_owner, ev_src, ev_sign, ev_ts, x_new, created, removed, with_vectors)
+        report = self._propagate(structure, x_new, created, removed, with_vectors)
         report.changes = len(changes)
         report.max_ts = max_ts
-        report.deleted_keys = [k for k in deleted if k not in rep.index]
+        report.deleted_keys = [k for k in deleted if k not in index]
         rep.maybe_compact()
         report.seconds = time.perf_counter() - t_start
         return report
 
-    def _propagate(self, ev_owner: list[int], ev_src: list[int], ev_sign: list[float], ev_ts: list[int],
-                   x_new: dict[int, tuple[Tensor | None, int]], created: set[int], removed: list[int],
-                   with_vectors: bool) -> BatchReport:
+    def _apply_edges(self, run: _EdgeRun, structure: _Structure) -> None:
+        """Apply a run of edge records by their net effect per distinct edge (the last record
+        of an edge decides whether it exists afterwards), vectorised."""
+        if not run.s:
+            return
+        s, r, d, op, ts = run.take()
+        rep = self.replica
+        if len(s) > 1:
+            n, nr = max(rep.num_slots, 1), max(len(rep.rels), 1)
+            if n * n * nr < 1 << 62:
+                key = (s * nr + r) * n + d
+                order = np.argsort(key, kind="stable")
+                ks = key[order]
+                last = np.ones(len(s), dtype=bool)
+                last[:-1] = ks[1:] != ks[:-1]
+            else:
+                order = np.lexsort((d, r, s))
+                last = np.ones(len(s), dtype=bool)
+                last[:-1] = (np.diff(s[order]) != 0) | (np.diff(r[order]) != 0) | (np.diff(d[order]) != 0)
+            keep = order[last]
+            s, r, d, op, ts = s[keep], r[keep], d[keep], op[keep], ts[keep]
+        pos, owner = rep.find_edges(s, r, d)
+        present = pos >= 0
+        gone = present & (op == 0)
+        if gone.any():
+            rep.remove_edges_at(pos[gone], owner[gone], s[gone], d[gone])
+            structure.edges(s[gone], d[gone], -1.0, ts[gone])
+        new = ~present & (op == 1)
+        if new.any():
+            rep.add_edges(s[new], r[new], d[new])
+            structure.edges(s[new], d[new], 1.0, ts[new])
+
+    def _propagate(self, structure: _Structure, x_new: dict[int, tuple[Tensor | None, int]], created: set[int],
+                   removed: list[int], with_vectors: bool) -> BatchReport:
         rep, dev, L = self.replica, self.device, self.L
         self._ensure_capacity(rep.num_slots)
-        report = BatchReport()
+        report = BatchReport(suppressed=[0] * (L + 1), max_residual=[0.0] * (L + 1))
         alive = rep.alive
         touched_ts: list[Tensor] = []
 
         # 1. structure: sums gain/lose the neighbour's *old* row, at every layer
-        owners = np.asarray(ev_owner, dtype=np.int64)
-        keep = alive[owners] if len(owners) else np.zeros(0, dtype=bool)
-        owners = owners[keep]
+        owners, srcs, signs, tss = structure.arrays()
+        if len(owners):
+            keep = alive[owners]
+            if not keep.all():
+                owners, srcs, signs, tss = owners[keep], srcs[keep], signs[keep], tss[keep]
         new_slots = np.fromiter((s for s in created if alive[s]), dtype=np.int64)
         if len(owners):
-            o = self._idx(owners)
-            src = self._idx(np.asarray(ev_src, dtype=np.int64)[keep])
-            sign = torch.as_tensor(np.asarray(ev_sign, dtype=np.float32)[keep], device=dev).unsqueeze(1)
-            ones = torch.ones(len(o), dtype=torch.int32, device=dev)
+            o, src = self._t(owners), self._t(srcs)
+            sign = torch.from_numpy(signs).to(dev).unsqueeze(1)
             for layer in range(L):
                 self.S[layer].index_add_(0, o, (self.h[layer][src] * sign).to(self.agg_dtype))
-                self.count[layer].index_add_(0, o, ones)
-            report.delta_messages += len(o) * L
-            ts = torch.as_tensor(np.asarray(ev_ts, dtype=np.int64)[keep], device=dev)
-            self._ts.scatter_reduce_(0, o, ts, reduce="amax")
+                self._count(layer, owners)
+            report.delta_messages += len(owners) * L
+            self._ts.scatter_reduce_(0, o, self._t(tss), reduce="amax")
             touched_ts.append(o)
-        ends = torch.unique(self._idx(np.concatenate([owners, new_slots])))
+        ends = self._union(owners, new_slots)
         if len(ends):
-            zero = ends[self._degree(ends) == 0]       # no neighbours: the sum is exactly 0
-            for layer in range(L):
-                self.S[layer][zero] = 0
-                self.count[layer][zero] = 0
+            zero = ends[rep.length[ends] == 0]          # no neighbours: the sum is exactly 0
+            if len(zero):
+                z = self._t(zero)
+                for layer in range(L):
+                    self.S[layer][z] = 0
+                    self.count[layer].numpy()[zero] = 0
+        self._isnew[new_slots] = True
 
         # 2. input features
         slots = np.fromiter((s for s in x_new if alive[s]), dtype=np.int64)
-        rows = self._idx(slots)
-        old0 = self.h[0][rows].clone()
-        default = np.asarray([s for s in slots if x_new[int(s)][0] is None], dtype=np.int64)
+        rows_t = self._t(slots)
+        old0 = self.h[0][rows_t]
+        default = np.asarray([s for s in slots.tolist() if x_new[s][0] is None], dtype=np.int64)
         self._set_default_features(default)
-        given = [(s, x_new[int(s)][0]) for s in slots if x_new[int(s)][0] is not None]
+        given = [(s, x) for s in slots.tolist() if (x := x_new[s][0]) is not None]
         if given:
-            self.h[0][self._idx([s for s, _ in given])] = torch.stack([x for _, x in given]).to(dev, torch.float32)
+            self.h[0][self._t([s for s, _ in given])] = torch.stack([x for _, x in given]).to(dev, torch.float32)
         if len(slots):
-            ts = torch.as_tensor([x_new[int(s)][1] for s in slots], dtype=torch.int64, device=dev)
-            self._ts.scatter_reduce_(0, rows, ts, reduce="amax")
-            touched_ts.append(rows)
-        new_t = self._idx(new_slots)
-        new0 = self.h[0][rows]
-        moved = (new0 != old0).any(1) | torch.isin(rows, new_t)
-        changed, delta = rows[moved], (new0 - old0)[moved]
+            ts = torch.as_tensor([x_new[s][1] for s in slots.tolist()], dtype=torch.int64, device=dev)
+            self._ts.scatter_reduce_(0, rows_t, ts, reduce="amax")
+            touched_ts.append(rows_t)
+        new0 = self.h[0][rows_t]
+        changed, _, delta, _ = self._select(0, slots, old0, new0, report)
         changed0 = changed
-        report.affected.append(len(rows))
+        report.affected.append(len(slots))
         report.changed.append(len(changed))
-        report.affected_rows.append(rows.cpu())
+        report.affected_rows.append(torch.from_numpy(slots))
+        held_last = np.zeros(0, dtype=np.int64)
 
         # 3. layers
         for layer in range(L):
-            seg, w = rep.gather(changed.cpu().numpy())
-            recv = self._idx(w)
-            if len(recv):
-                seg_t = self._idx(seg)
+            seg, w = rep.gather(changed)
+            if len(w):
+                recv, seg_t = self._t(w), self._t(seg)
                 self.S[layer].index_add_(0, recv, delta[seg_t].to(self.agg_dtype))
-                self.count[layer].index_add_(0, recv, torch.ones(len(recv), dtype=torch.int32, device=dev))
-                self._ts.scatter_reduce_(0, recv, self._ts[changed][seg_t], reduce="amax")
+                self._count(layer, w)
+                self._ts.scatter_reduce_(0, recv, self._ts[self._t(changed)][seg_t], reduce="amax")
                 touched_ts.append(recv)
-                report.delta_messages += len(recv)
-            rows = torch.unique(torch.cat([changed, recv, ends]))
+                report.delta_messages += len(w)
+            rows = self._union(changed, w, ends)
             self._reanchor(layer, rows, report)
-            agg = self.S[layer][rows].to(torch.float32)
+            rt = self._t(rows)
+            agg = self.S[layer][rt].to(torch.float32)
             if self.mean:
-                agg = agg / self._degree(rows).clamp(min=1).unsqueeze(1)
-            new = self.model.dense(layer, agg, self.h[layer][rows])
-            old = self.h[layer + 1][rows]
-            moved = self._propagating(layer + 1, rows, old, new) | torch.isin(rows, new_t)
-            self.h[layer + 1][rows] = new
-            changed, delta = rows[moved], (new - old)[moved]
+                deg = torch.from_numpy(rep.length[rows].astype(np.float32)).to(dev).clamp_(min=1)
+                agg = agg / deg.unsqueeze(1)
+            new = self.model.dense(layer, agg, self.h[layer][rt])
+            old = self.h[layer + 1][rt]
+            changed, idx, delta, held = self._select(layer + 1, rows, old, new, report)
+            if len(changed):
+                self.h[layer + 1][self._t(changed)] = new if len(idx) == len(rows) else new[self._t(idx)]
+            held_last = held
             report.affected.append(len(rows))
             report.changed.append(len(changed))
-            report.affected_rows.append(rows.cpu())
+            report.affected_rows.append(torch.from_numpy(rows))
             report.rows_recomputed += len(rows)
 
         # 4. report, then free the slots of deleted nodes
-        out = torch.unique(torch.cat([changed, changed0]))
-        report.changed_rows = out.cpu()
-        report.changed_keys = [rep.keys[i] for i in report.changed_rows.tolist()]  # type: ignore[misc]
-        report.changed_ts = self._ts[out].tolist()
+        out = self._union(changed, changed0)
+        report.changed_rows = torch.from_numpy(out)
+        if len(held_last):
+            report.vectors_suppressed = int(len(held_last) - np.isin(held_last, changed0).sum())
+        if self.mode == "bounded":
+            report.error_bound = self.error_bound
         if with_vectors:
+            report.changed_keys = [rep.keys[i] for i in out.tolist()]  # type: ignore[misc]
+            report.changed_ts = self._ts[self._t(out)].tolist()
             report.vectors = self.vectors(out)
         if touched_ts:
             self._ts[torch.cat(touched_ts)] = -1
+        self._isnew[new_slots] = False
         if removed:
-            self._clear(self._idx(removed))
+            self._clear(self._t(removed))
             rep.release(removed)
         return report
 
-    def _propagating(self, layer: int, rows: Tensor, old: Tensor, new: Tensor) -> Tensor:
-        """Which recomputed rows of ``layer`` pass their change on (the bounded-mode hook).
+    def _select(self, layer: int, rows: np.ndarray, old: Tensor, new: Tensor,
+                report: BatchReport) -> tuple[np.ndarray, np.ndarray, Tensor, np.ndarray]:
+        """(changed rows, their positions in ``rows``, their delta new - old, held-back rows):
+        the recomputed rows of ``layer`` that pass their change on (the bounded-mode hook).
 
-        Exact mode: every row whose value changed at all. A bounded mode (issue 4) would pass
-        only rows whose change (plus the residual carried from earlier batches) exceeds a
-        threshold, keep the rest as residual, and report it; it must then also keep the
-        *published* old row for the suppressed ones, since ``delta`` is taken against it."""
-        return (new != old).any(1)
+        Exact mode (threshold 0): every row whose value changed at all (bitwise). Bounded mode:
+        only rows whose change against the *stored* row exceeds the layer's threshold; the
+        others keep their stored row, so the change not passed on stays as the difference
+        between what the row would be and what is stored, and is passed on (in full) when it
+        grows past the threshold. New nodes always pass."""
+        eps = self.thresholds[layer]
+        if not len(rows):
+            return rows, rows, new, rows
+        if eps > 0:
+            mag = (new - old).abs().amax(1).cpu().numpy()
+            move = (mag > eps) | self._isnew[rows]
+            held = (mag > 0) & ~move
+            if held.any():
+                report.suppressed[layer] = int(held.sum())
+                report.max_residual[layer] = float(mag[held].max())
+            held_rows = rows[held]
+        else:
+            move = (new != old).any(1).cpu().numpy() | self._isnew[rows]
+            held_rows = rows[:0]
+        idx = np.flatnonzero(move)
+        if len(idx) == len(rows):
+            return rows, idx, new - old, held_rows
+        it = self._t(idx)
+        return rows[idx], idx, new[it] - old[it], held_rows
 
-    def _reanchor(self, layer: int, rows: Tensor, report: BatchReport) -> None:
+    def _reanchor(self, layer: int, rows: np.ndarray, report: BatchReport, chunk: int = 1 << 18) -> None:
         """Recompute the sums of ``rows`` that took ``reanchor_every`` deltas, from neighbours."""
-        over = rows[self.count[layer][rows] >= self.reanchor_every]
+        cnt = self.count[layer].numpy()
+        over = rows[cnt[rows] >= self.reanchor_every]
         if not len(over):
             return
-        seg, w = self.replica.gather(over.cpu().numpy())
+        seg, w = self.replica.gather(over)
         fresh = torch.zeros(len(over), self.dims[layer], dtype=self.agg_dtype, device=self.device)
-        fresh.index_add_(0, self._idx(seg), self.h[layer][self._idx(w)].to(self.agg_dtype))
-        self.S[layer][over] = fresh
-        self.count[layer][over] = 0
+        for lo in range(0, len(w), chunk):       # a hub can have millions of neighbours
+            fresh.index_add_(0, self._t(seg[lo:lo + chunk]), self.h[layer][self._t(w[lo:lo + chunk])].to(self.agg_dtype))
+        self.S[layer][self._t(over)] = fresh
+        cnt[over] = 0
         report.reanchored_rows += len(over)
         report.neighbour_reads += len(w)
 
     def _clear(self, rows: Tensor) -> None:
-        for t in self.h + self.S + self.count:
+        for t in self.h + self.S:
             t[rows] = 0
+        host = rows.cpu()
+        for t in self.count:
+            t[host] = 0
 
     # ---- outputs -----------------------------------------------------------------------
     @torch.no_grad()
-    def vectors(self, rows: Tensor | Sequence[int]) -> Tensor:
+    def vectors(self, rows: Tensor | np.ndarray | Sequence[int]) -> Tensor:
         """Published (fused, unit-norm) vectors of slots, float32 on CPU."""
+        if isinstance(rows, np.ndarray):
+            rows = self._t(rows)
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.device)
         return fuse(self.h[0][rows], self.h[-1][rows], self.fusion, self.fusion_text_weight).cpu()
 
@@ -406,20 +616,62 @@ class IncrementalEngine:
         src, dst = self.replica.edge_index()
         return torch.as_tensor(np.stack([src, dst]), dtype=torch.long, device=self.device)
 
+    def adjacency(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The replica's adjacency as a sparse CSR matrix on the device (row = receiver), for
+        layer-wise full-graph passes without an [edges, dim] message tensor."""
+        crow, col = self.replica.csr()
+        n = self.replica.num_slots
+        itype = torch.int32 if len(col) < (1 << 31) - 1 else torch.int64
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(torch.from_numpy(crow).to(itype), torch.from_numpy(col).to(itype),
+                                           torch.ones(len(col), dtype=dtype or self.agg_dtype), size=(n, n)).to(self.device)
+
+    def _spmm(self, adj: Tensor, x: Tensor) -> Tensor:
+        if x.shape[0] == 0 or adj._nnz() == 0:
+            return torch.zeros(x.shape, dtype=adj.dtype, device=x.device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return adj @ x.to(adj.dtype)
+
     @torch.no_grad()
     def full_recompute(self) -> list[Tensor]:
         """The plain PyG forward over the whole replica: [h0, h1, ..., hL] for every slot
-        (rows of free slots are meaningless)."""
+        (rows of free slots are meaningless). Materialises one message per edge: small graphs."""
         n = self.replica.num_slots
         return self.model.forward_all(self.h[0][:n], self.edge_index())
 
     @torch.no_grad()
-    def verify(self, tol: float = 1e-5) -> tuple[float, int]:
-        """(max abs error over every layer's cached rows vs. a full recompute, rows over tol)."""
-        live = self._idx(self.replica.live_slots())
+    def full_layers(self, adjacency: Tensor | None = None) -> list[Tensor]:
+        """Layer-wise full-graph recompute from the replica and ``h0``: [h0, ..., hL] for every
+        slot, each layer one sparse (CSR) product over all nodes plus the dense step -- PyG's
+        layer-wise inference with full neighbourhoods, without an [edges, dim] message tensor.
+        ``adjacency``: a prebuilt ``adjacency()`` (else built here)."""
+        adj = self.adjacency() if adjacency is None else adjacency
+        n = self.replica.num_slots
+        deg = torch.from_numpy(self.replica.length[:n].astype(np.float32)).to(self.device).clamp_(min=1)
+        hs = [self.h[0][:n]]
+        for layer in range(self.L):
+            agg = self._spmm(adj, hs[-1]).to(torch.float32)
+            if self.mean:
+                agg = agg / deg.unsqueeze(1)
+            hs.append(self.model.dense(layer, agg, hs[-1]))
+        return hs
+
+    @torch.no_grad()
+    def verify(self, tol: float | None = None, method: Literal["auto", "pyg", "layers"] = "auto") -> tuple[float, int]:
+        """(max abs error over every layer's cached rows vs. a full recompute, rows over tol).
+        ``tol`` defaults to 1e-5 plus the mode's ``error_bound`` (0 in exact mode). ``method``:
+        the PyG forward (``full_recompute``), the layer-wise sparse pass (``full_layers``), or
+        auto: PyG while one message per edge fits in ~1 GB."""
+        if tol is None:
+            tol = 1e-5 + self.error_bound
+        live = self._t(self.replica.live_slots())
         if not len(live):
             return 0.0, 0
-        full = self.full_recompute()
+        if method == "auto":
+            method = "pyg" if 2 * self.replica.num_edges * max(self.dims) <= (1 << 28) else "layers"
+        full = self.full_recompute() if method == "pyg" else self.full_layers()
         err = torch.zeros(len(live), device=self.device)
         for layer in range(1, self.L + 1):
             err = torch.maximum(err, (full[layer][live] - self.h[layer][live]).abs().amax(1))
@@ -428,30 +680,34 @@ class IncrementalEngine:
     @torch.no_grad()
     def rebuild(self) -> None:
         """Recompute every cache (sums and activations) from the replica and h0, layer by
-        layer with the same sums and dense step the incremental path uses."""
+        layer over all nodes (sparse CSR products; exact, so it also flushes whatever bounded
+        mode held back)."""
         n = self.replica.num_slots
-        ei = self.edge_index()
-        deg = torch.as_tensor(self.replica.length[:n].astype(np.float32), device=self.device)
+        if n == 0:
+            return
+        adj = self.adjacency()
+        deg = torch.from_numpy(self.replica.length[:n].astype(np.float32)).to(self.device).clamp_(min=1)
         for layer in range(self.L):
-            s = torch.zeros(n, self.dims[layer], dtype=self.agg_dtype, device=self.device)
-            s.index_add_(0, ei[1], self.h[layer][ei[0]].to(self.agg_dtype))
+            s = self._spmm(adj, self.h[layer][:n]).to(self.agg_dtype)
             self.S[layer][:n] = s
             agg = s.to(torch.float32)
             if self.mean:
-                agg = agg / deg.clamp(min=1).unsqueeze(1)
+                agg = agg / deg.unsqueeze(1)
             self.h[layer + 1][:n] = self.model.dense(layer, agg, self.h[layer][:n])
+            del s, agg
         for t in self.count:
             t.zero_()
-        dead = self._idx(np.flatnonzero(~self.replica.alive[:n]))
+        dead = self._t(np.flatnonzero(~self.replica.alive[:n]))
         if len(dead):
             self._clear(dead)
 
     def bulk_load(self, keys: Sequence[str], src: np.ndarray, dst: np.ndarray,
                   rel: str | Sequence[str] | np.ndarray = "RELATED", features: Tensor | None = None,
-                  rel_names: Sequence[str] | None = None) -> None:
-        """Cold start: load nodes (``features`` rows aligned with ``keys``, else type embeddings)
-        and edges (``src``/``dst`` index into ``keys``; ``rel`` one name, or ids into
-        ``rel_names``) into an empty engine, then ``rebuild()``."""
+                  rel_names: Sequence[str] | None = None, feature_rows: np.ndarray | None = None) -> None:
+        """Cold start: load nodes and edges (``src``/``dst`` index into ``keys``; ``rel`` one
+        name, or ids into ``rel_names``) into an empty engine, then ``rebuild()``. ``features``:
+        rows aligned with ``keys``, or with ``feature_rows`` (indices into ``keys``) when given;
+        every other node gets its type embedding."""
         rep = self.replica
         if rep.num_nodes:
             raise ValueError("bulk_load needs an empty engine")
@@ -464,17 +720,21 @@ class IncrementalEngine:
             rel_ids = table[np.asarray(rel, dtype=np.int64)]
         rep.bulk_add_edges(slots[np.asarray(src)], rel_ids, slots[np.asarray(dst)])
         self._ensure_capacity(rep.num_slots)
-        if features is None:
-            self._set_default_features(slots)
-        else:
-            self.h[0][self._idx(slots)] = features.to(self.device, torch.float32)
+        if features is None or feature_rows is not None:
+            labels = rep.labels
+            ntype = rep.ntype[slots]
+            table = self.model.type_features(labels).to(self.device)
+            self.h[0][self._t(slots)] = table[self._t(ntype)]
+        if features is not None:
+            rows = slots if feature_rows is None else slots[np.asarray(feature_rows, dtype=np.int64)]
+            self.h[0][self._t(rows)] = features.to(self.device, torch.float32)
         self.rebuild()
 
     # ---- persistence -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         n = self.replica.num_slots
         return {"format": STATE_FORMAT, "graph_version": self.model.version,
-                "model_version": self.model_version, "agg_dtype": str(self.agg_dtype),
+                "model_version": self.model_version, "agg_dtype": str(self.agg_dtype), "mode": self.mode,
                 "replica": self.replica.state_dict(),
                 "h": [t[:n].cpu() for t in self.h], "S": [t[:n].cpu() for t in self.S],
                 "count": [t[:n].cpu() for t in self.count]}
@@ -493,7 +753,8 @@ class IncrementalEngine:
     def load(cls, path: str | Path, model: GraphEncoder, device: str | torch.device | None = "auto",
              **kwargs: Any) -> "IncrementalEngine":
         """Resume from ``save``. With another graph model, only the replica and h0 are kept and
-        the caches are rebuilt."""
+        the caches are rebuilt; so are they when a state written in bounded mode is loaded into
+        an exact engine (which must start exact)."""
         state = torch.load(path, map_location="cpu", weights_only=True)
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"{path}: unknown engine state format {state.get('format')}")
@@ -507,9 +768,13 @@ class IncrementalEngine:
                         state["graph_version"], model.version)
             engine.rebuild()
             return engine
+        if state.get("mode", "exact") == "bounded" and engine.mode == "exact":
+            log.info("engine state was written in bounded mode; rebuilding caches for exact mode")
+            engine.rebuild()
+            return engine
         for layer in range(engine.L):
             engine.h[layer + 1][:n] = state["h"][layer + 1].to(engine.device)
             engine.S[layer][:n] = state["S"][layer].to(engine.device)
         for layer in range(engine.L):
-            engine.count[layer][:n] = state["count"][layer].to(engine.device)
+            engine.count[layer][:n] = state["count"][layer].cpu()
         return engine

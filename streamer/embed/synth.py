@@ -23,7 +23,8 @@ Skew, all drawn from one ``numpy.random.Generator(seed)`` (same seed + config = 
   ``activity_alpha + 1``), capped at ``max_activity``; ``x_min`` is set so that the mean is
   ``interactions_per_user`` before the cap.
 * **product popularity** is Zipf with exponent ``popularity_zipf`` over a random permutation of
-  the products: each interaction picks its product by popularity. ``purchase_share`` of the
+  the products: each interaction picks its product by popularity (continuous power-law
+  inverse CDF, floored to a rank: ``zipf_ranks``). ``purchase_share`` of the
   interactions are purchases, the rest views.
 * **features**: products get seeded random unit vectors of ``feature_dim`` (a stand-in for
   text embeddings, which are unit-norm too); every other node gets its node-type embedding
@@ -52,6 +53,7 @@ import numpy as np
 import torch
 
 from streamer import changes as C
+from streamer.embed.replica import sorted_unique
 
 REL_NAMES = ("IN_CATEGORY", "PARENT", "HAS_BRAND", "VIEWED", "PURCHASED")
 IN_CATEGORY, PARENT, HAS_BRAND, VIEWED, PURCHASED = range(5)
@@ -85,7 +87,7 @@ PRESETS: dict[str, SynthConfig] = {
     "1m": SynthConfig(products=500_000, users=500_000, categories=1_000, largest_category=100_000,
                       top_categories=20, brands=10_000, interactions_per_user=16.0, max_activity=20_000),
     "products": SynthConfig(products=1_000_000, users=1_478_000, categories=2_000, largest_category=122_451,
-                            top_categories=20, brands=20_000, interactions_per_user=40.7, max_activity=50_000),
+                            top_categories=20, brands=20_000, interactions_per_user=51.0, max_activity=50_000),
 }
 
 
@@ -116,10 +118,15 @@ def zipf_sizes(n_items: int, total: int, s: float, rng: np.random.Generator) -> 
     return sizes
 
 
-def _zipf_cdf(n: int, s: float) -> np.ndarray:
-    w = np.arange(1, n + 1, dtype=np.float64) ** -s
-    c = np.cumsum(w)
-    return c / c[-1]
+def zipf_ranks(n: int, s: float, u: np.ndarray) -> np.ndarray:
+    """0-based ranks in [0, n) for uniforms ``u``, drawn with the continuous power law
+    p(x) ~ x^-s on [1, n + 1) (closed-form inverse CDF, no table search), floored."""
+    if abs(s - 1.0) < 1e-9:
+        x = np.exp(u * np.log(n + 1.0))
+    else:
+        a = 1.0 - s
+        x = ((float(n + 1) ** a - 1.0) * u + 1.0) ** (1.0 / a)
+    return np.minimum(x.astype(np.int64) - 1, n - 1)
 
 
 @dataclass
@@ -136,8 +143,7 @@ class SynthGraph:
     n_users: int
     category_of: np.ndarray         # leaf-category index per product
     brand_of: np.ndarray
-    popularity_cdf: np.ndarray      # product popularity (rank -> cdf), with the rank permutation
-    popularity_perm: np.ndarray
+    popularity_perm: np.ndarray     # product of each popularity rank
     category_cdf: np.ndarray        # category sizes as a cdf (new products land by size)
     zipf_s: float
     info: dict[str, Any] = field(default_factory=dict)
@@ -223,12 +229,11 @@ def generate(config: SynthConfig | str) -> SynthGraph:
     activity = np.minimum(np.ceil(x_min * (1.0 + rng.pareto(a, U))), cfg.max_activity).astype(np.int64)
     total = int(activity.sum())
     users = np.repeat(np.arange(U, dtype=np.int64), activity)
-    pop_cdf = _zipf_cdf(P, cfg.popularity_zipf)
     perm = rng.permutation(P)
-    prods = perm[np.minimum(np.searchsorted(pop_cdf, rng.random(total)), P - 1)]
+    prods = perm[zipf_ranks(P, cfg.popularity_zipf, rng.random(total))]
     action = np.where(rng.random(total) < cfg.purchase_share, PURCHASED, VIEWED).astype(np.int8)
     # one edge per distinct (user, action, product), like the graph's MERGE
-    pair = np.unique((users * 2 + (action == PURCHASED)) * P + prods)
+    pair = sorted_unique((users * 2 + (action == PURCHASED)) * P + prods)
     prods, users = pair % P, pair // P // 2
     action = np.where((pair // P) % 2 == 1, PURCHASED, VIEWED).astype(np.int8)
     pids = np.arange(P, dtype=np.int64)
@@ -238,7 +243,7 @@ def generate(config: SynthConfig | str) -> SynthGraph:
     rel = np.concatenate([np.full(P, IN_CATEGORY, np.int8), np.full(NC, PARENT, np.int8),
                           np.full(P, HAS_BRAND, np.int8), action])
     cat_cdf = np.cumsum(sizes) / P
-    return SynthGraph(cfg, keys, src, dst, rel, P, NC, NT, NB, U, category_of, brand_of, pop_cdf, perm,
+    return SynthGraph(cfg, keys, src, dst, rel, P, NC, NT, NB, U, category_of, brand_of, perm,
                       cat_cdf, s, {"interactions_drawn": total})
 
 
@@ -293,7 +298,7 @@ class UpdateStream:
 
     def _popular_products(self, n: int) -> np.ndarray:
         g = self.g
-        return g.popularity_perm[np.minimum(np.searchsorted(g.popularity_cdf, self.rng.random(n)), g.n_products - 1)]
+        return g.popularity_perm[zipf_ranks(g.n_products, g.config.popularity_zipf, self.rng.random(n))]
 
     def next(self, n: int) -> tuple[list[C.Change], dict[str, torch.Tensor]]:
         g, rng = self.g, self.rng

@@ -55,7 +55,7 @@ from sinks.kafka_producer import KafkaPublisher
 from streamer import metrics as m
 from streamer.changes import Change, edge_delete, edge_upsert
 from streamer.consumer import caught_up, commit_after, make_consumer
-from streamer.embed.engine import Featurizer, IncrementalEngine
+from streamer.embed.engine import Featurizer, IncrementalEngine, engine_options
 from streamer.embed.vectors import VectorRecord
 from streamer.model.reembed import load_engine
 from streamer.ops.lag import LagMonitor, start_monitor
@@ -95,6 +95,7 @@ class EmbedStats:
     vectors_published: int = 0
     tombstones_published: int = 0
     rows_recomputed: int = 0
+    vectors_suppressed: int = 0   # bounded mode: refreshed vectors under the publish threshold
     affected_max: list[int] = field(default_factory=list)
     affected_sum: list[int] = field(default_factory=list)
     freshness_s: list[float] = field(default_factory=list)
@@ -119,6 +120,7 @@ class EmbedStats:
             "vectors_published": self.vectors_published,
             "tombstones_published": self.tombstones_published,
             "rows_recomputed": self.rows_recomputed,
+            "vectors_suppressed": self.vectors_suppressed,
             "affected_per_layer_total": self.affected_sum,
             "affected_per_layer_max_batch": self.affected_max,
             "full_reembed": self.full_reembed,
@@ -175,7 +177,8 @@ class EmbedWorker:
         self.text = text
         model = GraphEncoder.from_settings(s, in_dim=text.dim)
         kwargs = dict(
-            fusion=s.fusion, fusion_text_weight=s.fusion_text_weight, featurize=Featurizer(text), text_model_id=text.model_id
+            fusion=s.fusion, fusion_text_weight=s.fusion_text_weight, featurize=Featurizer(text), text_model_id=text.model_id,
+            **engine_options(s),  # exact (default) or bounded mode, drift guard
         )
         if not self.engine_path.exists():
             return IncrementalEngine(model, s.device, **kwargs), {}
@@ -325,12 +328,15 @@ class EmbedWorker:
         s.vectors_published += len(report.changed_keys)
         s.tombstones_published += len(report.deleted_keys)
         s.rows_recomputed += report.rows_recomputed
+        s.vectors_suppressed += report.vectors_suppressed
         s.observe_affected(report.affected)
         m.BATCH_EVENTS.labels(self.group).observe(len(records))
         m.VECTORS_PUBLISHED.labels(self.group, "vector").inc(len(report.changed_keys))
         m.VECTORS_PUBLISHED.labels(self.group, "tombstone").inc(len(report.deleted_keys))
         for layer, n in enumerate(report.affected):
             m.AFFECTED_NODES.labels(self.group, str(layer)).observe(n)
+        if report.vectors_suppressed:
+            m.VECTORS_SUPPRESSED.labels(self.group).inc(report.vectors_suppressed)
         if source_ms is not None and (report.changed_keys or report.deleted_keys):
             fresh = max(0.0, acked - source_ms / 1000)
             s.freshness_s.append(fresh)
@@ -351,4 +357,5 @@ def load_engine_for_audit(settings: Settings) -> IncrementalEngine:
     text = TextEncoder(settings.text_model, device=settings.device)
     model = GraphEncoder.from_settings(settings, in_dim=text.dim)
     return IncrementalEngine.load(path, model, settings.device, fusion=settings.fusion,
-                                  fusion_text_weight=settings.fusion_text_weight, text_model_id=text.model_id)
+                                  fusion_text_weight=settings.fusion_text_weight, text_model_id=text.model_id,
+                                  **engine_options(settings))

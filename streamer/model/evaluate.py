@@ -183,13 +183,37 @@ def _vector_scorer(split: Split, user_vecs: dict[int, Tensor] | Tensor, item_vec
     raise TypeError("user_vecs")
 
 
-def evaluate_dataset(name: str, log_: EventLog, text_encoder: Any, cfg: TrainConfig, model_cfg: GraphEncoderConfig,
-                     split_quantile: float, k: int = 20, align_weight: float = 0.0,
-                     eval_device: str = "cpu") -> dict[str, Any]:
+def _config_diff(cfg: TrainConfig) -> dict[str, Any]:
+    base = asdict(TrainConfig())
+    return {k: v for k, v in asdict(cfg).items() if base.get(k) != v and k not in ("progress", "device", "target_rels")}
+
+
+def _training_summary(res: Any) -> dict[str, Any]:
+    m = res.metrics()
+    out = {key: m[key] for key in ("version", "best_epoch", "best_val", "init_val", "popularity_val", "seconds",
+                                   "steps", "device", "peak_rss_mb", "rss_before_mb", "peak_gpu_mb", "validation",
+                                   "train_pairs", "val_pairs")}
+    out["epochs_run"] = len(m["history"])
+    out["history"] = m["history"]
+    out["train_config"] = m["train_config"]
+    return out
+
+
+def evaluate_dataset(name: str, log_: EventLog, text_encoder: Any, configs: list[TrainConfig],
+                     model_cfg: GraphEncoderConfig, split_quantile: float, k: int = 20, align_weight: float = 0.0,
+                     eval_device: str = "cpu", cache_path: Path | None = None,
+                     deadline: float | None = None) -> dict[str, Any]:
+    """One data set, every method in the same run. ``configs``: training configurations to
+    choose from by validation recall@k (the first is the default); ``deadline``
+    (``time.monotonic()``) stops trying further configs."""
+    cfg = configs[0]
     t0 = time.perf_counter()
     times = log_.interaction_times()
     t_split = int(np.quantile(times, split_quantile, method="lower"))
     graph = from_events(log_, text_encoder, t_split)
+    if cache_path is not None and hasattr(text_encoder, "save_cache"):
+        text_encoder.save_cache(cache_path)
+    text_seconds = time.perf_counter() - t0
     split = Split(graph, log_, t_split)
     log.info("%s: split at %s, graph %s, split %s", name, iso(t_split), graph.summary(), split.stats())
     products_t = torch.as_tensor(split.products, dtype=torch.long)
@@ -213,21 +237,34 @@ def evaluate_dataset(name: str, log_: EventLog, text_encoder: Any, cfg: TrainCon
     vec = published_vectors(model0, graph, cfg.fusion, cfg.fusion_text_weight, eval_device)
     results["untrained"] = split.evaluate(_vector_scorer(split, vec[users_t], vec[products_t]), k)
 
-    # trained
-    variants = [("fused_trained", 0.0)] + ([("fused_trained_align", align_weight)] if align_weight > 0 else [])
+    # trained: every candidate config, the one with the best *validation* recall is reported
+    best = None
+    sweep = []
+    for i, c in enumerate(configs):
+        if deadline is not None and i > 0 and time.monotonic() > deadline:
+            log.warning("%s: time budget spent, %d of %d configs tried", name, i, len(configs))
+            break
+        res = train(graph, replace(c, align_weight=0.0), model_cfg)
+        vec = published_vectors(res.model, graph, c.fusion, c.fusion_text_weight, eval_device)
+        test = split.evaluate(_vector_scorer(split, vec[users_t], vec[products_t]), k)
+        entry = {"config": _config_diff(c), "val": res.best_val, "test": test, "seconds": round(res.seconds, 1),
+                 "best_epoch": res.best_epoch, "epochs_run": len(res.history)}
+        sweep.append(entry)
+        log.info("%s config %d %s: val %s test %s", name, i, entry["config"], res.best_val, test["overall"])
+        if best is None or res.best_val.get(f"recall@{k}", 0.0) > best[0].best_val.get(f"recall@{k}", 0.0):
+            best = (res, test, c)
+    assert best is not None
+    res, test, cfg = best
+    results["fused_trained"] = test
+    training["fused_trained"] = _training_summary(res)
     aligned_model = None
-    for method, aw in variants:
-        res = train(graph, replace(cfg, align_weight=aw), model_cfg)
-        vec = published_vectors(res.model, graph, cfg.fusion, cfg.fusion_text_weight, eval_device)
-        results[method] = split.evaluate(_vector_scorer(split, vec[users_t], vec[products_t]), k)
-        m = res.metrics()
-        training[method] = {key: m[key] for key in ("version", "best_epoch", "best_val", "init_val", "seconds", "steps",
-                                                    "device", "peak_rss_mb", "rss_before_mb", "peak_gpu_mb",
-                                                    "validation", "train_pairs", "val_pairs")}
-        training[method]["epochs_run"] = len(m["history"])
-        training[method]["history"] = m["history"]
-        if aw > 0:
-            aligned_model, aligned_vec = res.model, vec
+    if align_weight > 0:
+        res_a = train(graph, replace(cfg, align_weight=align_weight), model_cfg)
+        aligned_vec = published_vectors(res_a.model, graph, cfg.fusion, cfg.fusion_text_weight, eval_device)
+        results["fused_trained_align"] = split.evaluate(_vector_scorer(split, aligned_vec[users_t],
+                                                                       aligned_vec[products_t]), k)
+        training["fused_trained_align"] = _training_summary(res_a)
+        aligned_model = res_a.model
 
     # text queries: the text of the user's most recent product before T
     last = torch.as_tensor([split.last_item[u] for u in split.users.tolist()], dtype=torch.long)
@@ -241,42 +278,79 @@ def evaluate_dataset(name: str, log_: EventLog, text_encoder: Any, cfg: TrainCon
     return {"dataset": name, "split_time": iso(t_split), "split_quantile": split_quantile,
             "first_event": iso(int(times.min())), "last_event": iso(int(times.max())),
             "graph": graph.summary(), "split": split.stats(), "results": results, "training": training,
-            "model_config": json.loads(model_cfg.to_json()), "train_config": {
-                kk: (list(v) if isinstance(v, tuple) else v) for kk, v in asdict(cfg).items()},
-            "seconds": round(time.perf_counter() - t0, 1)}
+            "sweep": sweep,
+            "model_config": json.loads(model_cfg.to_json()),
+            "graph_and_text_seconds": round(text_seconds, 1), "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def run(datasets: list[str], settings: Any, cfg: TrainConfig, align_weight: float, out: Path | None,
-        paths: dict[str, Path] | None = None, k: int = 20) -> dict[str, Any]:
-    """Evaluate the named data sets; write the full report to ``out`` (JSON) when given."""
-    from encoders.text import TextEncoder
+class CacheOnlyText:
+    """Text embeddings served from a ``TextEncoder`` cache file alone (no model loaded): for a
+    machine without the text model. A text missing from the cache is an error."""
 
-    text = TextEncoder(settings.text_model, device=settings.device)
+    def __init__(self, path: str | Path) -> None:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            self.model_id = (f.metadata() or {})["model_id"]
+            keys, vectors = f.get_tensor("keys"), f.get_tensor("vectors")
+        self.dim = int(vectors.shape[1])
+        self._cache = {k.tobytes(): v for k, v in zip(keys.numpy(), vectors)}
+        self.encoded_count = 0
+
+    def encode(self, texts: list[str]) -> Tensor:
+        import hashlib
+
+        keys = [hashlib.sha256(f"{self.model_id}\0{t}".encode()).digest() for t in texts]
+        missing = sum(1 for key in keys if key not in self._cache)
+        if missing:
+            raise KeyError(f"{missing} texts are not in the text cache")
+        return torch.stack([self._cache[key] for key in keys]) if keys else torch.zeros(0, self.dim)
+
+
+def run(datasets: list[str], settings: Any, configs: TrainConfig | list[TrainConfig], align_weight: float,
+        out: Path | None, paths: dict[str, Path] | None = None, k: int = 20, text_cache: Path | None = None,
+        eval_device: str = "cpu", budget_s: float | None = None) -> dict[str, Any]:
+    """Evaluate the named data sets; write the full report to ``out`` (JSON) when given (after
+    each data set). ``text_cache``: serve product text from this cache file only (no model)."""
+    if isinstance(configs, TrainConfig):
+        configs = [configs]
     cache = settings.local_dir("model") / "text_cache.safetensors"
-    if cache.exists():
-        text.load_cache(cache)
+    if text_cache is not None:
+        text: Any = CacheOnlyText(text_cache)
+        cache_out = None
+    else:
+        from encoders.text import TextEncoder
+
+        text = TextEncoder(settings.text_model, device=settings.device)
+        if cache.exists():
+            text.load_cache(cache)
+        cache_out = cache
     model_cfg = GraphEncoderConfig(in_dim=text.dim, hidden=settings.gnn_hidden, out=settings.gnn_out,
                                    layers=settings.gnn_layers, seed=settings.gnn_seed)
     report: dict[str, Any] = {"text_model": text.model_id, "fusion": settings.fusion,
                               "fusion_text_weight": settings.fusion_text_weight, "datasets": {}}
-    for name in datasets:
+    start = time.monotonic()
+    for i, name in enumerate(datasets):
         spec = DATASETS[name]
         path = (paths or {}).get(name, spec["path"])
+        deadline = None
+        if budget_s is not None:   # an even share of what is left for each remaining data set
+            deadline = time.monotonic() + (budget_s - (time.monotonic() - start)) / (len(datasets) - i) * 0.6
         t0 = time.perf_counter()
         events = load_events(spec["loader"], path)
         load_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         before = text.encoded_count
-        rep = evaluate_dataset(name, events, text, cfg, model_cfg, spec["split_quantile"], k, align_weight)
+        rep = evaluate_dataset(name, events, text, configs, model_cfg, spec["split_quantile"], k, align_weight,
+                               eval_device=eval_device, cache_path=cache_out, deadline=deadline)
         rep["load_seconds"] = round(load_s, 1)
         rep["texts_encoded"] = text.encoded_count - before
         rep["path"] = str(path)
         rep["wall_seconds"] = round(time.perf_counter() - t1, 1)
         report["datasets"][name] = rep
-        text.save_cache(cache)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 

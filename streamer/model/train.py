@@ -97,6 +97,9 @@ class TrainConfig:
     fusion: Literal["concat", "mean"] = "concat"
     fusion_text_weight: float = 0.5
     target_rels: tuple[str, ...] = INTERACTION_RELS
+    supervision: Literal["random", "temporal", "both"] = "both"
+    windows: int = 4
+    window_span: float = 0.5
     device: str = "auto"
     progress: bool = True
 
@@ -164,18 +167,35 @@ def edge_index(graph: GraphData) -> np.ndarray:
     return np.stack([np.concatenate([s, d[k]]), np.concatenate([d, s[k]])])
 
 
-def _csr(rows: Tensor, cols: Tensor, vals: Tensor, n: int) -> Tensor:
-    """CSR [n, n] with the entries (rows, cols, vals); repeated (row, col) entries add up."""
+def _csr_rect(rows: Tensor, cols: Tensor, vals: Tensor, n: int, m: int) -> Tensor:
+    """CSR [n, m] with the entries (rows, cols, vals); repeated (row, col) entries add up."""
     rows, cols, vals = rows.long().cpu(), cols.long().cpu(), vals.float().cpu()
-    key = rows * n + cols
+    key = rows * m + cols
     uniq, inv = torch.unique(key, return_inverse=True)       # sorted: row-major order
     summed = torch.zeros(len(uniq)).index_add_(0, inv, vals)
-    r, c = uniq // n, uniq % n
+    r, c = uniq // m, uniq % m
     crow = torch.zeros(n + 1, dtype=torch.long)
     crow[1:] = torch.cumsum(torch.bincount(r, minlength=n), 0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # "sparse CSR support is in beta"
-        return torch.sparse_csr_tensor(crow, c, summed, (n, n), check_invariants=False)
+        return torch.sparse_csr_tensor(crow, c, summed, (n, m), check_invariants=False)
+
+
+def _csr(rows: Tensor, cols: Tensor, vals: Tensor, n: int) -> Tensor:
+    return _csr_rect(rows, cols, vals, n, n)
+
+
+class _Spmm(torch.autograd.Function):
+    """``A @ X`` for a sparse ``A`` whose transpose ``At`` is given."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, at: Tensor, x: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.at = at
+        return a @ x
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        return None, None, ctx.at @ g.contiguous()
 
 
 class _SymSpmm(torch.autograd.Function):
@@ -207,6 +227,12 @@ class TrainGraph:
         xid = np.where(graph.has_text, 0, len(text_nodes) + type_idx)
         xid[text_nodes] = np.arange(len(text_nodes))
         self.xid = torch.as_tensor(xid, dtype=torch.long, device=device)
+        k = len(text_nodes) + model.type_embedding.weight.shape[0]
+        # the row lookup h0 = U[xid] as one-hot sparse products (gather forward, scatter-add
+        # backward; both far faster than index/index_put on CPU)
+        nodes = torch.arange(self.n)
+        self.onehot = _csr_rect(nodes, self.xid.cpu(), torch.ones(self.n), self.n, k).to(device)
+        self.onehot_t = _csr_rect(self.xid.cpu(), nodes, torch.ones(self.n), k, self.n).to(device)
         self.products = torch.as_tensor(graph.nodes_of("Product"), dtype=torch.long, device=device)
         self.frozen_type = torch.zeros(model.type_embedding.weight.shape[0], 1, dtype=torch.bool, device=device)
         self.frozen_type[model.type_index("Product")] = True
@@ -247,9 +273,10 @@ def train_forward(model: GraphEncoder, tg: TrainGraph, rows: Tensor,
     L = model.num_layers
     conv0 = model.convs[0]
     last = L == 1
-    PU_l = U @ conv0.lin_l.weight.t()
-    PU_r = U @ conv0.lin_r.weight.t()
-    h = agg(PU_l[tg.xid]) + conv0.lin_l.bias + PU_r[tg.xid]
+    hid = conv0.lin_l.weight.shape[0]
+    PU = U @ torch.cat([conv0.lin_l.weight, conv0.lin_r.weight]).t()
+    P = _Spmm.apply(tg.onehot, tg.onehot_t, PU)              # = PU[xid]
+    h = agg(P[:, :hid]) + conv0.lin_l.bias + P[:, hid:]
     if last:
         return U[tg.xid[rows]], h[rows]
     h = h.relu()
@@ -302,6 +329,8 @@ class TrainResult:
     best_epoch: int = 0
     best_val: dict[str, float] = field(default_factory=dict)
     init_val: dict[str, float] = field(default_factory=dict)
+    popularity_val: dict[str, float] = field(default_factory=dict)
+    supervision: list[str] = field(default_factory=list)
     seconds: float = 0.0
     steps: int = 0
     device: str = "cpu"
@@ -317,7 +346,8 @@ class TrainResult:
     def metrics(self) -> dict[str, Any]:
         return {"version": self.model.version, "model_config": json.loads(self.model.config.to_json()),
                 "train_config": self.config, "best_epoch": self.best_epoch, "best_val": self.best_val,
-                "init_val": self.init_val, "history": self.history, "seconds": round(self.seconds, 2),
+                "init_val": self.init_val, "popularity_val": self.popularity_val,
+                "supervision": self.supervision, "history": self.history, "seconds": round(self.seconds, 2),
                 "steps": self.steps, "device": self.device, "peak_rss_mb": round(self.peak_rss_bytes / 2**20, 1),
                 "rss_before_mb": round(self.rss_before_bytes / 2**20, 1),
                 "peak_gpu_mb": None if self.peak_gpu_bytes is None else round(self.peak_gpu_bytes / 2**20, 1),
@@ -334,16 +364,73 @@ def _grouped(users: np.ndarray, items: np.ndarray) -> dict[int, np.ndarray]:
     return {int(g[0]): i for g, i in zip(np.split(u, cuts), np.split(it, cuts))}
 
 
+@dataclass
+class _Source:
+    """Positive pairs of one kind and the graph their step runs on."""
+    name: str
+    graph: TrainGraph
+    user: Tensor
+    item: Tensor
+    mult: Tensor | None          # edge multiplicity to remove per pair (random hold-out); None: nothing
+
+    def __len__(self) -> int:
+        return len(self.user)
+
+    def batches(self, size: int, gen: torch.Generator) -> list[Tensor]:
+        perm = torch.randperm(len(self), generator=gen).to(self.user.device)
+        return [perm[i:i + size] for i in range(0, len(self), size)]
+
+    def describe(self) -> str:
+        return f"{self.name}: {len(self)} pairs"
+
+
+def _supervision(train_graph: GraphData, tg: TrainGraph, tr: Pairs, cfg: TrainConfig, model: GraphEncoder,
+                 device: torch.device) -> list[_Source]:
+    """The positives a step learns from (``TrainConfig.supervision``):
+
+    * ``random``: every training pair, its own edges removed from the graph for its step
+      (predict a held-out piece of the history from the rest);
+    * ``temporal``: ``windows`` time windows over the newest ``window_span`` of the training
+      pairs; window i's pairs are predicted on the graph of everything before the window, for
+      users who already had history then (predict the *next* products from the past: the
+      situation the vectors are used in);
+    * ``both``. Without interaction times, ``random``."""
+    sources: list[_Source] = []
+    temporal = cfg.supervision in ("temporal", "both") and len(tr) and (tr.ts >= 0).all()
+    if cfg.supervision in ("random", "both") or not temporal:
+        tmask = train_graph.interaction_mask(cfg.target_rels)
+        nn_ = train_graph.num_nodes
+        pk, counts = np.unique(train_graph.src[tmask] * nn_ + train_graph.dst[tmask], return_counts=True)
+        mult = counts[np.searchsorted(pk, tr.user * nn_ + tr.item)]
+        sources.append(_Source("random hold-out", tg, torch.as_tensor(tr.user, device=device),
+                               torch.as_tensor(tr.item, device=device),
+                               torch.as_tensor(mult, dtype=torch.float32, device=device)))
+    if temporal:
+        qs = np.linspace(1.0 - cfg.window_span, 1.0, cfg.windows + 1)
+        cuts = np.quantile(tr.ts, qs, method="lower")
+        cuts[-1] = tr.ts.max() + 1
+        ets = train_graph.edge_ts if train_graph.edge_ts is not None else np.full(train_graph.num_edges, -1)
+        for lo, hi in zip(cuts[:-1], cuts[1:]):
+            had = np.unique(tr.user[tr.ts < lo])
+            sel = (tr.ts >= lo) & (tr.ts < hi) & np.isin(tr.user, had)
+            if not sel.any():
+                continue
+            g = TrainGraph(train_graph.subgraph_edges((ets < 0) | (ets < lo)), model, device)
+            sources.append(_Source(f"window from {int(lo)} ms", g, torch.as_tensor(tr.user[sel], device=device),
+                                   torch.as_tensor(tr.item[sel], device=device), None))
+    return sources
+
+
 @torch.no_grad()
 def fused_vectors(model: GraphEncoder, tg: TrainGraph, rows: Tensor, cfg: TrainConfig) -> Tensor:
     x0, hl = train_forward(model, tg, rows)
     return fuse(x0, hl, cfg.fusion, cfg.fusion_text_weight)
 
 
-def validate(model: GraphEncoder, tg: TrainGraph, train: Pairs, val: Pairs, cfg: TrainConfig) -> dict[str, float]:
+def validate(model: GraphEncoder | None, tg: TrainGraph, train: Pairs, val: Pairs, cfg: TrainConfig) -> dict[str, float]:
+    """recall@k / NDCG@k of the held-out pairs (``model=None``: by popularity)."""
     if not len(val):
         return {}
-    model.eval()
     hist = _grouped(train.user, train.item)
     tgt = _grouped(val.user, val.item)
     users = np.asarray(sorted(u for u in tgt if u in hist), dtype=np.int64)
@@ -353,6 +440,11 @@ def validate(model: GraphEncoder, tg: TrainGraph, train: Pairs, val: Pairs, cfg:
     products = tg.products
     col = np.full(tg.n, -1, dtype=np.int64)
     col[products.cpu().numpy()] = np.arange(len(products))
+    if model is None:
+        pop = torch.as_tensor(np.bincount(col[train.item], minlength=len(products)), dtype=torch.float32)
+        return rank_metrics(lambda b: pop.expand(len(b), -1), users, [col[tgt[int(u)]] for u in users],
+                            [col[hist[int(u)]] for u in users], cfg.k)
+    model.eval()
     rows = torch.cat([products, torch.as_tensor(users, device=tg.device)])
     vec = fused_vectors(model, tg, rows, cfg)
     pv, uv = vec[:len(products)], vec[len(products):]
@@ -409,41 +501,36 @@ def _train(graph: GraphData, cfg: TrainConfig, model_config: GraphEncoderConfig 
     result = TrainResult(model=model, device=str(device), validation=how, train_pairs=len(tr), val_pairs=len(va),
                          graph=graph.summary(), config={k: (list(v) if isinstance(v, tuple) else v)
                                                         for k, v in asdict(cfg).items()})
-    # edge multiplicity of each training pair (target edges between u and p)
-    tmask = train_graph.interaction_mask(cfg.target_rels)
-    nn_ = train_graph.num_nodes
-    pk, counts = np.unique(train_graph.src[tmask] * nn_ + train_graph.dst[tmask], return_counts=True)
-    mult = counts[np.searchsorted(pk, tr.user * nn_ + tr.item)]
-    pu = torch.as_tensor(tr.user, device=device)
-    pi = torch.as_tensor(tr.item, device=device)
-    pm = torch.as_tensor(mult, dtype=torch.float32, device=device)
-
+    sources = _supervision(train_graph, tg, tr, cfg, model, device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     has_text = torch.as_tensor(train_graph.has_text, device=device)
 
     result.init_val = validate(model, tg, tr, va, cfg)
+    result.popularity_val = validate(None, tg, tr, va, cfg)
+    log.info("validation before training: %s; popularity: %s", result.init_val, result.popularity_val)
     best_score, best_state, bad = -1.0, copy.deepcopy(model.state_dict()), 0
-    steps_per_epoch = math.ceil(len(tr) / cfg.batch_size)
-    if cfg.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    log.info("training on %s: %d pairs, %d held out (%s), %d products, %d steps/epoch",
-             device, len(tr), len(va), how, n_products, steps_per_epoch)
+    result.supervision = [s.describe() for s in sources]
+    log.info("training on %s: %d pairs, %d held out (%s), %d products; supervision %s",
+             device, len(tr), len(va), how, n_products, result.supervision)
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         t0 = time.perf_counter()
-        perm = torch.randperm(len(tr), generator=gen).to(device)
+        plan = [(src, idx) for src in sources for idx in src.batches(cfg.batch_size, gen)]
+        order = torch.randperm(len(plan), generator=gen).tolist()
+        if cfg.max_steps_per_epoch:
+            order = order[:cfg.max_steps_per_epoch]
         total = 0.0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}", disable=not cfg.progress, leave=False,
-                   mininterval=1.0)
-        for step in bar:
-            idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            u, p, m = pu[idx], pi[idx], pm[idx]
+        bar = tqdm(order, desc=f"epoch {epoch}", disable=not cfg.progress, leave=False, mininterval=1.0)
+        for step, j in enumerate(bar):
+            src, idx = plan[j]
+            u, p = src.user[idx], src.item[idx]
             neg = tg.products[torch.randint(0, n_products, (min(cfg.negatives, n_products),), generator=gen).to(device)]
             rows, inv = torch.unique(torch.cat([u, p, neg]), return_inverse=True)
-            b, k = len(u), len(neg)
-            x0, hl = train_forward(model, tg, rows, tg.removal(u, p, m))
+            b = len(u)
+            removed = src.graph.removal(u, p, src.mult[idx]) if src.mult is not None else None
+            x0, hl = train_forward(model, src.graph, rows, removed)
             f = fuse(x0, hl, cfg.fusion, cfg.fusion_text_weight)
             fu, fp, fn = f[inv[:b]], f[inv[b:2 * b]], f[inv[2 * b:]]
             pos = (fu * fp).sum(1, keepdim=True)
@@ -474,7 +561,7 @@ def _train(graph: GraphData, cfg: TrainConfig, model_config: GraphEncoderConfig 
                 bar.set_postfix(loss=f"{total / (step + 1):.4f}")
         bar.close()
         val = validate(model, tg, tr, va, cfg)
-        entry = {"epoch": epoch, "loss": round(total / max(steps_per_epoch, 1), 5),
+        entry = {"epoch": epoch, "loss": round(total / max(len(order), 1), 5),
                  "seconds": round(time.perf_counter() - t0, 2), **{k: round(v, 5) for k, v in val.items()
                                                                  if k != "users"}}
         result.history.append(entry)

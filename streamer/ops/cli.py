@@ -26,10 +26,13 @@ import threading
 import time
 from datetime import datetime, timezone
 
+from kafka.errors import KafkaError
+
 from streamer.settings import Settings
 
 EXIT_REFUSED = 3
 LOG_EVERY_S = 5.0
+RATE_WINDOW_S = 30.0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -94,6 +97,9 @@ def cmd_status(args, settings: Settings) -> int:
     sampler = LagSampler(settings.bootstrap_servers)
     try:
         sample = sampler.sample(_groups(settings, args.group, args.topics))
+    except KafkaError as exc:
+        print(f"cannot read lag from {settings.bootstrap_servers}: {exc}", file=sys.stderr)
+        return 1
     finally:
         sampler.close()
     if args.json:
@@ -130,111 +136,136 @@ def cmd_status(args, settings: Settings) -> int:
 # --- replay -----------------------------------------------------------------------------------
 def cmd_replay(args, settings: Settings) -> int:
     from rich.console import Console
-    from rich.table import Table
+    from rich.markup import escape
 
-    from streamer.ops.lag import LagSampler, pipeline_groups
-    from streamer.ops.replay import ReplayRefused, apply_replay, parse_target, plan_replay, replay_topics
+    from streamer.ops.lag import LagSampler
+    from streamer.ops.replay import parse_target
 
     _quiet_kafka()
     out = Console()
     err = Console(stderr=True)
-    target = parse_target(args.to)
+    try:
+        target = parse_target(args.to)
+    except ValueError as exc:
+        err.print(f"[red]{escape(str(exc))}[/]")
+        return 2
     sampler = LagSampler(settings.bootstrap_servers)
     try:
-        topics = replay_topics(sampler, args.group, args.topics, pipeline_groups(settings))
-        if not topics:
-            err.print(f"[red]group {args.group} has no committed offsets: name the topics with --topics[/]")
-            return 2
-        plans = plan_replay(sampler, args.group, topics, target)
-        state, members = sampler.describe(args.group)
-        summary = {"group": args.group, "to": target.describe(), "dry_run": args.dry_run, "state": state,
-                   "members": len(members), "to_reread": sum(p.to_reread for p in plans),
-                   "backfill": sum(p.backfill for p in plans), "partitions": [p.to_dict() for p in plans]}
-        if args.json:
-            pass
-        else:
-            table = Table(title=f"replay {args.group} to {target.describe()}{'  (dry run)' if args.dry_run else ''}",
-                          title_justify="left")
-            for name in ("topic", "partition", "committed", "new offset", "re-read", "to log end"):
-                table.add_column(name, justify="left" if name == "topic" else "right")
-            for p in plans:
-                table.add_row(p.topic, str(p.partition), "-" if p.current is None else str(p.current), str(p.target),
-                              f"{p.to_reread:,}", f"{p.backfill:,}")
-            table.add_section()
-            table.add_row("total", "", "", "", f"{summary['to_reread']:,}", f"{summary['backfill']:,}", style="bold")
-            out.print(table)
-        embed_note = (f"{args.group} is the embedding worker's group: the worker resumes kg.changes from its own "
-                      "checkpoint, so a rewind only moves the offsets it reports (lag looks high until its next commit). "
-                      "To rebuild its state, stop it and remove <state_dir>/embed; --force rewinds anyway")
-        if args.group == settings.embed_group and (args.dry_run or args.force):
-            err.print(f"[yellow]note: {embed_note}[/]")
-        elif args.group == settings.embed_group:
-            err.print(f"[red]refused:[/] {embed_note}")
-            if args.json:
-                print(json.dumps({**summary, "refused": embed_note}, indent=2))
-            return EXIT_REFUSED
-        if args.dry_run:
-            if members:
-                err.print(f"[yellow]the group has {len(members)} live member(s): a real run is refused without --force[/]")
-            if args.json:
-                print(json.dumps(summary, indent=2))
-            return 0
-        try:
-            removed = apply_replay(sampler, args.group, plans, force=args.force)
-        except ReplayRefused as exc:
-            err.print(f"[red]refused:[/] {exc}")
-            if args.json:
-                print(json.dumps({**summary, "refused": str(exc)}, indent=2))
-            return EXIT_REFUSED
-        summary["removed_members"] = len(removed)
-        if not args.json:
-            err.print(f"[green]committed[/] {len(plans)} partition offsets for {args.group}"
-                      + (f" (removed {len(removed)} member(s))" if removed else ""))
-        if args.follow:
-            summary["backfill_run"] = _follow(sampler, args.group, plans, args.timeout, err)
-        if args.json:
-            print(json.dumps(summary, indent=2))
-        return 0
+        return _replay(args, settings, sampler, target, out, err)
+    except KafkaError as exc:
+        err.print(f"[red]cannot replay {args.group} on {settings.bootstrap_servers}:[/] {escape(str(exc))}")
+        return 1
     finally:
         sampler.close()
 
 
+def _replay(args, settings: Settings, sampler, target, out, err) -> int:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from streamer.ops.lag import pipeline_groups
+    from streamer.ops.replay import ReplayRefused, apply_replay, plan_replay, replay_topics
+
+    topics = replay_topics(sampler, args.group, args.topics, pipeline_groups(settings))
+    if not topics:
+        err.print(f"[red]group {args.group} has no committed offsets: name the topics with --topics[/]")
+        return 2
+    plans = plan_replay(sampler, args.group, topics, target)
+    state, members = sampler.describe(args.group)
+    summary = {"group": args.group, "to": target.describe(), "dry_run": args.dry_run, "state": state,
+               "members": len(members), "to_reread": sum(p.to_reread for p in plans),
+               "backfill": sum(p.backfill for p in plans), "partitions": [p.to_dict() for p in plans]}
+    if not args.json:
+        table = Table(title=f"replay {args.group} to {target.describe()}{'  (dry run)' if args.dry_run else ''}",
+                      title_justify="left")
+        for name in ("topic", "partition", "committed", "new offset", "re-read", "to log end"):
+            table.add_column(name, justify="left" if name == "topic" else "right")
+        for p in plans:
+            table.add_row(p.topic, str(p.partition), "-" if p.current is None else str(p.current), str(p.target),
+                          f"{p.to_reread:,}", f"{p.backfill:,}")
+        table.add_section()
+        table.add_row("total", "", "", "", f"{summary['to_reread']:,}", f"{summary['backfill']:,}", style="bold")
+        out.print(table)
+    embed_note = (f"{args.group} is the embedding worker's group: the worker resumes kg.changes from its own "
+                  "checkpoint, so a rewind only moves the offsets it reports (lag looks high until its next commit). "
+                  "To rebuild its state, stop it and remove <state_dir>/embed; --force rewinds anyway")
+    if args.group == settings.embed_group and (args.dry_run or args.force):
+        err.print(f"[yellow]note: {embed_note}[/]")
+    elif args.group == settings.embed_group:
+        err.print(f"[red]refused:[/] {embed_note}")
+        if args.json:
+            print(json.dumps({**summary, "refused": embed_note}, indent=2))
+        return EXIT_REFUSED
+    if args.dry_run:
+        if members:
+            err.print(f"[yellow]the group has {len(members)} live member(s): a real run is refused without --force[/]")
+        if args.json:
+            print(json.dumps(summary, indent=2))
+        return 0
+    try:
+        removed = apply_replay(sampler, args.group, plans, force=args.force)
+    except ReplayRefused as exc:
+        err.print(f"[red]refused:[/] {escape(str(exc))}")
+        if args.json:
+            print(json.dumps({**summary, "refused": str(exc)}, indent=2))
+        return EXIT_REFUSED
+    summary["removed_members"] = len(removed)
+    if not args.json:
+        err.print(f"[green]committed[/] {len(plans)} partition offsets for {args.group}"
+                  + (f" (removed {len(removed)} member(s))" if removed else ""))
+    if args.follow:
+        summary["backfill_run"] = _follow(sampler, args.group, plans, args.timeout, err)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
 def _follow(sampler, group: str, plans, timeout_s: float | None, console) -> dict:
     """A progress bar with rate and ETA while the group's consumers re-read the backfill."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TaskProgressColumn, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-    from rich.text import Text
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
     from streamer.ops.replay import follow_backfill
 
-    class Rate(ProgressColumn):
-        def render(self, task) -> Text:
-            speed = task.finished_speed or task.speed
-            return Text("? msg/s" if speed is None else f"{speed:,.0f} msg/s", style="progress.data.speed")
-
     total = sum(p.backfill for p in plans)
     columns = (TextColumn("[bold]backfill {task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-               Rate(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("elapsed"), TimeElapsedColumn())
-    last_line = [0.0]
+               TextColumn("{task.fields[rate]}"), TextColumn("eta {task.fields[eta]}"), TextColumn("elapsed"),
+               TimeElapsedColumn())
+    window: list[tuple[float, int]] = []  # (time, done) over the last RATE_WINDOW_S
+    last_line = [0.0, -1]  # (time, done) of the last printed line
 
     def on_progress(done: int, _total: int) -> None:
-        progress.update(task, completed=done)
-        if not console.is_terminal and time.monotonic() - last_line[0] >= LOG_EVERY_S:
-            # no live bar without a terminal (CI, `docker compose run -T`): a line every few seconds
-            last_line[0] = time.monotonic()
-            t = progress.tasks[0]
-            speed = t.speed or 0.0
-            eta = f"{(total - done) / speed:.0f}s" if speed > 0 else "?"
-            console.print(f"backfill {group}: {done:,}/{total:,} ({t.percentage:.0f}%) {speed:,.0f} msg/s eta {eta}",
+        now = time.monotonic()
+        window.append((now, done))
+        while len(window) > 2 and now - window[1][0] >= RATE_WINDOW_S:
+            window.pop(0)
+        # rate over the window, from the last sample before progress resumed: time spent waiting for
+        # the consumers to start is not counted as slowness
+        d0 = window[0][1]
+        t_start, d_start = window[max(i for i, (_t, d) in enumerate(window) if d == d0)]
+        rate = (done - d_start) / (now - t_start) if done > d_start and now > t_start else 0.0
+        eta = "0:00:00" if done >= total else (_fmt_duration((total - done) / rate) if rate > 0 else "?")
+        rate_text = f"{rate:,.0f} msg/s" if rate > 0 else "? msg/s"
+        progress.update(task, completed=done, rate=rate_text, eta=eta)
+        moved = done != last_line[1]
+        if not console.is_terminal and (now - last_line[0] >= (1.0 if moved else LOG_EVERY_S) or done >= total):
+            # no live bar without a terminal (CI, `docker compose run -T`): a line when the group
+            # progressed (at most one a second), else one every LOG_EVERY_S
+            last_line[:] = [now, done]
+            console.print(f"backfill {group}: {done:,}/{total:,} ({100 * done / max(total, 1):.0f}%) {rate_text} eta {eta}",
                           highlight=False)
 
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task(group, total=total)
+        task = progress.add_task(group, total=total, rate="? msg/s", eta="?")
         result = follow_backfill(sampler, group, plans, timeout_s=timeout_s, on_progress=on_progress)
     console.print(f"{'caught up' if result['caught_up'] else 'stopped following'}: {result['done_messages']:,} of "
                   f"{result['backfill_messages']:,} messages in {result['seconds']}s "
                   f"({result['messages_per_s'] or 0:,} msg/s)")
     return result
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 # --- lag exporter -----------------------------------------------------------------------------

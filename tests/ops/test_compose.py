@@ -4,6 +4,7 @@ only, and mounts exactly the Prometheus config, rules and dashboard the other op
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -65,6 +66,10 @@ def test_the_stack_has_every_service(config):
     assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}  # KRaft, no ZooKeeper
     assert "zookeeper" not in json.dumps(config).lower()
     assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"].endswith("@kafka:9093")
+    # kafka-storage.sh format takes a base64url-encoded UUID and nothing else
+    cluster_id = env["CLUSTER_ID"]
+    assert len(cluster_id) == 22 and len(base64.urlsafe_b64decode(cluster_id + "==")) == 16
+    assert kafka["healthcheck"]["test"] and services["neo4j"]["healthcheck"]["test"]
     assert re.match(r"neo4j:5\.", services["neo4j"]["image"])
     assert services["prometheus"]["image"].startswith("prom/prometheus:")
     assert services["grafana"]["image"].startswith("grafana/grafana:")

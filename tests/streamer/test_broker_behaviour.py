@@ -211,7 +211,7 @@ def _interrupted_run(settings, broker_kind, prefix, ingest_process, sig):
     rc = first.wait(30)
     committed = committed_offsets(run)
     done = sum(committed.values())
-    assert 0 < done < len(events), f"the signal should land mid-stream (committed {done} of {len(events)})"
+    assert 0 < done < len(events), f"the signal should land mid-stream (committed {done} of {len(events)})\n{first.tail()}"
     assert all(committed[tp] <= ends[tp] for tp in ends)
     return run, events, ends, first, rc, done
 
@@ -219,8 +219,10 @@ def _interrupted_run(settings, broker_kind, prefix, ingest_process, sig):
 def _restart_and_check(settings, run, events, ends, done, prefix, ingest_process):
     restart = ingest_process(run, "--until-caught-up", "--max-seconds", "120")
     assert restart.wait(150) == 0, restart.tail()
-    # it resumed exactly at the committed offsets: nothing before them was consumed again
-    assert restart.summary()["events_in"] == len(events) - done
+    # it resumed at the committed offsets: nothing before them is consumed again. (A commit that
+    # the group refuses after a rebalance replays that one batch: the bound the design allows.)
+    replayed = restart.summary()["events_in"] - (len(events) - done)
+    assert 0 <= replayed <= BATCH, f"replayed {replayed}\n{restart.tail(80)}"
     assert committed_offsets(run) == ends
     assert_same_graph(settings, prefix)
 
@@ -285,7 +287,7 @@ def test_two_consumers_in_one_group_share_the_partitions(settings, broker_kind, 
         sa, sb = a.assignment(), b.assignment()
         return bool(sa and sb and not sa & sb and sa | sb == every)
 
-    wait_for(split, timeout_s=60, interval_s=0.1, what="both consumers to hold a share of the partitions")
+    wait_for(split, timeout_s=90, interval_s=0.1, what="both consumers to hold a share of the partitions")
     share_a, share_b = a.assignment(), b.assignment()
 
     produce_events(run, events)

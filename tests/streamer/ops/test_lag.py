@@ -6,21 +6,18 @@ of the truth; restart it, and lag returns to 0. Runs on both embedded brokers.""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 import uuid
 from collections import defaultdict
 
 import pytest
 from kafka import KafkaProducer
-
 from prometheus_client import REGISTRY
 
 from streamer.ops.lag import GroupLag, LagMonitor, PartitionLag, commit_metadata, parse_commit_metadata
 from tests.conftest import free_port, wait_for
 from tests.helpers import produce_events, sample_events, settings_env
-from tests.ops.prom import REPO, Prometheus, kgs_process, stop_process
+from tests.ops.prom import Prometheus, kgs_process, stop_process
 
 
 # --- arithmetic ---------------------------------------------------------------------------------
@@ -67,7 +64,7 @@ class FakeSampler:
         pass
 
 
-def test_monitor_gauges_extrapolate_only_while_the_group_is_stopped(monkeypatch):
+def test_monitor_gauges_extrapolate_only_while_the_group_is_stopped():
     group = f"g-{uuid.uuid4().hex[:6]}"
     now = time.time()
 
@@ -97,12 +94,16 @@ def test_monitor_gauges_extrapolate_only_while_the_group_is_stopped(monkeypatch)
 
 
 # --- end to end -----------------------------------------------------------------------------------
-def status_json(settings, group: str) -> dict:
-    env = {**__import__("os").environ, **settings_env(settings)}
-    result = subprocess.run([sys.executable, "-m", "streamer.cli", "status", "--group", group, "--json"],
-                            capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
-    assert result.returncode == 0, result.stderr
-    (answer,) = json.loads(result.stdout)["groups"]
+def status_json(settings, group: str, capsys) -> dict:
+    """``kg-streamer status --group G --json``, in-process (the CLI's start-up imports torch)."""
+    from streamer.cli import main
+
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in settings_env(settings).items():
+            mp.setenv(key, value)
+        assert main(["status", "--group", group, "--json"]) == 0
+    (answer,) = json.loads(capsys.readouterr().out)["groups"]
     return answer
 
 
@@ -124,7 +125,7 @@ def produce_timed(settings, prefix: str, n: int, partitions: int) -> dict[int, l
     return sent
 
 
-def test_stopped_consumer_lag_in_messages_and_seconds_then_back_to_zero(settings, broker_kind, tmp_path):
+def test_stopped_consumer_lag_in_messages_and_seconds_then_back_to_zero(settings, broker_kind, tmp_path, capsys):
     prefix = f"lag{uuid.uuid4().hex[:6]}-"
     group, topic = settings.ingest_group, settings.topic_products
     exporter_port, ingest_port = free_port(), free_port()
@@ -136,7 +137,8 @@ def test_stopped_consumer_lag_in_messages_and_seconds_then_back_to_zero(settings
     started = time.monotonic()
     try:
         produce_events(settings, sample_events(prefix, products=6, users=3))
-        wait_for(lambda: (s := status_json(settings, group))["lag_messages"] == 0 and s["partitions"][0]["end"] > 0,
+        produce_timed(settings, prefix + "w", settings.input_partitions, settings.input_partitions)  # every partition
+        wait_for(lambda: (s := status_json(settings, group, capsys))["lag_messages"] == 0 and s["partitions"][0]["end"] > 0,
                  timeout_s=90, interval_s=0.5, what="ingest caught up")
         # the consumer serves its own group's lag as well (its in-process monitor)
         wait_for(lambda: prometheus.value(f'max(kgs_consumer_lag_messages{{group="{group}",job="kg-ingest"}})') == 0,
@@ -148,7 +150,7 @@ def test_stopped_consumer_lag_in_messages_and_seconds_then_back_to_zero(settings
         time.sleep(2.5)  # let the backlog age, and the exporter see the group stopped (two samples)
 
         # kg-streamer status: N messages, the age of each partition's oldest unconsumed message
-        status = status_json(settings, group)
+        status = status_json(settings, group, capsys)
         assert status["lag_messages"] == n
         parts = {p["partition"]: p for p in status["partitions"] if p["topic"] == topic}
         for partition, times in sent.items():
@@ -158,6 +160,7 @@ def test_stopped_consumer_lag_in_messages_and_seconds_then_back_to_zero(settings
             assert truth > 2.0
             assert abs(p["lag_seconds"] - truth) < 1.0, (p, truth)
             assert p["commit_staleness_seconds"] == pytest.approx(p["lag_seconds"], abs=0.01)  # the commit is older
+            assert p["committed"] is not None
             if broker_kind == "noida":  # keeps the commit metadata: the exact commit age
                 assert p["last_commit_age_seconds"] >= p["lag_seconds"]
             else:  # Tansu drops it
@@ -180,6 +183,19 @@ def test_stopped_consumer_lag_in_messages_and_seconds_then_back_to_zero(settings
             assert abs(values[str(partition)] - truth) < 1.0, (partition, values, truth)
             assert abs(stale[str(partition)] - truth) < 1.0
         assert prometheus.value(f'max(kgs_consumer_group_members{{group="{group}"}})') == 0
+        # the table for people: the same numbers
+        from streamer.cli import main
+
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in settings_env(settings).items():
+                mp.setenv(key, value)
+            mp.setenv("COLUMNS", "160")
+            capsys.readouterr()
+            assert main(["status", "--group", group]) == 0
+        table = capsys.readouterr().out
+        for column in ("committed", "end", "lag (msgs)", "lag (s)", "last commit", group, topic):
+            assert column in table, table
+        assert f"│ {n} " in table.replace(",", "") or f" {n} │" in table, table
 
         # restart: it catches up and lag returns to 0, in messages and seconds
         ingest = kgs_process(settings, ["ingest"], ingest_port, tmp_path / "ingest-2.log")
@@ -187,7 +203,7 @@ def test_stopped_consumer_lag_in_messages_and_seconds_then_back_to_zero(settings
                  and prometheus.value(f'max(kgs_consumer_lag_seconds{{group="{group}"}})') == 0
                  and prometheus.value(f'max(kgs_consumer_commit_staleness_seconds{{group="{group}"}})') == 0,
                  timeout_s=90, interval_s=0.5, what="lag back to 0")
-        status = status_json(settings, group)
+        status = status_json(settings, group, capsys)
         assert status["lag_messages"] == 0 and status["lag_seconds"] == 0.0
         assert len(status["members"]) == 1
         # nothing of this fires an alert: lag stayed far under the SLOs

@@ -1,0 +1,516 @@
+#!/usr/bin/env python
+"""Incremental engine benchmark: (a) our engine vs (b) k-hop recompute vs (c) full recompute.
+
+    python bench/incremental.py --quick                         # ~5 min on the 2-core dev box
+    python bench/incremental.py                                 # Online Retail + synthetic 1M (CPU)
+    python bench/incremental.py --datasets synth:products --device cuda   # products scale (GPU)
+
+Per dataset and per update batch size (1, 10, 100, 1,000, 10,000: InkStream's grid), every
+timed batch is applied by
+
+(a) ``IncrementalEngine.apply`` (exact mode; ``with_vectors=False``: the published keys and
+    fused vectors are not built, as (b) and (c) build none either),
+(b) the k-hop baseline over the same batch's affected set ``A_L`` (the rows whose layer-L
+    output can change): InkStream's ``timing_original.py --range affected``, i.e. PyG's
+    ``NeighborLoader(num_neighbors=[-1] * L, input_nodes=A_L, batch_size=--khop-batch)`` with
+    ``trim_to_layer`` (HGAM), then the model's ``SAGEConv`` layers on each sampled subgraph.
+    pyg-lib / torch-sparse (which NeighborLoader needs) are not installed here, so
+    ``KHopBaseline`` reproduces those semantics with plain torch: per mini-batch of seeds, hop
+    k takes *all* neighbours of the hop-(k-1) frontier (CSR reads from the same replica the
+    engine uses, so the baseline pays no edge scan), relabels, fetches ``h0`` of every
+    sampled node, and layer l runs PyG's own ``SAGEConv`` in bipartite form over the edges
+    into hops 0..L-1-l only (the trim). Its outputs are compared with the engine's rows: an
+    independent exactness check of every timed batch. The baseline is given ``A_L`` for free
+    (its expansion is not timed). Each batch-size series gives the baseline
+    ``--khop-budget-s`` seconds, split over its batches: when one batch's baseline would run
+    past its share, the seed mini-batches done so far (in random order, at least one) are
+    timed and the total is extrapolated linearly; the row says which fraction was measured.
+(c) a full-graph layer-wise recompute (``IncrementalEngine.full_layers``: per layer one sparse
+    CSR product over all nodes plus the dense step; the adjacency is prebuilt and not timed),
+    measured once per dataset (best of ``--full-reps``).
+
+``speedup_vs_khop`` = median(b) / median(a), ``speedup_vs_full`` = (c) / median(a),
+``updates_per_s`` = batch size / median(a). After each batch-size series the whole state is
+verified against a full recompute (``max_abs_err_full``); ``max_abs_err`` is the larger of that
+and the (a)-vs-(b) error of every timed batch.
+
+Hub cases (synthetic graphs): a feature change of a product in the largest category, of that
+category node, and of the most active user, each in exact and in bounded mode (time, vectors
+published, vectors held back, max error against a full recompute, the a-priori bound), plus a
+burst of ``--burst`` feature changes to products of the largest category, one per batch.
+
+Datasets: ``retail`` (the UCI Online Retail CSV through ``streamer.loaders.online_retail``:
+products, users, PURCHASED edges; the first ``--retail-split`` of the events form the graph,
+the rest, in order, is the update stream; product features are seeded unit vectors per
+(stock code, title), standing in for text embeddings) and ``synth:<preset>`` (see
+``streamer/embed/synth.py``; the update stream is its mixed stream).
+
+Output: one JSON list of rows on stdout and in ``--output`` (rows of earlier runs on other
+datasets or devices are kept; rows for the same dataset+device are replaced). Progress goes
+to stderr. The file is rewritten after every row, so an interrupted run leaves what it did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from encoders.graph import GraphEncoder, GraphEncoderConfig  # noqa: E402
+from encoders.text import resolve_device  # noqa: E402
+from streamer import changes as C  # noqa: E402
+from streamer.embed import synth  # noqa: E402
+from streamer.embed.engine import IncrementalEngine  # noqa: E402
+
+DEFAULT_RETAIL = Path(__file__).resolve().parents[2] / "shared" / "data" / "online_retail" / "online_retail.csv.gz"
+REPS = {1: 30, 10: 20, 100: 10, 1000: 5, 10000: 3}
+QUICK_REPS = {1: 10, 10: 6, 100: 3, 1000: 2, 10000: 1}
+
+
+def log(*a: Any) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}]", *a, file=sys.stderr, flush=True)
+
+
+class Timer:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable[[], Any]) -> tuple[float, Any]:
+        if self.cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = fn()
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t, out
+
+
+# ---- (b) the k-hop baseline -------------------------------------------------------------------
+class KHopBaseline:
+    """NeighborLoader(num_neighbors=[-1]*L, batch_size) + trim_to_layer semantics, plain torch."""
+
+    def __init__(self, engine: IncrementalEngine, batch_size: int = 1024, max_messages: int = 1 << 27):
+        self.e = engine
+        self.batch_size = batch_size
+        self.max_messages = max_messages            # above this, a layer aggregates in edge chunks
+        self.local = np.full(0, -1, dtype=np.int64)
+
+    @torch.no_grad()
+    def _subgraph(self, seeds: np.ndarray) -> tuple[np.ndarray, list[int], list[tuple[np.ndarray, np.ndarray]]]:
+        rep = self.e.replica
+        if len(self.local) < rep.num_slots:
+            self.local = np.full(rep.num_slots, -1, dtype=np.int64)
+            self.pos = np.zeros(rep.num_slots, dtype=np.int64)
+        local = self.local
+        nodes = [seeds]
+        local[seeds] = np.arange(len(seeds))
+        count = len(seeds)
+        cum = [count]                                   # nodes of hops 0..k
+        frontier = seeds
+        hop_edges = []                                  # per hop: (dst local, src global)
+        for _ in range(self.e.L):
+            seg, w = rep.gather(frontier)
+            hop_edges.append((local[frontier][seg], w))
+            fresh = w[local[w] < 0]                     # neighbours not sampled yet
+            if len(fresh):
+                ar = np.arange(len(fresh))              # dedupe without a sort (scratch array)
+                self.pos[fresh] = ar
+                fresh = fresh[self.pos[fresh] == ar]
+                local[fresh] = count + np.arange(len(fresh))
+                nodes.append(fresh)
+                count += len(fresh)
+            fresh_u = fresh
+            cum.append(count)
+            frontier = fresh_u
+        all_nodes = np.concatenate(nodes)
+        edges = [(dst, local[w]) for dst, w in hop_edges]
+        local[all_nodes] = -1
+        return all_nodes, cum, edges
+
+    @torch.no_grad()
+    def _layer(self, layer: int, x: torch.Tensor, n_dst: int, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+        e = self.e
+        conv = e.model.convs[layer]
+        if len(src) * x.shape[1] <= self.max_messages:
+            out = conv((x, x[:n_dst]), torch.stack([src, dst]), size=(x.shape[0], n_dst))
+            return out.relu() if layer < e.L - 1 else out
+        agg = torch.zeros(n_dst, x.shape[1], device=x.device)     # same math, edge chunks (memory)
+        step = max(1, self.max_messages // x.shape[1])
+        for lo in range(0, len(src), step):
+            agg.index_add_(0, dst[lo:lo + step], x[src[lo:lo + step]])
+        deg = torch.bincount(dst, minlength=n_dst).clamp_(min=1).to(x.dtype)
+        return e.model.dense(layer, agg / deg.unsqueeze(1) if e.mean else agg, x[:n_dst])
+
+    @torch.no_grad()
+    def run(self, seeds: np.ndarray, budget_s: float | None = None, rng: np.random.Generator | None = None,
+            ) -> tuple[float, np.ndarray, torch.Tensor | None, float]:
+        """(seconds, seeds done, their layer-L outputs, fraction measured); seconds is
+        extrapolated to all seeds when the budget ran out."""
+        e, dev = self.e, self.e.device
+        if not len(seeds):
+            return 0.0, seeds, None, 1.0
+        chunks = [seeds[i:i + self.batch_size] for i in range(0, len(seeds), self.batch_size)]
+        order = (rng or np.random.default_rng(0)).permutation(len(chunks))
+        timer = Timer(dev)
+        spent, done, outs = 0.0, [], []
+        for i in order:
+            chunk = chunks[i]
+
+            def one() -> torch.Tensor:
+                nodes, cum, edges = self._subgraph(chunk)
+                x = e.h[0][torch.from_numpy(nodes).to(dev)]
+                for layer in range(e.L):
+                    hops = e.L - 1 - layer                      # destinations: hops 0..hops
+                    n_dst = cum[hops]
+                    dst = np.concatenate([edges[k][0] for k in range(hops + 1)])
+                    src = np.concatenate([edges[k][1] for k in range(hops + 1)])
+                    x = self._layer(layer, x, n_dst, torch.from_numpy(src).to(dev), torch.from_numpy(dst).to(dev))
+                return x[:len(chunk)]
+
+            dt, out = timer(one)
+            spent += dt
+            done.append(chunk)
+            outs.append(out)
+            if budget_s is not None and spent > budget_s and len(done) < len(chunks):
+                break
+        got = np.concatenate(done)
+        frac = len(got) / len(seeds)
+        return spent / frac, got, torch.cat(outs), frac
+
+
+# ---- datasets -----------------------------------------------------------------------------------
+class ListStream:
+    def __init__(self, items: list[tuple[C.Change, torch.Tensor | None]]):
+        self.items, self.pos = items, 0
+
+    def next(self, n: int) -> tuple[list[C.Change], dict[str, torch.Tensor]]:
+        if self.pos + n > len(self.items):
+            self.pos = 0                                      # replays are no-ops or re-changes
+        part = self.items[self.pos:self.pos + n]
+        self.pos += n
+        feats = {ch.key: x for ch, x in part if x is not None and ch.key is not None}
+        return [ch for ch, _ in part], feats
+
+
+def _unit(seed_text: str, dim: int) -> torch.Tensor:
+    seed = int.from_bytes(hashlib.sha256(seed_text.encode()).digest()[:8], "little") & ((1 << 63) - 1)
+    return torch.nn.functional.normalize(torch.randn(dim, generator=torch.Generator().manual_seed(seed)), dim=0)
+
+
+def _ms(ts: str) -> int:
+    return int(datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp() * 1000)
+
+
+def retail_dataset(path: Path, split: float, dim: int) -> dict[str, Any]:
+    from streamer.loaders import online_retail
+
+    events = list(online_retail.events(path))
+    n0 = int(len(events) * split)
+    products: dict[str, int] = {}
+    users: dict[str, int] = {}
+    titles: dict[str, str] = {}
+    pairs: set[tuple[int, int]] = set()
+    for ev in events[:n0]:
+        if ev["type"] == "product":
+            products.setdefault(ev["id"], len(products))
+            titles[ev["id"]] = ev.get("title") or ""
+        else:
+            p = products.setdefault(ev["product_id"], len(products))
+            u = users.setdefault(ev["user_id"], len(users))
+            pairs.add((u, p))
+    P = len(products)
+    keys = [f"Product:{c}" for c in products] + [f"User:{u}" for u in users]
+    uv = np.asarray(sorted(pairs), dtype=np.int64).reshape(-1, 2)
+    feats = torch.stack([_unit(f"{c}|{titles.get(c, '')}", dim) for c in products])
+    stream = []
+    for ev in events[n0:]:
+        ts = _ms(ev["ts"])
+        if ev["type"] == "product":
+            ch = C.node_upsert("Product", ev["id"], ts)
+            stream.append((ch, _unit(f"{ev['id']}|{ev.get('title') or ''}", dim)))
+        else:
+            stream.append((C.edge_upsert(f"User:{ev['user_id']}", "PURCHASED", f"Product:{ev['product_id']}", ts), None))
+    return {"keys": keys, "src": P + uv[:, 0], "dst": uv[:, 1], "rel": "PURCHASED", "rel_names": None,
+            "features": feats, "feature_rows": np.arange(P), "stream": ListStream(stream), "graph": None,
+            "info": {"events": len(events), "initial_events": n0, "stream_events": len(stream), "products": P,
+                     "users": len(users), "typed_edges": len(uv)}}
+
+
+def synth_dataset(preset: str, seed: int) -> dict[str, Any]:
+    cfg = synth.PRESETS[preset].scaled(seed=seed)
+    g = synth.generate(cfg)
+    return {"keys": g.keys, "src": g.src, "dst": g.dst, "rel": g.rel.astype(np.int64), "rel_names": list(synth.REL_NAMES),
+            "features": g.product_features(), "feature_rows": np.arange(g.n_products),
+            "stream": synth.UpdateStream(g, seed=seed + 1), "graph": g, "info": g.stats()}
+
+
+# ---- the benchmark -----------------------------------------------------------------------------
+def memory_info(engine: IncrementalEngine) -> dict[str, Any]:
+    rep = engine.replica
+    nb = rep.nbytes()
+    n, e = max(rep.num_nodes, 1), max(rep.num_edges, 1)
+    cache = sum(t[:rep.num_slots].element_size() * t[:rep.num_slots].nelement() for t in engine.h + engine.S)
+    used = 10 * rep.top
+    return {"replica_bytes_per_edge_used": round(used / e, 2), "replica_bytes_per_edge_alloc": round(nb["half_edge_arrays"] / e, 2),
+            "replica_bytes_per_node_arrays": round(nb["node_arrays"] / max(rep.num_slots, 1), 2),
+            "cache_bytes_per_node": round(cache / n, 1)}
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.device = resolve_device(args.device)
+        self.timer = Timer(self.device)
+        self.rows: list[dict[str, Any]] = []
+        self.started = time.monotonic()
+        self.out = Path(args.output) if args.output else None
+        self.kept: list[dict[str, Any]] = []
+        if self.out and self.out.exists() and not args.fresh:
+            try:
+                self.kept = json.loads(self.out.read_text())
+            except (ValueError, OSError):
+                self.kept = []
+        self.host = {"host": platform.node(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                     "torch": torch.__version__, "python": platform.python_version(),
+                     "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None}
+
+    def over_budget(self) -> bool:
+        return self.args.time_budget_s is not None and time.monotonic() - self.started > self.args.time_budget_s
+
+    def emit(self, row: dict[str, Any]) -> None:
+        row = {"device": str(self.device), **row}
+        if self.device.type == "cpu":
+            row["loadavg_1m"] = round(os.getloadavg()[0], 2)
+        self.rows.append(row)
+        log(json.dumps(row))
+        self.save()
+
+    def save(self) -> None:
+        if not self.out:
+            return
+        mine = {(r.get("dataset"), r.get("device")) for r in self.rows}
+        rows = [r for r in self.kept if (r.get("dataset"), r.get("device")) not in mine] + self.rows
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rows, indent=1) + "\n")
+        tmp.replace(self.out)
+
+    def model(self, in_dim: int) -> GraphEncoder:
+        a = self.args
+        return GraphEncoder(GraphEncoderConfig(in_dim=in_dim, hidden=a.hidden, out=a.out, layers=a.layers, seed=0))
+
+    def dataset(self, name: str) -> None:
+        a = self.args
+        log(f"dataset {name}: building")
+        t0 = time.perf_counter()
+        if name == "retail":
+            ds = retail_dataset(Path(a.retail), a.retail_split, a.dim)
+        elif name.startswith("synth:"):
+            ds = synth_dataset(name.split(":", 1)[1], a.seed)
+        else:
+            raise SystemExit(f"unknown dataset {name!r}")
+        build_s = time.perf_counter() - t0
+        engine = IncrementalEngine(self.model(a.dim), self.device, reanchor_every=a.reanchor_every)
+        load_s, _ = self.timer(lambda: engine.bulk_load(ds["keys"], ds["src"], ds["dst"], ds["rel"],
+                                                        features=ds["features"], rel_names=ds["rel_names"],
+                                                        feature_rows=ds["feature_rows"]))
+        del ds["features"]
+        log(f"dataset {name}: built in {build_s:.1f}s, loaded in {load_s:.1f}s: {ds['info']}")
+        adj = engine.adjacency()
+        fulls = []
+        full: list[torch.Tensor] = []
+        for _ in range(a.full_reps):
+            dt, full = self.timer(lambda: engine.full_layers(adj))
+            fulls.append(dt)
+        full_s = min(fulls)
+        live = engine._t(engine.replica.live_slots())
+        err0 = max(float((full[l][live] - engine.h[l][live]).abs().max()) for l in range(1, engine.L + 1))
+        del full, adj
+        self.emit({"kind": "dataset", "dataset": name, "nodes": engine.replica.num_nodes,
+                   "typed_edges": engine.replica.num_edges, "directed_edges": 2 * engine.replica.num_edges,
+                   "build_s": round(build_s, 2), "load_s": round(load_s, 2), "full_ms": round(1000 * full_s, 2),
+                   "full_runs_ms": [round(1000 * x, 2) for x in fulls], "rebuild_vs_full_err": err0,
+                   **memory_info(engine), "info": ds["info"], "run": self.host})
+        khop = KHopBaseline(engine, batch_size=a.khop_batch)
+        rng = np.random.default_rng(a.seed)
+        reps = QUICK_REPS if a.quick else REPS
+        for B in a.batch_sizes:
+            if self.over_budget():
+                log(f"time budget spent: skipping batch size {B} and later")
+                break
+            self.batch_series(name, engine, ds["stream"], khop, B, reps.get(B, 3), full_s, rng)
+        if ds["graph"] is not None and a.hubs and not self.over_budget():
+            self.hubs(name, engine, ds["graph"])
+
+    def batch_series(self, name: str, engine: IncrementalEngine, stream: Any, khop: KHopBaseline, B: int,
+                     reps: int, full_s: float, rng: np.random.Generator) -> None:
+        a, L = self.args, engine.L
+        if B <= 100:                                          # warm-up (allocator, caches)
+            ch, f = stream.next(B)
+            engine.apply(ch, f, with_vectors=False)
+        ta, tb, fracs, errs, aff, pub, msgs, cpu = [], [], [], [], [], [], [], []
+        for r in range(reps):
+            if r and self.over_budget():
+                break
+            ch, f = stream.next(B)
+            c0 = time.process_time()
+            dt, report = self.timer(lambda: engine.apply(ch, f, with_vectors=False))
+            cpu.append(time.process_time() - c0)
+            ta.append(dt)
+            aff.append(report.affected)
+            pub.append(len(report.changed_rows))
+            msgs.append(report.delta_messages)
+            seeds = report.affected_rows[L].numpy()
+            sb, done, out, frac = khop.run(seeds, a.khop_budget_s / reps, rng)
+            tb.append(sb)
+            fracs.append(frac)
+            if out is not None:
+                errs.append(float((out - engine.h[L][engine._t(done)]).abs().max()))
+        verify_s, (err_full, over) = self.timer(lambda: engine.verify(method="layers"))
+        a_med, b_med = float(np.median(ta)), float(np.median(tb))
+        self.emit({
+            "kind": "batch", "dataset": name, "batch_size": B, "reps": len(ta), "stream": "mixed",
+            "ms_incremental": round(1000 * a_med, 3), "ms_incremental_p90": round(1000 * float(np.percentile(ta, 90)), 3),
+            "cpu_ms_incremental": round(1000 * float(np.median(cpu)), 3),
+            "ms_khop": round(1000 * b_med, 3), "ms_full": round(1000 * full_s, 3),
+            "speedup_vs_khop": round(b_med / a_med, 2), "speedup_vs_full": round(full_s / a_med, 2),
+            "updates_per_s": round(B / a_med, 1),
+            "max_abs_err": max([err_full] + errs), "max_abs_err_vs_khop": max(errs) if errs else None,
+            "max_abs_err_full": err_full, "rows_over_1e-5": over, "verify_s": round(verify_s, 2),
+            "khop_measured_fraction": round(float(np.min(fracs)), 4),
+            "affected_per_layer_median": [int(x) for x in np.median(np.asarray(aff), axis=0)],
+            "affected_per_layer_max": [int(x) for x in np.max(np.asarray(aff), axis=0)],
+            "published_median": int(np.median(pub)), "delta_messages_median": int(np.median(msgs)),
+        })
+
+    def hubs(self, name: str, engine: IncrementalEngine, g: synth.SynthGraph) -> None:
+        a = self.args
+        eps, tau = a.propagate_threshold, a.publish_threshold
+        cat_key = g.keys[g.largest_category()]
+        members = [g.keys[int(p)] for p in np.flatnonzero(g.category_of == g.largest_category() - g.leaf0)]
+        rep = engine.replica
+        cat_slot = rep.index[cat_key]
+        # products still in the category after the update stream ran (it deletes some)
+        members = [k for k in members if k in rep.index and rep.has_edge(rep.index[k], "IN_CATEGORY", cat_slot)]
+        cases = [("product_in_largest_category", members[0]),
+                 ("largest_category_node", cat_key),
+                 ("most_active_user", g.keys[g.most_active_user()])]
+        ts = 2_000_000_000_000
+        for case, key in cases:
+            if self.over_budget():
+                break
+            label, nid = C.split_key(key)
+            slot = engine.replica.index[key]
+            old = engine.h[0][slot].clone()
+            new = _unit(f"hub|{key}", engine.dims[0]).to(engine.device)
+            deg = int(engine.replica.length[slot])
+            for mode in ("exact", "bounded"):
+                if mode == "bounded":
+                    engine.configure("bounded", eps, tau)
+                ts += 1
+                dt, rep = self.timer(lambda: engine.apply([C.node_upsert(label, nid, ts)], {key: new}, with_vectors=False))
+                vs, (err, over) = self.timer(lambda: engine.verify(method="layers"))
+                self.emit({"kind": "hub", "dataset": name, "case": case, "key": key, "degree": deg, "mode": mode,
+                           "ms": round(1000 * dt, 3), "affected_per_layer": rep.affected, "changed_per_layer": rep.changed,
+                           "vectors_published": len(rep.changed_rows), "vectors_suppressed": rep.vectors_suppressed,
+                           "suppressed_per_layer": rep.suppressed, "max_residual_per_layer": rep.max_residual,
+                           "delta_messages": rep.delta_messages, "max_abs_err": err, "rows_over_bound": over,
+                           "error_bound": rep.error_bound, "propagate_threshold": eps if mode == "bounded" else 0.0,
+                           "publish_threshold": tau if mode == "bounded" else 0.0})
+                ts += 1                                       # put the old features back, exactly
+                if mode == "bounded":
+                    engine.configure("exact")                 # rebuild(): exact again
+                engine.apply([C.node_upsert(label, nid, ts)], {key: old}, with_vectors=False)
+        # a burst of feature changes inside the largest category, one per batch
+        rng = np.random.default_rng(a.seed + 7)
+        for mode in ("exact", "bounded"):
+            if self.over_budget():
+                break
+            if mode == "bounded":
+                engine.configure("bounded", eps, tau)
+            total, pub, sup = 0.0, 0, 0
+            for i, p in enumerate(rng.choice(len(members), size=min(a.burst, len(members)), replace=False)):
+                ts += 1
+                key = members[int(p)]
+                x = _unit(f"burst|{mode}|{i}|{key}", engine.dims[0])
+                dt, rep = self.timer(lambda: engine.apply([C.node_upsert("Product", key.split(":", 1)[1], ts)], {key: x},
+                                                          with_vectors=False))
+                total += dt
+                pub += len(rep.changed_rows)
+                sup += rep.vectors_suppressed
+            err, over = engine.verify(method="layers")
+            self.emit({"kind": "hub_burst", "dataset": name, "case": f"{a.burst} feature changes in the largest category",
+                       "category_size": int(len(members)), "mode": mode, "ms_total": round(1000 * total, 2),
+                       "ms_per_update": round(1000 * total / a.burst, 3), "vectors_published": pub,
+                       "vectors_suppressed": sup, "max_abs_err": err, "rows_over_bound": over,
+                       "error_bound": engine.error_bound,
+                       "propagate_threshold": eps if mode == "bounded" else 0.0,
+                       "publish_threshold": tau if mode == "bounded" else 0.0})
+            if mode == "bounded":
+                engine.configure("exact")
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", default=None, help="comma list: retail, synth:<preset> (tiny|small|1m|products)")
+    p.add_argument("--quick", action="store_true", help="retail + synth:small, fewer repetitions")
+    p.add_argument("--batch-sizes", default="1,10,100,1000,10000")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--dim", type=int, default=384, help="input feature width (text embedding size)")
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--out", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--reanchor-every", type=int, default=256)
+    p.add_argument("--khop-batch", type=int, default=1024, help="seeds per NeighborLoader mini-batch")
+    p.add_argument("--khop-budget-s", type=float, default=40.0,
+                   help="per batch-size series (split over its batches): measure the k-hop baseline this "
+                        "long, then extrapolate (at least one seed mini-batch per batch is always measured)")
+    p.add_argument("--full-reps", type=int, default=2)
+    p.add_argument("--hubs", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--burst", type=int, default=50)
+    p.add_argument("--propagate-threshold", type=float, default=5e-5)
+    p.add_argument("--publish-threshold", type=float, default=1e-4)
+    p.add_argument("--retail", default=str(DEFAULT_RETAIL))
+    p.add_argument("--retail-split", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-budget-s", type=float, default=None, help="stop starting new work after this long")
+    p.add_argument("--output", default=str(Path(__file__).resolve().parent / "results" / "incremental.json"))
+    p.add_argument("--fresh", action="store_true", help="do not keep rows of earlier runs in --output")
+    args = p.parse_args(argv)
+    if args.datasets is None:
+        args.datasets = "retail,synth:small" if args.quick else "retail,synth:1m"
+    args.datasets = [d for d in args.datasets.split(",") if d]
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    bench = Bench(args)
+    log(f"device {bench.device}, torch threads {torch.get_num_threads()}, datasets {args.datasets}")
+    for name in args.datasets:
+        if bench.over_budget():
+            log(f"time budget spent: skipping dataset {name}")
+            continue
+        bench.dataset(name)
+    print(json.dumps(bench.rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

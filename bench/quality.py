@@ -1,0 +1,100 @@
+"""Reproduce docs/quality.md: temporal evaluation of the published vectors on real data.
+
+    python bench/quality.py                       # both data sets from /work/shared/data, CPU
+    python bench/quality.py --write-docs          # ... and rewrite docs/quality.json + the table
+    python bench/quality.py --device cuda --text-cache FILE --data-dir DIR --report OUT.json
+
+Every method is measured in the same run (``streamer.model.evaluate``). The trained model
+is chosen among ``SWEEP`` (a few learning rates and temperatures) by recall@20 on its own
+validation split (the newest 10 % of the interactions before T), never by the test numbers;
+``--sweep none`` trains the default configuration only. ``--text-cache`` serves the product
+text embeddings from a cache file written by an earlier run (``<state_dir>/model/
+text_cache.safetensors``), for a machine without the text model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# Training configurations the evaluation chooses from, by validation recall@20.
+BASE = {"epochs": 60, "patience": 5, "batch_size": 4096, "negatives": 1024}
+SWEEP = [
+    {"lr": 3e-3, "temperature": 0.05},
+    {"lr": 1e-2, "temperature": 0.05},
+    {"lr": 3e-3, "temperature": 0.1},
+    {"lr": 1e-3, "temperature": 0.05},
+]
+ALIGN_WEIGHT = 0.1
+START, END = "<!-- quality-table:start -->", "<!-- quality-table:end -->"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", default="online_retail,amazon_magazine")
+    ap.add_argument("--data-dir", default=None, help="folder holding online_retail/ and amazon_magazine_2018/")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy 2-core box)")
+    ap.add_argument("--sweep", choices=["default", "none"], default="default")
+    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--align", type=float, default=ALIGN_WEIGHT)
+    ap.add_argument("--text-cache", default=None)
+    ap.add_argument("--state-dir", default=str(ROOT / ".kgs"))
+    ap.add_argument("--report", default=None, help="full JSON report (default <state-dir>/model/quality_report.json)")
+    ap.add_argument("--budget-s", type=float, default=None, help="stop trying further configs after this")
+    ap.add_argument("--write-docs", action="store_true", help="rewrite docs/quality.json and the table in docs/quality.md")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    from streamer.model import evaluate
+    from streamer.model.train import TrainConfig
+    from streamer.settings import Settings
+
+    settings = Settings(_env_file=None, state_dir=Path(args.state_dir), device=args.device)
+    base = TrainConfig(**BASE, fusion=settings.fusion, fusion_text_weight=settings.fusion_text_weight,
+                       device=args.device, progress=False, seed=settings.gnn_seed)
+    if args.epochs:
+        base = replace(base, epochs=args.epochs)
+    configs = [replace(base, **c) for c in (SWEEP if args.sweep == "default" else SWEEP[:1])]
+    names = [n.strip() for n in args.datasets.split(",") if n.strip()]
+    paths = {}
+    if args.data_dir:
+        for name in names:
+            paths[name] = Path(args.data_dir) / Path(evaluate.DATASETS[name]["path"]).name
+    report_path = Path(args.report) if args.report else settings.local_dir("model") / "quality_report.json"
+    t0 = time.perf_counter()
+    report = evaluate.run(names, settings, configs, args.align, report_path, paths,
+                          text_cache=Path(args.text_cache) if args.text_cache else None,
+                          eval_device="cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu",
+                          budget_s=args.budget_s)
+    report["command"] = "python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    report["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    report["torch"] = torch.__version__
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    table = evaluate.markdown_table(report)
+    print(table)
+    print(f"full report: {report_path}")
+    if args.write_docs:
+        (ROOT / "docs" / "quality.json").write_text(json.dumps(evaluate.quality_json(report), indent=2) + "\n")
+        md = ROOT / "docs" / "quality.md"
+        text = md.read_text() if md.exists() else f"{START}\n{END}\n"
+        text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: f"{START}\n{table}\n{END}", text, flags=re.S)
+        md.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
