@@ -83,7 +83,7 @@ class Settings(BaseSettings):
     fusion_text_weight: float = 0.5
     device: str = Field("auto", description="'auto' (cuda when present), 'cpu', 'cuda', 'cuda:1' ...")
     torch_threads: int = 0
-    embed_batch_max_changes: int = 5_000
+    embed_batch_max_changes: int = Field(20_000, description="micro-batch cap; only reached while catching up (a bigger batch publishes each moved vector once instead of once per batch)")
     embed_batch_max_wait_s: float = 0.2
     embed_checkpoint_every_s: float = Field(30.0, description="how often the worker checkpoints its replica and caches")
 
