@@ -121,7 +121,10 @@ def cmd_demo(args, settings: Settings) -> int:
     return run_demo(settings, sample_dir=Path(args.sample_dir), limit=args.limit)
 
 
-def build_parser() -> argparse.ArgumentParser:
+CORE_COMMANDS = {"services", "topics", "load", "ingest", "embed", "verify", "schema", "demo"}
+
+
+def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kg-streamer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -166,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Sub-commands of other concerns live next to their code; each module has register(sub).
     import importlib
 
-    for name in PLUGIN_MODULES:
+    for name in PLUGIN_MODULES if plugins else ():
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
@@ -178,7 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # the core commands do not pay for importing the other concerns' modules
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(plugins=command not in CORE_COMMANDS).parse_args(argv)
     settings = Settings()
     _setup_logging(settings)
     return args.func(args, settings)

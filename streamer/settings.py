@@ -11,7 +11,6 @@ Secrets are ``SecretStr``: they print as ``**********`` in logs and reprs.
 
 from __future__ import annotations
 
-from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -102,7 +101,7 @@ class Settings(BaseSettings):
     metrics_addr: str = Field("127.0.0.1:9464", description="host:port for /metrics; empty disables")
     log_level: str = "INFO"
 
-    @cached_property
+    @property
     def input_topics(self) -> list[str]:
         return [self.topic_products, self.topic_interactions, self.topic_relations]
 

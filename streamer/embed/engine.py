@@ -621,7 +621,9 @@ class IncrementalEngine:
         layer-wise full-graph passes without an [edges, dim] message tensor."""
         crow, col = self.replica.csr()
         n = self.replica.num_slots
-        itype = torch.int32 if len(col) < (1 << 31) - 1 else torch.int64
+        # int32 indices halve the CSR on the host; CUDA gets int64 (cuSPARSE takes both, int64 is
+        # the path every torch build supports)
+        itype = torch.int32 if self.device.type == "cpu" and len(col) < (1 << 31) - 1 else torch.int64
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             return torch.sparse_csr_tensor(torch.from_numpy(crow).to(itype), torch.from_numpy(col).to(itype),

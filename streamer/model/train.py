@@ -97,7 +97,8 @@ class TrainConfig:
     fusion: Literal["concat", "mean"] = "concat"
     fusion_text_weight: float = 0.5
     target_rels: tuple[str, ...] = INTERACTION_RELS
-    supervision: Literal["random", "temporal", "both"] = "both"
+    supervision: Literal["auto", "random", "temporal", "both"] = "auto"
+    min_temporal_fraction: float = 0.1
     windows: int = 4
     window_span: float = 0.5
     device: str = "auto"
@@ -394,30 +395,44 @@ def _supervision(train_graph: GraphData, tg: TrainGraph, tr: Pairs, cfg: TrainCo
       pairs; window i's pairs are predicted on the graph of everything before the window, for
       users who already had history then (predict the *next* products from the past: the
       situation the vectors are used in);
-    * ``both``. Without interaction times, ``random``."""
+    * ``both``;
+    * ``auto`` (default): ``temporal``, plus ``random`` when the windows hold fewer than
+      ``min_temporal_fraction`` of the training pairs (users who rarely come back, as on Amazon).
+
+    Without interaction times, ``random``."""
     sources: list[_Source] = []
-    temporal = cfg.supervision in ("temporal", "both") and len(tr) and (tr.ts >= 0).all()
-    if cfg.supervision in ("random", "both") or not temporal:
+    temporal = cfg.supervision in ("temporal", "both", "auto") and len(tr) and (tr.ts >= 0).all()
+    if temporal:
+        sources += _windows(train_graph, tr, cfg, model, device)
+        temporal = bool(sources)
+    in_windows = sum(len(s) for s in sources)
+    if (cfg.supervision in ("random", "both") or not temporal
+            or (cfg.supervision == "auto" and in_windows < cfg.min_temporal_fraction * len(tr))):
         tmask = train_graph.interaction_mask(cfg.target_rels)
         nn_ = train_graph.num_nodes
         pk, counts = np.unique(train_graph.src[tmask] * nn_ + train_graph.dst[tmask], return_counts=True)
         mult = counts[np.searchsorted(pk, tr.user * nn_ + tr.item)]
-        sources.append(_Source("random hold-out", tg, torch.as_tensor(tr.user, device=device),
-                               torch.as_tensor(tr.item, device=device),
-                               torch.as_tensor(mult, dtype=torch.float32, device=device)))
-    if temporal:
-        qs = np.linspace(1.0 - cfg.window_span, 1.0, cfg.windows + 1)
-        cuts = np.quantile(tr.ts, qs, method="lower")
-        cuts[-1] = tr.ts.max() + 1
-        ets = train_graph.edge_ts if train_graph.edge_ts is not None else np.full(train_graph.num_edges, -1)
-        for lo, hi in zip(cuts[:-1], cuts[1:]):
-            had = np.unique(tr.user[tr.ts < lo])
-            sel = (tr.ts >= lo) & (tr.ts < hi) & np.isin(tr.user, had)
-            if not sel.any():
-                continue
-            g = TrainGraph(train_graph.subgraph_edges((ets < 0) | (ets < lo)), model, device)
-            sources.append(_Source(f"window from {int(lo)} ms", g, torch.as_tensor(tr.user[sel], device=device),
-                                   torch.as_tensor(tr.item[sel], device=device), None))
+        sources.insert(0, _Source("random hold-out", tg, torch.as_tensor(tr.user, device=device),
+                                  torch.as_tensor(tr.item, device=device),
+                                  torch.as_tensor(mult, dtype=torch.float32, device=device)))
+    return sources
+
+
+def _windows(train_graph: GraphData, tr: Pairs, cfg: TrainConfig, model: GraphEncoder,
+             device: torch.device) -> list[_Source]:
+    sources: list[_Source] = []
+    qs = np.linspace(1.0 - cfg.window_span, 1.0, cfg.windows + 1)
+    cuts = np.quantile(tr.ts, qs, method="lower")
+    cuts[-1] = tr.ts.max() + 1
+    ets = train_graph.edge_ts if train_graph.edge_ts is not None else np.full(train_graph.num_edges, -1)
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        had = np.unique(tr.user[tr.ts < lo])
+        sel = (tr.ts >= lo) & (tr.ts < hi) & np.isin(tr.user, had)
+        if not sel.any():
+            continue
+        g = TrainGraph(train_graph.subgraph_edges((ets < 0) | (ets < lo)), model, device)
+        sources.append(_Source(f"window from {int(lo)} ms", g, torch.as_tensor(tr.user[sel], device=device),
+                               torch.as_tensor(tr.item[sel], device=device), None))
     return sources
 
 

@@ -15,7 +15,7 @@ from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
 from kafka.structs import OffsetAndMetadata
 from pydantic import SecretStr
 
-from conftest import TEST_PASSWORD, free_port, service_settings
+from tests.conftest import TEST_PASSWORD, free_port, service_settings
 from streamer.local_services import LocalServices, ServiceError, parse_host_port
 from streamer.settings import Settings
 from streamer.topics import ensure_topics, topic_plan

@@ -111,6 +111,13 @@ def test_every_dashboard_query_returns_series_from_a_live_pipeline(settings, tmp
         assert not missing, "dashboard queries without a series:\n" + "\n".join(missing)
         assert not no_values, "histogram panels with no observation in the window:\n" + "\n".join(no_values)
 
+        # the dashboard's variable: label_values(kgs_consumer_lag_messages, group), as Grafana asks it
+        board = json.loads(DASHBOARD.read_text())
+        (variable,) = board["templating"]["list"]
+        metric, label = variable["query"]["query"].removeprefix("label_values(").removesuffix(")").split(", ")
+        values = prometheus.api(f"label/{label}/values", **{"match[]": metric})
+        assert {settings.ingest_group, embed_group} <= set(values)
+
         # the repo's rules are loaded and evaluate without errors against the real series
         rules = [r for g in prometheus.api("rules")["groups"] for r in g["rules"]]
         assert len([r for r in rules if r["type"] == "alerting"]) >= 8
