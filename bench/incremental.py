@@ -26,13 +26,16 @@ timed batch is applied by
     past its share, the seed mini-batches done so far (in random order, at least one) are
     timed and the total is extrapolated linearly; the row says which fraction was measured.
 (c) a full-graph layer-wise recompute (``IncrementalEngine.full_layers``: per layer one sparse
-    CSR product over all nodes plus the dense step; the adjacency is prebuilt and not timed),
-    measured once per dataset (best of ``--full-reps``).
+    CSR product over all nodes plus the dense step; float32 sums as PyG; the adjacency is
+    prebuilt and not timed), measured once per dataset (best of ``--full-reps``).
 
 ``speedup_vs_khop`` = median(b) / median(a), ``speedup_vs_full`` = (c) / median(a),
 ``updates_per_s`` = batch size / median(a). After each batch-size series the whole state is
-verified against a full recompute (``max_abs_err_full``); ``max_abs_err`` is the larger of that
-and the (a)-vs-(b) error of every timed batch.
+verified against a full recompute with float64 sums (``max_abs_err_full``, the exactness
+check: <= 1e-5 on every row of every layer); ``max_abs_err_vs_khop`` is the largest (a)-vs-(b)
+difference over the timed batches. (b) is PyG's float32 scatter: at hubs with hundreds of
+thousands of similar neighbours its own rounding reaches ~1e-4, so that column measures the
+baseline as much as the engine; ``max_abs_err`` is ``max_abs_err_full``.
 
 Hub cases (synthetic graphs): a feature change of a product in the largest category, of that
 category node, and of the most active user, each in exact and in bounded mode (time, vectors
@@ -290,7 +293,7 @@ class Bench:
         return self.args.time_budget_s is not None and time.monotonic() - self.started > self.args.time_budget_s
 
     def emit(self, row: dict[str, Any]) -> None:
-        row = {"device": str(self.device), **row}
+        row = {"device": str(self.device), "sums": self.args.agg_dtype, **row}
         if self.device.type == "cpu":
             row["loadavg_1m"] = round(os.getloadavg()[0], 2)
         self.rows.append(row)
@@ -322,13 +325,14 @@ class Bench:
         else:
             raise SystemExit(f"unknown dataset {name!r}")
         build_s = time.perf_counter() - t0
-        engine = IncrementalEngine(self.model(a.dim), self.device, reanchor_every=a.reanchor_every)
+        engine = IncrementalEngine(self.model(a.dim), self.device, reanchor_every=a.reanchor_every,
+                                   agg_dtype=getattr(torch, a.agg_dtype))
         load_s, _ = self.timer(lambda: engine.bulk_load(ds["keys"], ds["src"], ds["dst"], ds["rel"],
                                                         features=ds["features"], rel_names=ds["rel_names"],
                                                         feature_rows=ds["feature_rows"]))
         del ds["features"]
         log(f"dataset {name}: built in {build_s:.1f}s, loaded in {load_s:.1f}s: {ds['info']}")
-        adj = engine.adjacency()
+        adj = engine.adjacency(torch.float32)             # (c) sums in float32, like PyG
         fulls = []
         full: list[torch.Tensor] = []
         for _ in range(a.full_reps):
@@ -387,7 +391,7 @@ class Bench:
             "ms_khop": round(1000 * b_med, 3), "ms_full": round(1000 * full_s, 3),
             "speedup_vs_khop": round(b_med / a_med, 2), "speedup_vs_full": round(full_s / a_med, 2),
             "updates_per_s": round(B / a_med, 1),
-            "max_abs_err": max([err_full] + errs), "max_abs_err_vs_khop": max(errs) if errs else None,
+            "max_abs_err": err_full, "max_abs_err_vs_khop": max(errs) if errs else None,
             "max_abs_err_full": err_full, "rows_over_1e-5": over, "verify_s": round(verify_s, 2),
             "khop_measured_fraction": round(float(np.min(fracs)), 4),
             "affected_per_layer_median": [int(x) for x in np.median(np.asarray(aff), axis=0)],
@@ -474,6 +478,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--reanchor-every", type=int, default=256)
+    p.add_argument("--agg-dtype", choices=["float64", "float32"], default="float64",
+                   help="the engine's neighbour sums (float32: the engine before the products-scale run)")
     p.add_argument("--khop-batch", type=int, default=1024, help="seeds per NeighborLoader mini-batch")
     p.add_argument("--khop-budget-s", type=float, default=40.0,
                    help="per batch-size series (split over its batches): measure the k-hop baseline this "

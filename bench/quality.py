@@ -27,15 +27,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 # Training configurations the evaluation chooses from, by validation recall@20.
-BASE = {"epochs": 60, "patience": 5, "batch_size": 4096, "negatives": 1024}
+BASE = {"epochs": 60, "patience": 5, "batch_size": 4096, "negatives": 1024}   # = TrainConfig's defaults
 SWEEP = [
     {},                                   # TrainConfig's defaults: lr 3e-3, temperature 0.05, auto supervision
     {"lr": 1e-2},
     {"temperature": 0.1},
-    {"batch_size": 1024},
+    {"batch_size": 1024},                 # more, smaller steps
 ]
 ALIGN_WEIGHT = 0.1
 START, END = "<!-- quality-table:start -->", "<!-- quality-table:end -->"
+START_CPU, END_CPU = "<!-- quality-table-cpu:start -->", "<!-- quality-table-cpu:end -->"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=None, help="stop trying further configs after this")
     ap.add_argument("--determinism", action="store_true",
                     help="also train the first data set twice for a few steps and compare the versions")
-    ap.add_argument("--write-docs", action="store_true", help="rewrite docs/quality.json and the table in docs/quality.md")
+    ap.add_argument("--write-docs", nargs="?", const="main", choices=["main", "cpu"], default=None,
+                    help="main: rewrite docs/quality.json and the main table of docs/quality.md; cpu: only the "
+                         "table of the CPU run")
+    ap.add_argument("--from-report", default=None, help="no run: take the results from this saved report")
     args = ap.parse_args(argv)
 
     import torch
@@ -79,27 +83,32 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             paths[name] = Path(args.data_dir) / Path(evaluate.DATASETS[name]["path"]).name
     report_path = Path(args.report) if args.report else settings.local_dir("model") / "quality_report.json"
-    t0 = time.perf_counter()
-    report = evaluate.run(names, settings, configs, args.align, report_path, paths,
-                          text_cache=Path(args.text_cache) if args.text_cache else None,
-                          eval_device="cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu",
-                          budget_s=args.budget_s)
-    if args.determinism:
-        report["determinism"] = determinism(names[0], paths.get(names[0]), settings, base, args.text_cache)
-        print(json.dumps(report["determinism"]))
-    report["command"] = "python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    report["seconds"] = round(time.perf_counter() - t0, 1)
-    report["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
-    report["torch"] = torch.__version__
-    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    if args.from_report:
+        report = json.loads(Path(args.from_report).read_text())
+    else:
+        t0 = time.perf_counter()
+        report = evaluate.run(names, settings, configs, args.align, report_path, paths,
+                              text_cache=Path(args.text_cache) if args.text_cache else None,
+                              eval_device="cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu",
+                              budget_s=args.budget_s)
+        if args.determinism:
+            report["determinism"] = determinism(names[0], paths.get(names[0]), settings, base, args.text_cache)
+            print(json.dumps(report["determinism"]))
+        report["command"] = "python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        report["seconds"] = round(time.perf_counter() - t0, 1)
+        report["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+        report["torch"] = torch.__version__
+        report_path.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"full report: {report_path}")
     table = evaluate.markdown_table(report)
     print(table)
-    print(f"full report: {report_path}")
     if args.write_docs:
-        (ROOT / "docs" / "quality.json").write_text(json.dumps(evaluate.quality_json(report), indent=2) + "\n")
+        start, end = (START, END) if args.write_docs == "main" else (START_CPU, END_CPU)
+        if args.write_docs == "main":
+            (ROOT / "docs" / "quality.json").write_text(json.dumps(evaluate.quality_json(report), indent=2) + "\n")
         md = ROOT / "docs" / "quality.md"
-        text = md.read_text() if md.exists() else f"{START}\n{END}\n"
-        text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: f"{START}\n{table}\n{END}", text, flags=re.S)
+        text = md.read_text() if md.exists() else f"{start}\n{end}\n"
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{table}\n{end}", text, flags=re.S)
         md.write_text(text)
     return 0
 

@@ -208,7 +208,7 @@ class IncrementalEngine:
         propagate_threshold: float = 0.0,
         publish_threshold: float = 0.0,
         reanchor_every: int = 256,
-        agg_dtype: torch.dtype = torch.float32,
+        agg_dtype: torch.dtype = torch.float64,
         featurize: Featurize | None = None,
         text_model_id: str = "",
     ) -> None:
@@ -648,8 +648,10 @@ class IncrementalEngine:
         """Layer-wise full-graph recompute from the replica and ``h0``: [h0, ..., hL] for every
         slot, each layer one sparse (CSR) product over all nodes plus the dense step -- PyG's
         layer-wise inference with full neighbourhoods, without an [edges, dim] message tensor.
-        ``adjacency``: a prebuilt ``adjacency()`` (else built here)."""
-        adj = self.adjacency() if adjacency is None else adjacency
+        ``adjacency``: a prebuilt ``adjacency(dtype)`` (else a float64 one: the sums are then
+        accurate to ~1e-12 whatever the degree, which makes this the reference ``verify`` uses;
+        a float32 adjacency is what PyG computes, and is ~2x faster)."""
+        adj = self.adjacency(torch.float64) if adjacency is None else adjacency
         n = self.replica.num_slots
         deg = torch.from_numpy(self.replica.length[:n].astype(np.float32)).to(self.device).clamp_(min=1)
         hs = [self.h[0][:n]]
@@ -665,14 +667,17 @@ class IncrementalEngine:
         """(max abs error over every layer's cached rows vs. a full recompute, rows over tol).
         ``tol`` defaults to 1e-5 plus the mode's ``error_bound`` (0 in exact mode). ``method``:
         the PyG forward (``full_recompute``), the layer-wise sparse pass (``full_layers``), or
-        auto: PyG while one message per edge fits in ~1 GB."""
+        auto: PyG while one message per edge fits in ~1 GB. PyG sums in float32, which is
+        exact to 1e-5 only while degrees are moderate (a float32 sum of 600k similar rows is off
+        by ~1e-5 of the mean, before the weights amplify it); ``layers`` sums in float64."""
         if tol is None:
             tol = 1e-5 + self.error_bound
         live = self._t(self.replica.live_slots())
         if not len(live):
             return 0.0, 0
         if method == "auto":
-            method = "pyg" if 2 * self.replica.num_edges * max(self.dims) <= (1 << 28) else "layers"
+            small = 2 * self.replica.num_edges * max(self.dims) <= (1 << 28)
+            method = "pyg" if small and int(self.replica.length[:self.replica.num_slots].max()) < 10_000 else "layers"
         full = self.full_recompute() if method == "pyg" else self.full_layers()
         err = torch.zeros(len(live), device=self.device)
         for layer in range(1, self.L + 1):

@@ -78,14 +78,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainConfig:
-    epochs: int = 40
-    batch_size: int = 2048
-    negatives: int = 512
+    epochs: int = 60
+    batch_size: int = 4096
+    negatives: int = 1024
     lr: float = 3e-3
     weight_decay: float = 0.0
     temperature: float = 0.05
     loss: Literal["softmax", "bpr"] = "softmax"
-    patience: int = 4
+    patience: int = 5
     val_fraction: float = 0.1
     k: int = 20
     align_weight: float = 0.0
@@ -102,6 +102,7 @@ class TrainConfig:
     windows: int = 4
     window_span: float = 0.5
     device: str = "auto"
+    deterministic: bool = True
     progress: bool = True
 
 
@@ -478,8 +479,17 @@ def train(graph: GraphData, cfg: TrainConfig, model_config: GraphEncoderConfig |
     t_start = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with PeakRSS() as mem:
-        result = _train(graph, cfg, model_config, init, device)
+        # cuBLAS needs a fixed workspace to be deterministic (read when its handle is created)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    if cfg.deterministic:
+        # e.g. the backward of row indexing accumulates with atomics on CUDA unless asked not to
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with PeakRSS() as mem:
+            result = _train(graph, cfg, model_config, init, device)
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
     result.seconds = time.perf_counter() - t_start
     result.peak_rss_bytes, result.rss_before_bytes = mem.peak, mem.start
     if device.type == "cuda":

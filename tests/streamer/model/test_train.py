@@ -59,7 +59,7 @@ def test_validation_split_is_temporal_and_removes_the_held_out_edges(graph):
 def trained():
     """One training run shared by the tests below (with the alignment head)."""
     graph = planted_graph()
-    return graph, train(graph, replace(FAST, align_weight=0.5), CFG)
+    return graph, train(graph, replace(FAST, align_weight=0.5, supervision="both"), CFG)
 
 
 def test_training_beats_the_untrained_encoder_and_keeps_the_product_row(trained):

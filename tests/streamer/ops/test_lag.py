@@ -136,9 +136,11 @@ def test_stopped_consumer_lag_in_messages_and_seconds_then_back_to_zero(settings
     ingest = kgs_process(settings, ["ingest"], ingest_port, tmp_path / "ingest-1.log")
     started = time.monotonic()
     try:
-        produce_events(settings, sample_events(prefix, products=6, users=3))
+        produced = produce_events(settings, sample_events(prefix, products=6, users=3))
+        produced += settings.input_partitions
         produce_timed(settings, prefix + "w", settings.input_partitions, settings.input_partitions)  # every partition
-        wait_for(lambda: (s := status_json(settings, group, capsys))["lag_messages"] == 0 and s["partitions"][0]["end"] > 0,
+        wait_for(lambda: (s := status_json(settings, group, capsys))["lag_messages"] == 0
+                 and sum(p["end"] for p in s["partitions"]) == produced,
                  timeout_s=90, interval_s=0.5, what="ingest caught up")
         # the consumer serves its own group's lag as well (its in-process monitor)
         wait_for(lambda: prometheus.value(f'max(kgs_consumer_lag_messages{{group="{group}",job="kg-ingest"}})') == 0,
