@@ -25,7 +25,11 @@ log = logging.getLogger("kg-streamer")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_DIR = REPO_ROOT / "data" / "sample"
-PLUGIN_MODULES = ("streamer.ops.cli", "streamer.model.cli")
+# Sub-commands of other concerns, by the module that registers them (imported only when needed).
+PLUGIN_MODULES = {
+    "streamer.ops.cli": ("status", "replay", "lag-exporter"),
+    "streamer.model.cli": ("train", "evaluate", "similar", "recommend", "search", "write-vectors"),
+}
 
 
 def _setup_logging(settings: Settings) -> None:
@@ -124,7 +128,8 @@ def cmd_demo(args, settings: Settings) -> int:
 CORE_COMMANDS = {"services", "topics", "load", "ingest", "embed", "verify", "schema", "demo"}
 
 
-def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``command`` given only the plugin module that owns it is imported."""
     parser = argparse.ArgumentParser(prog="kg-streamer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -169,7 +174,9 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     # Sub-commands of other concerns live next to their code; each module has register(sub).
     import importlib
 
-    for name in PLUGIN_MODULES if plugins else ():
+    for name, commands in PLUGIN_MODULES.items():
+        if command in CORE_COMMANDS or (command is not None and command not in commands and _known(command)):
+            continue
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
@@ -180,11 +187,15 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+def _known(command: str) -> bool:
+    return command in CORE_COMMANDS or any(command in cmds for cmds in PLUGIN_MODULES.values())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # the core commands do not pay for importing the other concerns' modules
+    # a command pays only for importing its own concern's modules
     command = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(plugins=command not in CORE_COMMANDS).parse_args(argv)
+    args = build_parser(command).parse_args(argv)
     settings = Settings()
     _setup_logging(settings)
     return args.func(args, settings)

@@ -28,7 +28,7 @@ def _train_config(args: argparse.Namespace, settings: Any):
 
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, negatives=args.negatives, lr=args.lr,
                        temperature=args.temperature, loss=args.loss, patience=args.patience,
-                       val_fraction=args.val_fraction, align_weight=args.align,
+                       val_fraction=args.val_fraction, align_weight=args.align, supervision=args.supervision,
                        seed=settings.gnn_seed if args.seed is None else args.seed,
                        max_steps_per_epoch=args.max_steps_per_epoch, fusion=settings.fusion,
                        fusion_text_weight=settings.fusion_text_weight,
@@ -47,6 +47,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss", choices=["softmax", "bpr"], default=d.loss)
     p.add_argument("--patience", type=int, default=d.patience, help="epochs without a better validation recall@20")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    p.add_argument("--supervision", choices=["auto", "temporal", "random", "both"], default=d.supervision,
+                   help="temporal windows (predict the next products from the past), random hold-out, or both; "
+                        "auto: temporal, plus random when few users come back (docs/quality.md)")
     p.add_argument("--align", type=float, default=0.0, help="weight of the text-graph alignment loss (0: no head)")
     p.add_argument("--seed", type=int, default=None, help="default: KGS_GNN_SEED")
     p.add_argument("--max-steps-per-epoch", type=int, default=None)

@@ -16,12 +16,18 @@ keeps such rows in its replica across model versions, so they must not change.
 Objective
 ---------
 Sampled softmax (default) or BPR over the fused score divided by a temperature. Each step
-takes ``batch_size`` positive (user, product) pairs (every pair with an interaction edge of a
-target type, each pair once per epoch, in a seeded random order) and ``negatives`` products
-drawn uniformly (shared by the batch; a negative equal to the row's positive is masked).
-The positives' own edges are removed from the message-passing graph for that step, so the
-model cannot read the answer off the edge it is asked to predict (at serving time the
-predicted edge does not exist yet either).
+takes ``batch_size`` positive (user, product) pairs and ``negatives`` products drawn
+uniformly (shared by the batch; a negative equal to the row's positive is masked). Where the
+positives come from (``supervision``, see ``_supervision``):
+
+* temporal windows (default when interactions carry times): windows over the newest half of
+  the training pairs; a window's pairs are predicted on the graph of everything before the
+  window, for users who had history then -- the next products from the past, which is how the
+  vectors are used (and what the temporal evaluation measures);
+* random hold-out: any training pair, its own edges removed from the message-passing graph
+  for that step (the model cannot read the answer off the edge it is asked to predict);
+* ``auto`` = the windows, plus the hold-out when the windows hold few pairs (users who rarely
+  come back); without interaction times, the hold-out.
 
 Optional alignment (``align_weight``): a symmetric InfoNCE between ``align(t_p)`` (a linear
 map of the product's text embedding into the structure space) and its structure vector
