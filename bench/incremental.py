@@ -30,7 +30,9 @@ timed batch is applied by
     prebuilt and not timed), measured once per dataset (best of ``--full-reps``).
 
 ``speedup_vs_khop`` = median(b) / median(a), ``speedup_vs_full`` = (c) / median(a),
-``updates_per_s`` = batch size / median(a). After each batch-size series the whole state is
+``updates_per_s`` = batch size / median(a). The ``cpu_*`` columns repeat (a), (b), (c) and the
+ratios in CPU seconds of this process (``time.process_time``): on a shared, loaded CPU host
+the wall-clock times include waiting for a core, the CPU seconds do not. After each batch-size series the whole state is
 verified against a full recompute with float64 sums (``max_abs_err_full``, the exactness
 check: <= 1e-5 on every row of every layer); ``max_abs_err_vs_khop`` is the largest (a)-vs-(b)
 difference over the timed batches. (b) is PyG's float32 scatter: at hubs with hundreds of
@@ -93,10 +95,11 @@ class Timer:
     def __call__(self, fn: Callable[[], Any]) -> tuple[float, Any]:
         if self.cuda:
             torch.cuda.synchronize()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out = fn()
         if self.cuda:
             torch.cuda.synchronize()
+        self.cpu = time.process_time() - c            # CPU seconds of this process (contention check)
         return time.perf_counter() - t, out
 
 
@@ -168,6 +171,7 @@ class KHopBaseline:
         order = (rng or np.random.default_rng(0)).permutation(len(chunks))
         timer = Timer(dev)
         spent, done, outs = 0.0, [], []
+        self.cpu_s = 0.0
         for i in order:
             chunk = chunks[i]
 
@@ -184,12 +188,14 @@ class KHopBaseline:
 
             dt, out = timer(one)
             spent += dt
+            self.cpu_s += timer.cpu
             done.append(chunk)
             outs.append(out)
             if budget_s is not None and spent > budget_s and len(done) < len(chunks):
                 break
         got = np.concatenate(done)
         frac = len(got) / len(seeds)
+        self.cpu_s /= frac
         return spent / frac, got, torch.cat(outs), frac
 
 
@@ -333,18 +339,21 @@ class Bench:
         del ds["features"]
         log(f"dataset {name}: built in {build_s:.1f}s, loaded in {load_s:.1f}s: {ds['info']}")
         adj = engine.adjacency(torch.float32)             # (c) sums in float32, like PyG
-        fulls = []
+        fulls, full_cpu = [], []
         full: list[torch.Tensor] = []
         for _ in range(a.full_reps):
             dt, full = self.timer(lambda: engine.full_layers(adj))
             fulls.append(dt)
+            full_cpu.append(self.timer.cpu)
         full_s = min(fulls)
+        self.full_cpu_s = min(full_cpu)
         live = engine._t(engine.replica.live_slots())
         err0 = max(float((full[l][live] - engine.h[l][live]).abs().max()) for l in range(1, engine.L + 1))
         del full, adj
         self.emit({"kind": "dataset", "dataset": name, "nodes": engine.replica.num_nodes,
                    "typed_edges": engine.replica.num_edges, "directed_edges": 2 * engine.replica.num_edges,
                    "build_s": round(build_s, 2), "load_s": round(load_s, 2), "full_ms": round(1000 * full_s, 2),
+                   "cpu_ms_full": round(1000 * self.full_cpu_s, 2),
                    "full_runs_ms": [round(1000 * x, 2) for x in fulls], "rebuild_vs_full_err": err0,
                    **memory_info(engine), "info": ds["info"], "run": self.host})
         khop = KHopBaseline(engine, batch_size=a.khop_batch)
@@ -364,14 +373,13 @@ class Bench:
         if B <= 100:                                          # warm-up (allocator, caches)
             ch, f = stream.next(B)
             engine.apply(ch, f, with_vectors=False)
-        ta, tb, fracs, errs, aff, pub, msgs, cpu = [], [], [], [], [], [], [], []
+        ta, tb, fracs, errs, aff, pub, msgs, cpu, cpub = [], [], [], [], [], [], [], [], []
         for r in range(reps):
             if r and self.over_budget():
                 break
             ch, f = stream.next(B)
-            c0 = time.process_time()
             dt, report = self.timer(lambda: engine.apply(ch, f, with_vectors=False))
-            cpu.append(time.process_time() - c0)
+            cpu.append(self.timer.cpu)
             ta.append(dt)
             aff.append(report.affected)
             pub.append(len(report.changed_rows))
@@ -379,6 +387,7 @@ class Bench:
             seeds = report.affected_rows[L].numpy()
             sb, done, out, frac = khop.run(seeds, a.khop_budget_s / reps, rng)
             tb.append(sb)
+            cpub.append(khop.cpu_s)
             fracs.append(frac)
             if out is not None:
                 errs.append(float((out - engine.h[L][engine._t(done)]).abs().max()))
@@ -388,6 +397,9 @@ class Bench:
             "kind": "batch", "dataset": name, "batch_size": B, "reps": len(ta), "stream": "mixed",
             "ms_incremental": round(1000 * a_med, 3), "ms_incremental_p90": round(1000 * float(np.percentile(ta, 90)), 3),
             "cpu_ms_incremental": round(1000 * float(np.median(cpu)), 3),
+            "cpu_ms_khop": round(1000 * float(np.median(cpub)), 3), "cpu_ms_full": round(1000 * self.full_cpu_s, 3),
+            "cpu_speedup_vs_khop": round(float(np.median(cpub)) / max(float(np.median(cpu)), 1e-9), 2),
+            "cpu_speedup_vs_full": round(self.full_cpu_s / max(float(np.median(cpu)), 1e-9), 2),
             "ms_khop": round(1000 * b_med, 3), "ms_full": round(1000 * full_s, 3),
             "speedup_vs_khop": round(b_med / a_med, 2), "speedup_vs_full": round(full_s / a_med, 2),
             "updates_per_s": round(B / a_med, 1),
@@ -425,9 +437,10 @@ class Bench:
                     engine.configure("bounded", eps, tau)
                 ts += 1
                 dt, rep = self.timer(lambda: engine.apply([C.node_upsert(label, nid, ts)], {key: new}, with_vectors=False))
+                cpu_s = self.timer.cpu
                 vs, (err, over) = self.timer(lambda: engine.verify(method="layers"))
                 self.emit({"kind": "hub", "dataset": name, "case": case, "key": key, "degree": deg, "mode": mode,
-                           "ms": round(1000 * dt, 3), "affected_per_layer": rep.affected, "changed_per_layer": rep.changed,
+                           "ms": round(1000 * dt, 3), "cpu_ms": round(1000 * cpu_s, 3), "affected_per_layer": rep.affected, "changed_per_layer": rep.changed,
                            "vectors_published": len(rep.changed_rows), "vectors_suppressed": rep.vectors_suppressed,
                            "suppressed_per_layer": rep.suppressed, "max_residual_per_layer": rep.max_residual,
                            "delta_messages": rep.delta_messages, "max_abs_err": err, "rows_over_bound": over,
@@ -444,7 +457,7 @@ class Bench:
                 break
             if mode == "bounded":
                 engine.configure("bounded", eps, tau)
-            total, pub, sup = 0.0, 0, 0
+            total, total_cpu, pub, sup = 0.0, 0.0, 0, 0
             for i, p in enumerate(rng.choice(len(members), size=min(a.burst, len(members)), replace=False)):
                 ts += 1
                 key = members[int(p)]
@@ -452,12 +465,14 @@ class Bench:
                 dt, rep = self.timer(lambda: engine.apply([C.node_upsert("Product", key.split(":", 1)[1], ts)], {key: x},
                                                           with_vectors=False))
                 total += dt
+                total_cpu += self.timer.cpu
                 pub += len(rep.changed_rows)
                 sup += rep.vectors_suppressed
             err, over = engine.verify(method="layers")
             self.emit({"kind": "hub_burst", "dataset": name, "case": f"{a.burst} feature changes in the largest category",
                        "category_size": int(len(members)), "mode": mode, "ms_total": round(1000 * total, 2),
-                       "ms_per_update": round(1000 * total / a.burst, 3), "vectors_published": pub,
+                       "ms_per_update": round(1000 * total / a.burst, 3),
+                       "cpu_ms_per_update": round(1000 * total_cpu / a.burst, 3), "vectors_published": pub,
                        "vectors_suppressed": sup, "max_abs_err": err, "rows_over_bound": over,
                        "error_bound": engine.error_bound,
                        "propagate_threshold": eps if mode == "bounded" else 0.0,
@@ -495,6 +510,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--time-budget-s", type=float, default=None, help="stop starting new work after this long")
     p.add_argument("--output", default=str(Path(__file__).resolve().parent / "results" / "incremental.json"))
     p.add_argument("--fresh", action="store_true", help="do not keep rows of earlier runs in --output")
+    p.add_argument("--import-rows", default=None,
+                   help="merge the rows of another run's JSON (e.g. the GPU run's) into --output, then exit")
     args = p.parse_args(argv)
     if args.datasets is None:
         args.datasets = "retail,synth:small" if args.quick else "retail,synth:1m"
@@ -505,6 +522,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.import_rows:
+        out = Path(args.output)
+        rows = json.loads(out.read_text()) if out.exists() else []
+        new = json.loads(Path(args.import_rows).read_text())
+        keys = {(r.get("dataset"), r.get("device")) for r in new}
+        rows = [r for r in rows if (r.get("dataset"), r.get("device")) not in keys] + new
+        out.write_text(json.dumps(rows, indent=1) + "\n")
+        log(f"{out}: {len(new)} rows imported from {args.import_rows}, {len(rows)} in all")
+        return 0
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     bench = Bench(args)

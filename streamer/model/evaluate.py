@@ -380,4 +380,4 @@ def markdown_table(report: dict[str, Any], k: int = 20) -> str:
             lines.append(f"| {m} | {r['overall'][f'recall@{k}']:.4f} | {r['overall'][f'ndcg@{k}']:.4f} | "
                          f"{r['cold_start'][f'recall@{k}']:.4f} | {r['cold_start'][f'ndcg@{k}']:.4f} |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines).rstrip()
