@@ -30,7 +30,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from neo4j import GraphDatabase
 from neo4j.exceptions import (
@@ -123,11 +123,13 @@ class GraphSink:
         return self.query(cypher.COUNT_NODES)[0]["n"], self.query(cypher.COUNT_RELATIONSHIPS)[0]["n"]
 
     # --- the batch write -------------------------------------------------------------
-    def write(self, batch: GraphBatch) -> WriteResult:
+    def write(self, batch: GraphBatch, source_ms: int | None = None) -> WriteResult:
+        """Write the batch; ``source_ms`` (when the batch's oldest input entered Kafka) is
+        stamped on the changes with the commit time."""
         attempts = self.settings.graph_retry_attempts
         for attempt in range(1, attempts + 1):
             try:
-                result = self._write_once(batch)
+                result = self._write_once(batch, source_ms)
                 result.attempts = attempt
                 return result
             except (Neo4jError, *TRANSIENT) as exc:
@@ -144,7 +146,7 @@ class GraphSink:
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
-    def _write_once(self, batch: GraphBatch) -> WriteResult:
+    def _write_once(self, batch: GraphBatch, source_ms: int | None) -> WriteResult:
         result = WriteResult()
         now_ms = int(time.time() * 1000)
         with self.driver.session(database=self.database) as session:
@@ -159,11 +161,12 @@ class GraphSink:
                     tx.rollback()
                 raise
         unique = {(c.op, c.key, c.src, c.rel, c.dst): c for c in result.changes}
-        result.changes = [ch.Change(**{**c.__dict__, "committed_ms": now_ms}) for c in unique.values()]
+        result.changes = [replace(c, committed_ms=now_ms, source_ms=source_ms) for c in unique.values()]
         return result
 
     def _products(self, tx, batch: GraphBatch, result: WriteResult) -> None:
         rows = [_product_params(r) for r in batch.product_upserts]
+        applied: set[str] = set()
         if rows:
             applied = {rec["id"] for rec in tx.run(cypher.PRODUCT_UPSERT, rows=rows)}
             result.nodes_written += len(applied)
@@ -180,15 +183,20 @@ class GraphSink:
                 )
         deletes = batch.product_deletes
         if deletes:
-            applied = [rec["id"] for rec in tx.run(cypher.PRODUCT_DELETE, rows=deletes)]
-            result.nodes_written += len(applied)
-            if applied:
-                tx.run(cypher.PRODUCT_DETACH, ids=applied).consume()
-        every = [{"id": r["id"], "ts": r["ts"], "version": r["version"], "deleted": False} for r in batch.product_upserts]
-        every += [{"id": r["id"], "ts": r["ts"], "version": r["version"], "deleted": True} for r in deletes]
-        if not every:
-            return
-        current = {rec["id"] for rec in tx.run(cypher.PRODUCT_CURRENT, rows=every)}
+            deleted = [rec["id"] for rec in tx.run(cypher.PRODUCT_DELETE, rows=deletes)]
+            result.nodes_written += len(deleted)
+            if deleted:
+                tx.run(cypher.PRODUCT_DETACH, ids=deleted).consume()
+                applied.update(deleted)
+        # A row this transaction applied is current (one row per product after coalescing);
+        # only the others need the read that tells a replay of the stored state from a stale event.
+        others = [{"id": r["id"], "ts": r["ts"], "version": r["version"], "deleted": False}
+                  for r in batch.product_upserts if r["id"] not in applied]
+        others += [{"id": r["id"], "ts": r["ts"], "version": r["version"], "deleted": True}
+                   for r in deletes if r["id"] not in applied]
+        current = set(applied)
+        if others:
+            current |= {rec["id"] for rec in tx.run(cypher.PRODUCT_CURRENT, rows=others)}
         for row in batch.product_upserts:
             if row["id"] in current:
                 result.changes.append(_product_change(row))

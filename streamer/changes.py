@@ -30,7 +30,7 @@ A node key is ``"<Label>:<id>"``; labels never contain ':' so the key splits on 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 ChangeOp = Literal["node_upsert", "node_delete", "edge_upsert", "edge_delete"]
@@ -64,7 +64,7 @@ class Change:
         return self.key if self.key is not None else self.src  # type: ignore[return-value]
 
     def to_json(self) -> bytes:
-        doc = {k: v for k, v in asdict(self).items() if v is not None}
+        doc = {k: v for k, v in self.__dict__.items() if v is not None}
         return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
 
     @staticmethod

@@ -39,7 +39,7 @@ import logging
 import signal
 import time
 from collections import Counter as Tally
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from kafka import ConsumerRebalanceListener
 from kafka.consumer.fetcher import ConsumerRecord
@@ -209,16 +209,15 @@ class IngestConsumer:
         started = time.monotonic()
         with m.STAGE_SECONDS.labels(self.group, "decode").time():
             valid, dead = self._decode(records)
+        source_ms = min(r.timestamp for r in records)
         try:
             with m.STAGE_SECONDS.labels(self.group, "write").time():
-                changes, more_dead, nodes, rels = self._write(valid)
+                changes, more_dead, nodes, rels = self._write(valid, source_ms)
         except GraphUnavailable as exc:
             self._hold_for_backpressure(exc)
             return False
         dead += more_dead
         self._release_backpressure()
-        source_ms = min(r.timestamp for r in records)
-        changes = [replace(c, source_ms=source_ms) for c in changes]
         with m.STAGE_SECONDS.labels(self.group, "publish").time():
             self.stats.changes_published += self.publisher.publish(
                 self.settings.topic_changes, ((c.partition_key.encode(), c.to_json(), []) for c in changes)
@@ -240,12 +239,12 @@ class IngestConsumer:
                 dead.append(DeadLetter(record, exc.error_class, exc.message, "decode"))
         return valid, dead
 
-    def _write(self, valid: list) -> tuple[list[Change], list[DeadLetter], int, int]:
+    def _write(self, valid: list, source_ms: int) -> tuple[list[Change], list[DeadLetter], int, int]:
         """Write the events; bisect on refusal so one bad event cannot block the batch."""
         if not valid:
             return [], [], 0, 0
         try:
-            result = self.graph.write(plan_batch([event for _, event in valid]))
+            result = self.graph.write(plan_batch([event for _, event in valid]), source_ms)
             if result.attempts > 1:
                 m.GRAPH_RETRIES.labels(self.group).inc(result.attempts - 1)
             return result.changes, [], result.nodes_written, result.relationships_written
@@ -256,8 +255,8 @@ class IngestConsumer:
                 log.error("graph refused %s[%d]@%d: %s", record.topic, record.partition, record.offset, exc.message)
                 return [], [DeadLetter(record, f"GraphRejected:{exc.error_class}", exc.message, "write")], 0, 0
             mid = len(valid) // 2
-            c1, d1, n1, r1 = self._write(valid[:mid])
-            c2, d2, n2, r2 = self._write(valid[mid:])
+            c1, d1, n1, r1 = self._write(valid[:mid], source_ms)
+            c2, d2, n2, r2 = self._write(valid[mid:], source_ms)
             return c1 + c2, d1 + d2, n1 + n2, r1 + r2
 
     def _hold_for_backpressure(self, exc: Exception) -> None:

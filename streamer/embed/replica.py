@@ -20,10 +20,14 @@ Contract
   re-pointed); the space it leaves is garbage until ``maybe_compact()`` rewrites everything
   once garbage passes half of the used space.
 * Cost: insert O(1) amortised after a scan of the *smaller* endpoint's block for an existing
-  copy; delete = the same scan + O(1) through ``twin`` (swap with the block's last entry), so a
-  hub's block is never scanned to add or remove one of its edges; deleting a node is
+  copy; delete = the same scan + O(1) through ``twin`` (holes filled from the block's end), so
+  a hub's block is never scanned to add or remove one of its edges; deleting a node is
   O(its degree). ``gather(nodes)`` returns every half-edge of a set of nodes with vectorised
   numpy, touching only those blocks (never all edges).
+* Batched, vectorised forms (what the engine's ``apply`` uses; no Python loop per edge):
+  ``find_edges`` (lookup), ``add_edges`` (absent, distinct edges), ``remove_edges_at``
+  (present edges by position); ``remove_node`` and ``bulk_add_edges`` are vectorised too.
+  The scalar ``add_edge`` / ``remove_edge`` / ``find_edge`` remain for callers of one edge.
 * Memory: 10 bytes per half-edge (20 per edge) plus block slack (< 2x on blocks that grew; a
   bulk load and a compaction leave 1/8 slack), 18 bytes per slot in arrays, plus the Python
   key dict and key list (~100-150 bytes per node, depending on key length). ``nbytes()``
