@@ -188,4 +188,7 @@ def all_statements() -> list[tuple[str, str]]:
             for dst in NODE_LABELS:
                 for fn in (relation_upsert, relation_delete, relation_current):
                     out.append((f"{fn.__name__}[{src},{rel},{dst}]", fn(src, rel, dst)))
+    from streamer.model import cypher as model_cypher  # snapshots, user history, vector write-back
+
+    out += [(f"model.{name}", text) for name, text in model_cypher.statements()]
     return out
