@@ -303,10 +303,12 @@ class IncrementalEngine:
         return e
 
     # ---- storage -----------------------------------------------------------------------
-    def _ensure_capacity(self, need: int) -> None:
+    def _ensure_capacity(self, need: int, headroom: bool = True) -> None:
+        """Rows for ``need`` slots. Growth is by 1/4 (amortised O(1) per new node, and a
+        2.5M-node engine does not briefly hold two full copies of 16 GB of caches)."""
         if need <= self.cap:
             return
-        new = max(need, 2 * self.cap)
+        new = max(need, self.cap + self.cap // 4, 16) if headroom else need
 
         def grow(t: Tensor, fill: int = 0) -> Tensor:
             out = torch.full((new, *t.shape[1:]), fill, dtype=t.dtype, device=t.device)

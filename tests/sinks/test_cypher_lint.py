@@ -21,12 +21,8 @@ import subprocess
 
 import pytest
 
-try:  # tests/sinks may become a package one day
-    from . import cypher_lint
-except ImportError:
-    import cypher_lint
-
-from cypher_lint import CypherLintUnavailable, Problem, describe, lint
+from tests.sinks import cypher_lint
+from tests.sinks.cypher_lint import CypherLintUnavailable, Problem, describe, lint
 
 # (statement-name regex, message regex, why it is acceptable). Matched with re.search.
 # Empty: nothing the project sends draws a warning today. Add an entry only with a reason that

@@ -26,10 +26,10 @@ THRESHOLDS = st.sampled_from([(0.0, 1e-3), (1e-3, 0.0), (1e-4, 1e-4), (1e-2, 1e-
 def sums_match_stored_rows(engine: IncrementalEngine, tol: float = 1e-5) -> None:
     """S[l] must be the neighbour sum of the *stored* rows h[l] (what bounded mode keeps)."""
     n = engine.replica.num_slots
-    if not n:
+    live = engine._t(engine.replica.live_slots())
+    if not n or not len(live):
         return
     adj = engine.adjacency(torch.float64)
-    live = engine._t(engine.replica.live_slots())
     for layer in range(engine.L):
         fresh = engine._spmm(adj, engine.h[layer][:n].double())
         assert float((fresh[live] - engine.S[layer][live].double()).abs().max()) <= tol, layer
