@@ -315,9 +315,9 @@ class IncrementalEngine:
             out[:t.shape[0]] = t
             return out
 
-        self.h = [grow(t) for t in self.h]
-        self.S = [grow(t) for t in self.S]
-        self.count = [grow(t) for t in self.count]
+        for caches in (self.h, self.S, self.count):      # one tensor at a time: the old one is
+            for i in range(len(caches)):                  # freed before the next is allocated
+                caches[i] = grow(caches[i])
         self._ts = grow(self._ts, -1)
         self._pos = np.zeros(new, dtype=np.int64)
         isnew = np.zeros(new, dtype=bool)
