@@ -34,7 +34,6 @@ from dataclasses import dataclass, field, replace
 
 from neo4j import GraphDatabase
 from neo4j.exceptions import (
-    ClientError,
     DatabaseUnavailable,
     Neo4jError,
     ServiceUnavailable,

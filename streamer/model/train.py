@@ -58,7 +58,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 import resource
 import threading

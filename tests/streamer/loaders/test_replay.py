@@ -8,9 +8,7 @@ committed sample into a real broker when KGS_TEST_BOOTSTRAP_SERVERS names one.
 from __future__ import annotations
 
 import json
-import os
 import time
-import uuid
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
