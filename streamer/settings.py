@@ -91,7 +91,8 @@ class Settings(BaseSettings):
     # its change on only when it moved by more than embed_propagate_threshold (max-abs) since it
     # last did, and a vector is published only when h_L moved by more than
     # embed_publish_threshold; what is held back is carried forward, and the error against a
-    # full recompute stays under the engine's reported error_bound (kg-streamer verify uses it).
+    # full recompute stays under the engine's reported error_bound (IncrementalEngine.verify()
+    # tolerates 1e-5 + error_bound by default; `kg-streamer verify --tol` takes its own).
     embed_mode: Literal["exact", "bounded"] = "exact"
     embed_propagate_threshold: float = Field(5e-5, ge=0, description="bounded mode: hidden-layer threshold")
     embed_publish_threshold: float = Field(1e-4, ge=0, description="bounded mode: publish threshold on h_L")

@@ -330,7 +330,6 @@ class IncrementalEngine:
         t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
         return t if self.device.type == "cpu" else t.to(self.device)
 
-    _idx = _t
 
     def _union(self, *parts: np.ndarray) -> np.ndarray:
         """Distinct elements of index arrays, O(total) with a scratch array (no sort)."""
