@@ -158,7 +158,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("verify", help="audit: full recompute vs the worker's incremental state (exit 1 on failure)")
-    p.add_argument("--tol", type=float, default=1e-5)
+    p.add_argument("--tol", type=float, default=None, help="default: 1e-5 + the bounded mode's error bound (0 when exact)")
     p.add_argument("--against-topic", action="store_true", help="also compare with the last vector per key on kg.embeddings")
     p.set_defaults(func=cmd_verify)
 

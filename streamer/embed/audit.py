@@ -17,8 +17,11 @@ from streamer.embed.worker import load_engine_for_audit
 from streamer.settings import Settings
 
 
-def verify(settings: Settings, against_topic: bool = False, tol: float = 1e-5) -> dict:
+def verify(settings: Settings, against_topic: bool = False, tol: float | None = None) -> dict:
+    """``tol`` defaults to 1e-5 plus the engine's reported error bound (0 in exact mode)."""
     engine = load_engine_for_audit(settings)
+    if tol is None:
+        tol = 1e-5 + engine.error_bound
     max_err, rows_over = engine.verify(tol=tol)
     report = {
         "nodes": engine.replica.num_nodes,
