@@ -1,5 +1,6 @@
 """Kafka consumer pieces shared by the long-running consumers (ingest and embed).
 
+* ``ConsumerLoop`` -- stop flag + signal handlers + best-effort close;
 * ``make_consumer`` -- a group member with auto-commit off and the session settings;
 * ``caught_up`` -- lag 0 on every assigned partition, from ``highwater()`` (Tansu's
   ``end_offsets()`` is wrong, and the highwater is what the last fetch saw);
@@ -13,7 +14,9 @@
 from __future__ import annotations
 
 import logging
+import signal
 import time
+from collections.abc import Callable
 
 from kafka import KafkaConsumer
 from kafka.errors import CommitFailedError, RebalanceInProgressError
@@ -24,6 +27,28 @@ from streamer.ops.lag import commit_metadata
 from streamer.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+class ConsumerLoop:
+    """What the long-running consumers share: a stop flag that SIGTERM/SIGINT set (the loop
+    finishes the batch in hand and exits), and a best-effort close of their clients."""
+
+    stopping = False
+
+    def stop(self, *_args) -> None:
+        self.stopping = True
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    @staticmethod
+    def close_quietly(*closers: Callable[[], object]) -> None:
+        for closer in closers:
+            try:
+                closer()
+            except Exception:  # noqa: BLE001 - closing is best effort
+                log.exception("error while closing")
 
 
 def make_consumer(settings: Settings, group: str, client_id: str, max_poll_records: int) -> KafkaConsumer:

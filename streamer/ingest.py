@@ -36,7 +36,6 @@ commit (or abandons it uncommitted if the graph DB is unavailable), then closes.
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from collections import Counter as Tally
 from dataclasses import dataclass, field
@@ -48,7 +47,7 @@ from sinks.graph_db import GraphRejected, GraphSink, GraphUnavailable
 from sinks.kafka_producer import KafkaPublisher
 from streamer import metrics as m
 from streamer.changes import Change
-from streamer.consumer import caught_up, commit_after, make_consumer
+from streamer.consumer import ConsumerLoop, caught_up, commit_after, make_consumer
 from streamer.events import InvalidEvent, decode_event
 from streamer.mutations import plan_batch
 from streamer.ops.lag import LagMonitor, start_monitor
@@ -123,7 +122,7 @@ class _Rebalance(ConsumerRebalanceListener):
         log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
 
 
-class IngestConsumer:
+class IngestConsumer(ConsumerLoop):
     def __init__(self, settings: Settings, graph: GraphSink | None = None, publisher: KafkaPublisher | None = None):
         self.settings = settings
         self.group = settings.ingest_group
@@ -159,21 +158,10 @@ class IngestConsumer:
             self.close()
         return self.stats
 
-    def stop(self, *_args) -> None:
-        self.stopping = True
-
-    def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, self.stop)
-
     def close(self) -> None:
         if self.lag_monitor is not None:
             self.lag_monitor.stop()
-        for closer in (self.consumer.close, self.publisher.close, self.graph.close):
-            try:
-                closer()
-            except Exception:  # noqa: BLE001 - closing best effort
-                log.exception("error while closing")
+        self.close_quietly(self.consumer.close, self.publisher.close, self.graph.close)
 
     # --- poll -----------------------------------------------------------------------
     def _poll_once(self) -> None:

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +53,7 @@ from encoders.text import TextEncoder
 from sinks.kafka_producer import KafkaPublisher
 from streamer import metrics as m
 from streamer.changes import Change, edge_delete, edge_upsert
-from streamer.consumer import caught_up, commit_after, make_consumer
+from streamer.consumer import ConsumerLoop, caught_up, commit_after, make_consumer
 from streamer.embed.engine import Featurizer, IncrementalEngine, engine_options
 from streamer.embed.vectors import VectorRecord
 from streamer.model.reembed import load_engine
@@ -142,7 +141,7 @@ class _Rebalance(ConsumerRebalanceListener):
         self.worker.position_from_checkpoint(assigned)
 
 
-class EmbedWorker:
+class EmbedWorker(ConsumerLoop):
     def __init__(self, settings: Settings, publisher: KafkaPublisher | None = None):
         self.settings = settings
         self.group = settings.embed_group
@@ -222,21 +221,10 @@ class EmbedWorker:
             self.close()
         return self.stats
 
-    def stop(self, *_args) -> None:
-        self.stopping = True
-
-    def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, self.stop)
-
     def close(self) -> None:
         if self.lag_monitor is not None:
             self.lag_monitor.stop()
-        for closer in (self.consumer.close, self.publisher.close):
-            try:
-                closer()
-            except Exception:  # noqa: BLE001
-                log.exception("error while closing")
+        self.close_quietly(self.consumer.close, self.publisher.close)
 
     def _poll_once(self) -> None:
         room = self.settings.embed_batch_max_changes - len(self.pending)
