@@ -72,32 +72,30 @@ def cmd_load(args, settings: Settings) -> int:
     return 0
 
 
-def cmd_ingest(args, settings: Settings) -> int:
+def _run_consumer(make, args, settings: Settings) -> int:
+    """A long-running consumer: topics, /metrics, SIGTERM handling, run, print its summary."""
     from streamer import metrics
-    from streamer.ingest import IngestConsumer
     from streamer.topics import ensure_topics
 
     ensure_topics(settings)
     metrics.serve(settings.metrics_addr)
-    consumer = IngestConsumer(settings)
+    consumer = make(settings)
     consumer.install_signal_handlers()
     stats = consumer.run(until_caught_up=args.until_caught_up, max_seconds=args.max_seconds)
     print(json.dumps(stats.summary(), indent=2))
     return 0
 
 
-def cmd_embed(args, settings: Settings) -> int:
-    from streamer import metrics
-    from streamer.embed.worker import EmbedWorker
-    from streamer.topics import ensure_topics
+def cmd_ingest(args, settings: Settings) -> int:
+    from streamer.ingest import IngestConsumer
 
-    ensure_topics(settings)
-    metrics.serve(settings.metrics_addr)
-    worker = EmbedWorker(settings)
-    worker.install_signal_handlers()
-    stats = worker.run(until_caught_up=args.until_caught_up, max_seconds=args.max_seconds)
-    print(json.dumps(stats.summary(), indent=2))
-    return 0
+    return _run_consumer(IngestConsumer, args, settings)
+
+
+def cmd_embed(args, settings: Settings) -> int:
+    from streamer.embed.worker import EmbedWorker
+
+    return _run_consumer(EmbedWorker, args, settings)
 
 
 def cmd_verify(args, settings: Settings) -> int:
