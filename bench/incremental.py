@@ -332,7 +332,7 @@ class Bench:
             raise SystemExit(f"unknown dataset {name!r}")
         build_s = time.perf_counter() - t0
         engine = IncrementalEngine(self.model(a.dim), self.device, reanchor_every=a.reanchor_every,
-                                   agg_dtype=getattr(torch, a.agg_dtype))
+                                   agg_dtype=getattr(torch, a.agg_dtype), full_ratio=a.full_ratio)
         load_s, _ = self.timer(lambda: engine.bulk_load(ds["keys"], ds["src"], ds["dst"], ds["rel"],
                                                         features=ds["features"], rel_names=ds["rel_names"],
                                                         feature_rows=ds["feature_rows"]))
@@ -373,7 +373,7 @@ class Bench:
         if B <= 100:                                          # warm-up (allocator, caches)
             ch, f = stream.next(B)
             engine.apply(ch, f, with_vectors=False)
-        ta, tb, fracs, errs, aff, pub, msgs, cpu, cpub = [], [], [], [], [], [], [], [], []
+        ta, tb, fracs, errs, aff, pub, msgs, cpu, cpub, fl = [], [], [], [], [], [], [], [], [], []
         for r in range(reps):
             if r and self.over_budget():
                 break
@@ -384,6 +384,7 @@ class Bench:
             aff.append(report.affected)
             pub.append(len(report.changed_rows))
             msgs.append(report.delta_messages)
+            fl.append(report.full_layers)
             seeds = report.affected_rows[L].numpy()
             sb, done, out, frac = khop.run(seeds, a.khop_budget_s / reps, rng)
             tb.append(sb)
@@ -409,6 +410,7 @@ class Bench:
             "affected_per_layer_median": [int(x) for x in np.median(np.asarray(aff), axis=0)],
             "affected_per_layer_max": [int(x) for x in np.max(np.asarray(aff), axis=0)],
             "published_median": int(np.median(pub)), "delta_messages_median": int(np.median(msgs)),
+            "full_ratio": engine.full_ratio, "full_layers": fl,
         })
 
     def hubs(self, name: str, engine: IncrementalEngine, g: synth.SynthGraph) -> None:
@@ -492,6 +494,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--out", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--full-ratio", type=float, default=None,
+                   help="switch a layer to a full pass at this messages/half-edges ratio (default: the "
+                        "engine's per-device default; 0: never)")
     p.add_argument("--reanchor-every", type=int, default=256)
     p.add_argument("--agg-dtype", choices=["float64", "float32"], default="float64",
                    help="the engine's neighbour sums (float32: the engine before the products-scale run)")

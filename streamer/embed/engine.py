@@ -38,6 +38,15 @@ vectorised replica calls (``find_edges`` / ``add_edges`` / ``remove_edges_at``).
 bookkeeping (affected sets, unions, degrees, drift counters) is numpy on the host; the caches,
 sums and dense work live on the device (CPU or CUDA).
 
+Large batches (exact mode): before layer ``l`` the engine knows how many delta messages it would
+send, ``sum deg(C_{l-1})`` plus the structural ends. When that reaches ``full_ratio`` times the
+graph's half-edges, layers ``l..L`` switch to full-graph passes instead (``_full_from``): one
+CSR product over all rows gives fresh sums, and the *structural* rule above still decides
+which rows are written and published (``A_l`` from a sparse product with the indicator of
+``C_{l-1}``), so rows outside ``A_l`` stay bit-identical and nothing is published for rounding.
+The written sums are fresh, i.e. re-anchored. ``full_ratio`` defaults per device
+(``FULL_RATIO``, measured in docs/performance.md); 0 turns the switch off.
+
 Bounded mode (``mode="bounded"``; docs/engine.md): a recomputed row of layer ``l`` passes its
 change on only when it moved by more than ``thresholds[l]`` (propagate threshold for hidden
 layers, publish threshold for layer L) against its *stored* row; the rest is carried forward
@@ -76,6 +85,10 @@ log = logging.getLogger(__name__)
 FeatureMap = Mapping[str, Tensor]
 Featurize = Callable[[Sequence[Change]], FeatureMap]
 STATE_FORMAT = 1
+# messages / half-edges at which a layer switches to a full pass, per device type (measured:
+# docs/performance.md, "Switching to full passes"); a CUDA full pass is cheap next to the host-side
+# index work of a large incremental layer
+FULL_RATIO = {"cpu": 0.25, "cuda": 0.02}
 
 
 @dataclass
@@ -87,6 +100,7 @@ class BatchReport:
     rows_recomputed: int = 0                            # sum over l >= 1 of |A_l|
     delta_messages: int = 0                             # rows added into some sum by delta
     reanchored_rows: int = 0
+    full_layers: int = 0                                # layers computed by a full pass (large batches)
     neighbour_reads: int = 0                            # neighbour rows read by re-anchoring
     changed_keys: list[str] = field(default_factory=list)
     changed_rows: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
@@ -106,7 +120,7 @@ class BatchReport:
     def summary(self) -> dict[str, Any]:
         return {"changes": self.changes, "affected": self.affected, "changed": self.changed,
                 "rows_recomputed": self.rows_recomputed, "delta_messages": self.delta_messages,
-                "reanchored_rows": self.reanchored_rows, "published": len(self.changed_rows),
+                "reanchored_rows": self.reanchored_rows, "full_layers": self.full_layers, "published": len(self.changed_rows),
                 "deleted": len(self.deleted_keys), "suppressed": self.suppressed,
                 "vectors_suppressed": self.vectors_suppressed, "max_residual": self.max_residual,
                 "error_bound": self.error_bound, "seconds": round(self.seconds, 6)}
@@ -117,6 +131,9 @@ def engine_options(settings: Any) -> dict[str, Any]:
     objects without those fields give the defaults."""
     mode = getattr(settings, "embed_mode", "exact")
     opts: dict[str, Any] = {"mode": mode, "reanchor_every": int(getattr(settings, "embed_reanchor_every", 256))}
+    ratio = getattr(settings, "embed_full_ratio", None)
+    if ratio is not None:
+        opts["full_ratio"] = float(ratio)
     if mode == "bounded":
         opts["propagate_threshold"] = float(getattr(settings, "embed_propagate_threshold", 0.0))
         opts["publish_threshold"] = float(getattr(settings, "embed_publish_threshold", 0.0))
@@ -220,6 +237,7 @@ class IncrementalEngine:
         propagate_threshold: float = 0.0,
         publish_threshold: float = 0.0,
         reanchor_every: int = 256,
+        full_ratio: float | None = None,
         agg_dtype: torch.dtype = torch.float64,
         featurize: Featurize | None = None,
         text_model_id: str = "",
@@ -232,6 +250,9 @@ class IncrementalEngine:
         self.fusion, self.fusion_text_weight = fusion, fusion_text_weight
         self.out_dim = fused_dim(fusion, self.dims[0], self.dims[-1])
         self.reanchor_every = reanchor_every
+        self.full_ratio = FULL_RATIO.get(self.device.type, 0.0) if full_ratio is None else float(full_ratio)
+        if self.full_ratio < 0:
+            raise ValueError("full_ratio must be >= 0 (0: never switch to full passes)")
         self.agg_dtype = agg_dtype
         self.featurize = featurize
         self.text_model_id = text_model_id
@@ -469,30 +490,33 @@ class IncrementalEngine:
         alive = rep.alive
         touched_ts: list[Tensor] = []
 
-        # 1. structure: sums gain/lose the neighbour's *old* row, at every layer
+        # 1. structure: sums gain/lose the neighbour's *old* row. Layer 0 here; layer l >= 1 just
+        # before h[l] is overwritten, and only when layer l+1 runs on the delta path (a full pass
+        # computes fresh sums for every row the structure touched)
         owners, srcs, signs, tss = structure.arrays()
         if len(owners):
             keep = alive[owners]
             if not keep.all():
                 owners, srcs, signs, tss = owners[keep], srcs[keep], signs[keep], tss[keep]
         new_slots = np.fromiter((s for s in created if alive[s]), dtype=np.int64)
+        ends = self._union(owners, new_slots)
+        zero = ends[rep.length[ends] == 0] if len(ends) else ends     # no neighbours: the sum is exactly 0
         if len(owners):
             o, src = self._t(owners), self._t(srcs)
-            sign = torch.from_numpy(signs).to(dev, self.agg_dtype).unsqueeze(1)
-            for layer in range(L):
-                self.S[layer].index_add_(0, o, self.h[layer][src].to(self.agg_dtype) * sign)
-                self._count(layer, owners)
-            report.delta_messages += len(owners) * L
+            sign = torch.from_numpy(signs).to(dev).unsqueeze(1)
             self._ts.scatter_reduce_(0, o, self._t(tss), reduce="amax")
             touched_ts.append(o)
-        ends = self._union(owners, new_slots)
-        if len(ends):
-            zero = ends[rep.length[ends] == 0]          # no neighbours: the sum is exactly 0
+
+        def structure_into(layer: int) -> None:
+            if len(owners):
+                self.S[layer].index_add_(0, o, self.h[layer][src].mul_(sign).to(self.agg_dtype))
+                self._count(layer, owners)
+                report.delta_messages += len(owners)
             if len(zero):
-                z = self._t(zero)
-                for layer in range(L):
-                    self.S[layer][z] = 0
-                    self.count[layer].numpy()[zero] = 0
+                self.S[layer][self._t(zero)] = 0
+                self.count[layer].numpy()[zero] = 0
+
+        structure_into(0)
         self._isnew[new_slots] = True
 
         # 2. input features
@@ -516,8 +540,12 @@ class IncrementalEngine:
         report.affected_rows.append(torch.from_numpy(slots))
         held_last = np.zeros(0, dtype=np.int64)
 
-        # 3. layers
+        # 3. layers (a large batch finishes with full passes: module doc, "Large batches")
+        full_next = self._use_full_pass(changed, ends)
         for layer in range(L):
+            if full_next:
+                changed = self._full_from(layer, changed, ends, report, touched_ts)
+                break
             seg, w = rep.gather(changed)
             if len(w):
                 recv, seg_t = self._t(w), self._t(seg)
@@ -537,6 +565,10 @@ class IncrementalEngine:
             del agg
             old = self.h[layer + 1][rt]
             changed, idx, delta, held = self._select(layer + 1, rows, old, new, report, need_delta=layer + 1 < L)
+            if layer + 1 < L:
+                full_next = self._use_full_pass(changed, ends)
+                if not full_next:
+                    structure_into(layer + 1)                 # h[layer+1] still holds the old rows
             if len(changed):
                 self.h[layer + 1][self._t(changed)] = new if len(idx) == len(rows) else new[self._t(idx)]
             held_last = held
@@ -563,6 +595,64 @@ class IncrementalEngine:
             self._clear(self._t(removed))
             rep.release(removed)
         return report
+
+    def _use_full_pass(self, changed: np.ndarray, ends: np.ndarray) -> bool:
+        """Whether the next layer is cheaper as a full pass: its delta messages (the degrees of
+        the rows that moved, plus the structural ends) reach ``full_ratio`` x half-edges."""
+        if self.full_ratio <= 0 or self.mode != "exact":
+            return False
+        half_edges = 2 * self.replica.num_edges
+        if half_edges == 0:
+            return False
+        messages = int(self.replica.length[changed].sum()) + len(ends)
+        return messages >= self.full_ratio * half_edges
+
+    def _full_from(self, first: int, changed: np.ndarray, ends: np.ndarray, report: BatchReport,
+                   touched_ts: list[Tensor]) -> np.ndarray:
+        """Layers ``first+1..L`` by full-graph passes; returns ``C_L``. Per layer: ``A`` =
+        ``C`` + neighbours of ``C`` (one sparse product with C's indicator) + ``ends``; the
+        fresh sums (one CSR product over all rows) and the dense step are written for the rows
+        of ``A`` only, so every other row stays bit-identical, as in the incremental path."""
+        rep, dev, n = self.replica, self.device, self.replica.num_slots
+        crow, col, row = self._csr(with_rows=True)
+        adj = self._sparse(crow, col, self.agg_dtype)
+        alive = torch.from_numpy(rep.alive[:n]).to(dev)
+        isnew = torch.from_numpy(self._isnew[:n]).to(dev)
+        end_mask = torch.zeros(n, dtype=torch.bool, device=dev)
+        end_mask[self._t(ends)] = True
+        in_c = torch.zeros(n, dtype=torch.bool, device=dev)
+        in_c[self._t(changed)] = True
+        deg = torch.from_numpy(rep.length[:n].astype(np.float32)).to(dev).clamp_(min=1)
+        for layer in range(first, self.L):
+            reached = self._spmm(adj, in_c.to(adj.dtype).unsqueeze(1)).squeeze(1) > 0
+            rows_mask = (reached | in_c | end_mask) & alive
+            # event time: a receiver takes the newest time among its changed neighbours
+            sel = in_c[col]
+            if bool(sel.any()):
+                recv = row[sel]
+                self._ts.scatter_reduce_(0, recv, self._ts[col[sel]], reduce="amax")
+                touched_ts.append(recv)
+            rows_t = rows_mask.nonzero().squeeze(1)
+            fresh = self._spmm(adj, self.h[layer][:n])[rows_t].to(self.agg_dtype)
+            self.S[layer][rows_t] = fresh
+            self.count[layer][rows_t.cpu()] = 0
+            agg = fresh.to(torch.float32)
+            del fresh
+            if self.mean:
+                agg.div_(deg[rows_t].unsqueeze(1))
+            new = self.model.dense(layer, agg, self.h[layer][rows_t])
+            del agg
+            moved = (new != self.h[layer + 1][rows_t]).any(1) | isnew[rows_t]
+            self.h[layer + 1][rows_t[moved]] = new[moved]
+            in_c = torch.zeros_like(in_c)
+            in_c[rows_t[moved]] = True
+            rows = rows_t.cpu().numpy()
+            report.affected.append(len(rows))
+            report.changed.append(int(moved.sum()))
+            report.affected_rows.append(torch.from_numpy(rows))
+            report.rows_recomputed += len(rows)
+            report.full_layers += 1
+        return rows[moved.cpu().numpy()]
 
     def _select(self, layer: int, rows: np.ndarray, old: Tensor, new: Tensor, report: BatchReport,
                 need_delta: bool = True) -> tuple[np.ndarray, np.ndarray, Tensor, np.ndarray]:
@@ -635,18 +725,38 @@ class IncrementalEngine:
         src, dst = self.replica.edge_index()
         return torch.as_tensor(np.stack([src, dst]), dtype=torch.long, device=self.device)
 
+    def _csr(self, with_rows: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The replica's adjacency in CSR form, built on the device from its block arrays (one
+        copy of the used half-edge array; the index arithmetic runs where the data lives):
+        ``crow`` [n+1], ``col`` [half-edges], and with ``with_rows`` the row of every entry.
+        Row v (a block owner) lists the neighbours whose messages v aggregates; dead slots are
+        empty rows. int64 throughout."""
+        rep, dev, n = self.replica, self.device, self.replica.num_slots
+        length = torch.from_numpy(np.where(rep.alive[:n], rep.length[:n], 0).astype(np.int64)).to(dev)
+        crow = torch.zeros(n + 1, dtype=torch.int64, device=dev)
+        torch.cumsum(length, 0, out=crow[1:])
+        total = int(crow[-1])
+        row = torch.repeat_interleave(torch.arange(n, device=dev), length, output_size=total)
+        offset = torch.from_numpy(rep.start[:n]).to(dev) - crow[:-1]   # block start - CSR start
+        pos = torch.arange(total, device=dev).add_(offset[row])
+        col = torch.from_numpy(rep.nbr[:rep.top]).to(dev)[pos].long()
+        del pos
+        return crow, col, (row if with_rows else None)
+
+    def _sparse(self, crow: Tensor, col: Tensor, dtype: torch.dtype) -> Tensor:
+        n = len(crow) - 1
+        if self.device.type == "cpu" and len(col) < (1 << 31) - 1:   # int32 halves the CSR on the host
+            crow, col = crow.int(), col.int()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(crow, col, torch.ones(len(col), dtype=dtype, device=self.device),
+                                           size=(n, n))
+
     def adjacency(self, dtype: torch.dtype | None = None) -> Tensor:
         """The replica's adjacency as a sparse CSR matrix on the device (row = receiver), for
         layer-wise full-graph passes without an [edges, dim] message tensor."""
-        crow, col = self.replica.csr()
-        n = self.replica.num_slots
-        # int32 indices halve the CSR on the host; CUDA gets int64 (cuSPARSE takes both, int64 is
-        # the path every torch build supports)
-        itype = torch.int32 if self.device.type == "cpu" and len(col) < (1 << 31) - 1 else torch.int64
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.sparse_csr_tensor(torch.from_numpy(crow).to(itype), torch.from_numpy(col).to(itype),
-                                           torch.ones(len(col), dtype=dtype or self.agg_dtype), size=(n, n)).to(self.device)
+        crow, col, _ = self._csr()
+        return self._sparse(crow, col, dtype or self.agg_dtype)
 
     def _spmm(self, adj: Tensor, x: Tensor) -> Tensor:
         if x.shape[0] == 0 or adj._nnz() == 0:

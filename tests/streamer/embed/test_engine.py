@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from encoders.graph import GraphEncoder, GraphEncoderConfig, fuse
 from streamer import changes as C
 from streamer.embed import Featurizer, IncrementalEngine, Replica
+from streamer.embed.engine import FULL_RATIO
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DIM = 8
@@ -200,6 +201,67 @@ def test_incremental_equals_full_recompute_after_every_batch(stream, layers, agg
     run_stream(engine, stream)
 
 
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(stream=stream_st, layers=st.integers(1, 3), aggr=st.sampled_from(["mean", "sum"]),
+       ratio=st.sampled_from([1e-9, 0.05, 0.3]))
+def test_full_pass_switch_keeps_every_incremental_guarantee(stream, layers, aggr, ratio):
+    """Large batches finish with full passes (1e-9: every layer of every batch; 0.05 / 0.3: a
+    mix): the same exactness, bit-identical untouched rows, publication and tombstones."""
+    engine = IncrementalEngine(make_model(layers, aggr), "cpu", full_ratio=ratio)
+    run_stream(engine, stream)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(stream=stream_st)
+def test_full_pass_publishes_what_the_delta_path_publishes(stream):
+    """Same stream through a delta-only engine and an always-full engine: after every batch,
+    every vector the delta path published is, in the full engine, either published too or
+    already within 1e-5 of it (the two paths round differently, so a row can move by rounding
+    in one and not the other), with the same event time when both publish it; tombstones agree."""
+    delta = IncrementalEngine(make_model(2), "cpu", full_ratio=0)
+    full = IncrementalEngine(make_model(2), "cpu", full_ratio=1e-9)
+    ts = 1
+    for batch in stream:
+        changes, features = to_changes(batch, ts)
+        ts += len(batch) + 1
+        rd, rf = delta.apply(changes, features), full.apply(changes, features)
+        assert rd.full_layers == 0
+        assert set(rd.deleted_keys) == set(rf.deleted_keys)
+        got = dict(zip(rf.changed_keys, rf.vectors))
+        ts_f = dict(zip(rf.changed_keys, rf.changed_ts))
+        for k, v, t in zip(rd.changed_keys, rd.vectors, rd.changed_ts):
+            assert torch.allclose(got.get(k, full.vector(k)), v, atol=1e-5, rtol=0), k
+            assert k not in ts_f or ts_f[k] == t, k
+
+
+def test_a_hub_change_switches_to_a_full_pass_at_layer_two():
+    keys = ["Category:hub"] + [f"Product:{i}" for i in range(2000)]
+    engine = IncrementalEngine(make_model(2), "cpu", full_ratio=0.25)
+    engine.bulk_load(keys, np.arange(1, 2001), np.zeros(2000, dtype=np.int64), "IN_CATEGORY")
+    report = engine.apply([C.node_upsert("Product", "7", 1)], {"Product:7": feat(1)})
+    assert report.full_layers == 1                   # layer 1: 2 messages; layer 2: the hub's 2000
+    assert report.affected == [1, 2, 2001] and len(report.changed_keys) == 2001
+    assert engine.verify()[1] == 0
+    report = engine.apply([C.edge_upsert("Product:0", "SIMILAR", "Product:1", 2)])
+    assert report.full_layers == 0                   # a small change stays on the delta path
+    assert engine.verify()[1] == 0
+
+
+def test_full_ratio_validation_and_device_default():
+    assert IncrementalEngine(make_model(1), "cpu").full_ratio == FULL_RATIO["cpu"]
+    assert IncrementalEngine(make_model(1), "cpu", full_ratio=0).full_ratio == 0
+    with pytest.raises(ValueError):
+        IncrementalEngine(make_model(1), "cpu", full_ratio=-1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA; the CPU engine is covered by the test above")
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(stream=stream_st, ratio=st.sampled_from([0.0, 1e-9, 0.05]))
+def test_full_pass_switch_on_cuda(stream, ratio):
+    engine = IncrementalEngine(make_model(2), "cuda", full_ratio=ratio)
+    run_stream(engine, stream)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA; the CPU engine is covered by the test above")
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(stream=stream_st, reanchor=st.sampled_from([1, 256]))
@@ -303,7 +365,8 @@ def test_bulk_load_equals_incremental_build():
 # ---- hubs: deltas, never re-reads ----------------------------------------------------------
 def star(layers: int, leaves: int = 2000, reanchor_every: int = 10_000) -> tuple[IncrementalEngine, int]:
     keys = ["Category:hub"] + [f"Product:{i}" for i in range(leaves)]
-    engine = IncrementalEngine(make_model(layers), "cpu", reanchor_every=reanchor_every)
+    # full_ratio=0: these tests are about the delta path (a hub change would switch to full passes)
+    engine = IncrementalEngine(make_model(layers), "cpu", reanchor_every=reanchor_every, full_ratio=0)
     engine.bulk_load(keys, np.arange(1, leaves + 1), np.zeros(leaves, dtype=np.int64), "IN_CATEGORY")
     return engine, engine.replica.index["Category:hub"]
 
