@@ -364,6 +364,8 @@ class Bench:
                 log(f"time budget spent: skipping batch size {B} and later")
                 break
             self.batch_series(name, engine, ds["stream"], khop, B, reps.get(B, 3), full_s, rng)
+            if a.sweep_full_ratio and not self.over_budget():
+                self.ratio_sweep(name, engine, ds["stream"], B, reps.get(B, 3), full_s)
         if ds["graph"] is not None and a.hubs and not self.over_budget():
             self.hubs(name, engine, ds["graph"])
 
@@ -412,6 +414,27 @@ class Bench:
             "published_median": int(np.median(pub)), "delta_messages_median": int(np.median(msgs)),
             "full_ratio": engine.full_ratio, "full_layers": fl,
         })
+
+    def ratio_sweep(self, name: str, engine: IncrementalEngine, stream: Any, B: int, reps: int, full_s: float) -> None:
+        """(a) alone under each ``--sweep-full-ratio`` value, on the next batches of the stream
+        (different batches of the same size, so compare medians), then one exactness check."""
+        default = engine.full_ratio
+        for ratio in self.args.sweep_full_ratio:
+            engine.full_ratio = ratio
+            ta, fl = [], []
+            for _ in range(reps):
+                ch, f = stream.next(B)
+                dt, report = self.timer(lambda: engine.apply(ch, f, with_vectors=False))
+                ta.append(dt)
+                fl.append(report.full_layers)
+            med = float(np.median(ta))
+            self.emit({"kind": "full_ratio_sweep", "dataset": name, "batch_size": B, "full_ratio": ratio,
+                       "reps": len(ta), "ms_incremental": round(1000 * med, 3), "ms_full": round(1000 * full_s, 3),
+                       "speedup_vs_full": round(full_s / med, 2), "full_layers": fl})
+        engine.full_ratio = default
+        err, over = engine.verify(method="layers")
+        self.emit({"kind": "full_ratio_sweep_check", "dataset": name, "batch_size": B, "max_abs_err": err,
+                   "rows_over_1e-5": over})
 
     def hubs(self, name: str, engine: IncrementalEngine, g: synth.SynthGraph) -> None:
         a = self.args
@@ -497,6 +520,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--full-ratio", type=float, default=None,
                    help="switch a layer to a full pass at this messages/half-edges ratio (default: the "
                         "engine's per-device default; 0: never)")
+    p.add_argument("--sweep-full-ratio", type=lambda v: [float(x) for x in v.split(",") if x], default=[],
+                   help="after each batch size, time (a) alone under each of these full_ratio values")
     p.add_argument("--reanchor-every", type=int, default=256)
     p.add_argument("--agg-dtype", choices=["float64", "float32"], default="float64",
                    help="the engine's neighbour sums (float32: the engine before the products-scale run)")

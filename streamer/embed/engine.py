@@ -88,7 +88,7 @@ STATE_FORMAT = 1
 # messages / half-edges at which a layer switches to a full pass, per device type (measured:
 # docs/performance.md, "Switching to full passes"); a CUDA full pass is cheap next to the host-side
 # index work of a large incremental layer
-FULL_RATIO = {"cpu": 0.25, "cuda": 0.02}
+FULL_RATIO = {"cpu": 0.1, "cuda": 0.02}
 
 
 @dataclass
