@@ -676,8 +676,16 @@ class IncrementalEngine:
                 report.max_residual[layer] = float(mag[held].max())
             held_rows = rows[held]
         else:
-            move = (new != old).any(1).cpu().numpy() | self._isnew[rows]
+            diff = new - old                                  # exact mode: any bit moved
+            move = diff.ne_(0).any(1).cpu().numpy() if not need_delta else (diff != 0).any(1).cpu().numpy()
+            move |= self._isnew[rows]
             held_rows = rows[:0]
+            idx = np.flatnonzero(move)
+            if not need_delta:                                # layer L: nothing propagates further
+                return rows[idx], idx, new[:0], held_rows
+            if len(idx) == len(rows):
+                return rows, idx, diff, held_rows
+            return rows[idx], idx, diff[self._t(idx)], held_rows
         idx = np.flatnonzero(move)
         if not need_delta:                                    # layer L: nothing propagates further
             return rows[idx], idx, new[:0], held_rows
