@@ -86,6 +86,11 @@ VECTORS_PUBLISHED = Counter("kgs_vectors_published_total", "Vectors (and tombsto
 VECTORS_SUPPRESSED = Counter(
     "kgs_vectors_suppressed_total", "Refreshed vectors not published because their change was under the threshold.", ["group"]
 )
+FULL_PASS_LAYERS = Counter(
+    "kgs_full_pass_layers_total",
+    "GNN layers computed by one full-graph pass instead of delta propagation (large batches, docs/engine.md).",
+    ["group"],
+)
 TEXT_ENCODED = Counter("kgs_text_encoded_total", "Product texts run through the transformer (cache misses).", ["group"])
 MODEL_INFO = Info("kgs_model", "The graph encoder serving vectors: version, layers, dims, device.")
 
@@ -108,6 +113,7 @@ def init_labels(group: str, role: str) -> None:
         for kind in ("vector", "tombstone"):
             VECTORS_PUBLISHED.labels(group, kind)
         VECTORS_SUPPRESSED.labels(group)
+        FULL_PASS_LAYERS.labels(group)
         TEXT_ENCODED.labels(group)
 
 

@@ -97,6 +97,10 @@ class Settings(BaseSettings):
     embed_propagate_threshold: float = Field(5e-5, ge=0, description="bounded mode: hidden-layer threshold")
     embed_publish_threshold: float = Field(1e-4, ge=0, description="bounded mode: publish threshold on h_L")
     embed_reanchor_every: int = Field(256, ge=1, description="recompute a sum from its neighbours after this many deltas")
+    embed_full_ratio: float | None = Field(
+        None, ge=0, description="exact mode: a layer whose delta messages reach this fraction of the graph's "
+        "half-edges runs as a full pass instead (docs/engine.md 'Large batches'); unset: the device default "
+        "(CPU 0.1, CUDA 0.02); 0: never")
 
     # --- observability ---
     metrics_addr: str = Field("127.0.0.1:9464", description="host:port for /metrics; empty disables")

@@ -95,6 +95,7 @@ class EmbedStats:
     tombstones_published: int = 0
     rows_recomputed: int = 0
     vectors_suppressed: int = 0   # bounded mode: refreshed vectors under the publish threshold
+    full_pass_layers: int = 0     # layers computed by a full pass (large batches)
     affected_max: list[int] = field(default_factory=list)
     affected_sum: list[int] = field(default_factory=list)
     freshness_s: list[float] = field(default_factory=list)
@@ -120,6 +121,7 @@ class EmbedStats:
             "tombstones_published": self.tombstones_published,
             "rows_recomputed": self.rows_recomputed,
             "vectors_suppressed": self.vectors_suppressed,
+            "full_pass_layers": self.full_pass_layers,
             "affected_per_layer_total": self.affected_sum,
             "affected_per_layer_max_batch": self.affected_max,
             "full_reembed": self.full_reembed,
@@ -317,6 +319,7 @@ class EmbedWorker(ConsumerLoop):
         s.tombstones_published += len(report.deleted_keys)
         s.rows_recomputed += report.rows_recomputed
         s.vectors_suppressed += report.vectors_suppressed
+        s.full_pass_layers += report.full_layers
         s.observe_affected(report.affected)
         m.BATCH_EVENTS.labels(self.group).observe(len(records))
         m.VECTORS_PUBLISHED.labels(self.group, "vector").inc(len(report.changed_keys))
@@ -325,6 +328,8 @@ class EmbedWorker(ConsumerLoop):
             m.AFFECTED_NODES.labels(self.group, str(layer)).observe(n)
         if report.vectors_suppressed:
             m.VECTORS_SUPPRESSED.labels(self.group).inc(report.vectors_suppressed)
+        if report.full_layers:
+            m.FULL_PASS_LAYERS.labels(self.group).inc(report.full_layers)
         if source_ms is not None and (report.changed_keys or report.deleted_keys):
             fresh = max(0.0, acked - source_ms / 1000)
             s.freshness_s.append(fresh)
