@@ -58,6 +58,7 @@ to stderr. The file is rewritten after every row, so an interrupted run leaves w
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import os
@@ -78,6 +79,7 @@ from encoders.text import resolve_device  # noqa: E402
 from streamer import changes as C  # noqa: E402
 from streamer.embed import synth  # noqa: E402
 from streamer.embed.engine import IncrementalEngine  # noqa: E402
+from streamer.embed.replica import Replica  # noqa: E402
 
 DEFAULT_RETAIL = Path(__file__).resolve().parents[2] / "shared" / "data" / "online_retail" / "online_retail.csv.gz"
 REPS = {1: 30, 10: 20, 100: 10, 1000: 5, 10000: 3}
@@ -277,6 +279,29 @@ def memory_info(engine: IncrementalEngine) -> dict[str, Any]:
             "cache_bytes_per_node": round(cache / n, 1)}
 
 
+def snapshot(engine: IncrementalEngine) -> dict[str, Any]:
+    """A copy of the engine's state (replica and caches) to ``restore`` later."""
+    state = engine.state_dict()
+    state["replica"] = {k: (v.copy() if isinstance(v, np.ndarray) else copy.deepcopy(v))
+                        for k, v in state["replica"].items()}
+    state["h"] = [t.clone() for t in state["h"]]
+    state["S"] = [t.clone() for t in state["S"]]
+    state["count"] = [t.clone() for t in state["count"]]
+    return state
+
+
+def restore(engine: IncrementalEngine, state: dict[str, Any]) -> None:
+    """Put a ``snapshot`` back: the replica, and every cache row (rows past the snapshot's
+    slots zeroed, as fresh slots are)."""
+    engine.replica = Replica.from_state_dict(state["replica"])
+    n = engine.replica.num_slots
+    for mine, saved in zip(engine.h + engine.S + engine.count, state["h"] + state["S"] + state["count"]):
+        mine[:n] = saved.to(mine.device)
+        mine[n:] = 0
+    engine._ts.fill_(-1)
+    engine._isnew[:] = False
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -375,11 +400,19 @@ class Bench:
         if B <= 100:                                          # warm-up (allocator, caches)
             ch, f = stream.next(B)
             engine.apply(ch, f, with_vectors=False)
+        batches = [stream.next(B) for _ in range(reps)]
+        iso: list[float] = []
+        if self.isolate(engine):                              # (a) alone first, on the same batches
+            snap = snapshot(engine)
+            for ch, f in batches:
+                dt, _ = self.timer(lambda: engine.apply(ch, f, with_vectors=False))
+                iso.append(dt)
+            restore(engine, snap)
+            del snap
         ta, tb, fracs, errs, aff, pub, msgs, cpu, cpub, fl = [], [], [], [], [], [], [], [], [], []
-        for r in range(reps):
+        for r, (ch, f) in enumerate(batches):
             if r and self.over_budget():
                 break
-            ch, f = stream.next(B)
             dt, report = self.timer(lambda: engine.apply(ch, f, with_vectors=False))
             cpu.append(self.timer.cpu)
             ta.append(dt)
@@ -413,7 +446,16 @@ class Bench:
             "affected_per_layer_max": [int(x) for x in np.max(np.asarray(aff), axis=0)],
             "published_median": int(np.median(pub)), "delta_messages_median": int(np.median(msgs)),
             "full_ratio": engine.full_ratio, "full_layers": fl,
+            "ms_incremental_isolated": round(1000 * float(np.median(iso)), 3) if iso else None,
+            "speedup_vs_khop_isolated": round(b_med / float(np.median(iso)), 2) if iso else None,
         })
+
+    def isolate(self, engine: IncrementalEngine) -> bool:
+        """Whether to time (a) in its own pass too: its caches are copied to host memory and
+        back, so only below ``--isolate-max-gb``."""
+        n = engine.replica.num_slots
+        gb = sum(t[:n].element_size() * t[:n].nelement() for t in engine.h + engine.S) / 1e9
+        return self.args.isolate_max_gb > 0 and gb <= self.args.isolate_max_gb
 
     def ratio_sweep(self, name: str, engine: IncrementalEngine, stream: Any, B: int, reps: int, full_s: float) -> None:
         """(a) alone under each ``--sweep-full-ratio`` value, on the next batches of the stream
@@ -520,6 +562,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--full-ratio", type=float, default=None,
                    help="switch a layer to a full pass at this messages/half-edges ratio (default: the "
                         "engine's per-device default; 0: never)")
+    p.add_argument("--isolate-max-gb", type=float, default=4.0,
+                   help="also time (a) in a pass of its own over the same batches (InkStream times each "
+                        "method in its own run) when the engine's caches are at most this many GB; 0: never")
     p.add_argument("--sweep-full-ratio", type=lambda v: [float(x) for x in v.split(",") if x], default=[],
                    help="after each batch size, time (a) alone under each of these full_ratio values")
     p.add_argument("--reanchor-every", type=int, default=256)
