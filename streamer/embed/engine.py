@@ -268,6 +268,11 @@ class IncrementalEngine:
         self._pos = np.zeros(0, dtype=np.int64)          # scratch for set unions
         self._isnew = np.zeros(0, dtype=bool)            # scratch: created in this batch
         self._ones = torch.ones(1024, dtype=torch.int32)
+        # a copy of the replica's half-edge array on the device, kept current from the
+        # replica's write log (full passes then copy only what changed); CUDA only by default
+        self.mirror_adjacency = self.device.type == "cuda"
+        self._nbr_dev: Tensor | None = None
+        self._nbr_of: Replica | None = None
         self._ensure_capacity(16)
 
     @classmethod
@@ -747,9 +752,29 @@ class IncrementalEngine:
         row = torch.repeat_interleave(torch.arange(n, device=dev), length, output_size=total)
         offset = torch.from_numpy(rep.start[:n]).to(dev) - crow[:-1]   # block start - CSR start
         pos = torch.arange(total, device=dev).add_(offset[row])
-        col = torch.from_numpy(rep.nbr[:rep.top]).to(dev)[pos].long()
+        col = self._nbr_on_device()[pos].long()
         del pos
         return crow, col, (row if with_rows else None)
+
+    def _nbr_on_device(self) -> Tensor:
+        """``replica.nbr[:top]`` on the device. With ``mirror_adjacency`` a device copy is kept
+        and only the positions the replica wrote since the last call are sent; otherwise
+        (CPU: a zero-copy view) the used part is copied whole."""
+        rep = self.replica
+        if not self.mirror_adjacency:
+            return torch.from_numpy(rep.nbr[:rep.top]).to(self.device)
+        if self._nbr_of is not rep:                           # a new replica (load, restore)
+            rep.track_writes()
+            self._nbr_of, self._nbr_dev = rep, None
+        writes = rep.take_writes()
+        buf = self._nbr_dev
+        if writes is None or buf is None or len(buf) < rep.top:
+            buf = torch.empty(len(rep.nbr), dtype=torch.int32, device=self.device)
+            buf[:rep.top] = torch.from_numpy(rep.nbr[:rep.top]).to(self.device)
+            self._nbr_dev = buf
+        elif len(writes):
+            buf[self._t(writes)] = torch.from_numpy(rep.nbr[writes]).to(self.device)
+        return buf[:rep.top]
 
     def _sparse(self, crow: Tensor, col: Tensor, dtype: torch.dtype) -> Tensor:
         n = len(crow) - 1

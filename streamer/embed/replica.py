@@ -104,6 +104,10 @@ class Replica:
         self.nbr = np.zeros(edge_capacity, dtype=np.int32)
         self.code = np.zeros(edge_capacity, dtype=np.int16)
         self.twin = np.zeros(edge_capacity, dtype=np.int32)
+        # write tracking for a device mirror of ``nbr`` (``track_writes``; off by default)
+        self._writes: list[np.ndarray] | None = None
+        self._writes_n = 0
+        self._writes_all = True
 
     # ---- vocabularies ------------------------------------------------------------------
     def label_id(self, label: str) -> int:
@@ -227,6 +231,7 @@ class Replica:
             self.code[p:p + n] = self.code[s:s + n]
             self.twin[p:p + n] = tw
             self.twin[tw] = np.arange(p, p + n, dtype=np.int32)
+            self._mark(np.arange(p, p + n, dtype=np.int64))
         self.garbage += cap
         self.start[v] = p
         self.capacity[v] = new_cap
@@ -235,6 +240,7 @@ class Replica:
     def _append(self, v: int, w: int, code: int) -> int:
         p = int(self.start[v]) + int(self.length[v])
         self.nbr[p] = w
+        self._mark(p)
         self.code[p] = code
         self.length[v] += 1
         return p
@@ -244,6 +250,7 @@ class Replica:
         last = int(self.start[v]) + int(self.length[v]) - 1
         if p != last:
             self.nbr[p] = self.nbr[last]
+            self._mark(p)
             self.code[p] = self.code[last]
             t = int(self.twin[last])
             if t == last:                       # a moved self-loop is its own twin
@@ -348,6 +355,7 @@ class Replica:
         self.nbr[pos] = nbr
         self.code[pos] = code
         self.twin[pos] = pos[mate]
+        self._mark(pos)
         self.length[uniq] += cnt.astype(np.int32)
         self.num_edges += m
 
@@ -388,6 +396,7 @@ class Replica:
         if len(movers):
             tw = _remap(self.twin[movers].astype(np.int64), movers, holes)
             self.nbr[holes] = self.nbr[movers]
+            self._mark(holes)
             self.code[holes] = self.code[movers]
             self.twin[holes] = tw
             self.twin[tw] = holes
@@ -411,6 +420,7 @@ class Replica:
         if len(old_pos):
             tw = _remap(self.twin[old_pos].astype(np.int64), old_pos, new_pos)
             self.nbr[new_pos] = self.nbr[old_pos]
+            self._mark(new_pos)
             self.code[new_pos] = self.code[old_pos]
             self.twin[new_pos] = tw
             self.twin[tw] = new_pos
@@ -418,6 +428,36 @@ class Replica:
         self.start[v] = new_start
         self.capacity[v] = new_cap.astype(np.int32)
         self.top += total
+
+    # ---- write tracking (a device mirror of ``nbr``) -------------------------------------
+    def track_writes(self) -> None:
+        """Start recording which ``nbr`` positions are written, for ``take_writes``. Every
+        write site of ``nbr`` marks its positions; a compaction or bulk load marks everything,
+        and so does a backlog past 1/8 of the used positions (a full copy is cheaper then)."""
+        self._writes, self._writes_n, self._writes_all = [], 0, True
+
+    def _mark(self, pos: int | np.ndarray) -> None:
+        if self._writes is None or self._writes_all:
+            return
+        a = np.asarray(pos, dtype=np.int64).reshape(-1)
+        self._writes.append(a)
+        self._writes_n += len(a)
+        if self._writes_n > max(self.top >> 3, 1 << 16):
+            self._mark_all()
+
+    def _mark_all(self) -> None:
+        if self._writes is not None:
+            self._writes, self._writes_n, self._writes_all = [], 0, True
+
+    def take_writes(self) -> np.ndarray | None:
+        """Positions of ``nbr`` written since the last call (may repeat), then start afresh;
+        None means "everything" (or tracking is off): copy ``nbr[:top]`` whole."""
+        if self._writes is None:
+            return None
+        out = None if self._writes_all else (np.concatenate(self._writes) if self._writes
+                                              else np.zeros(0, dtype=np.int64))
+        self._writes, self._writes_n, self._writes_all = [], 0, False
+        return out
 
     # ---- reads -------------------------------------------------------------------------
     def neighbors(self, v: int) -> np.ndarray:
@@ -517,6 +557,7 @@ class Replica:
         self.twin[pos_d] = pos_s[k]
         self.start[:n], self.length[:n], self.capacity[:n] = starts, counts, caps
         self.top = int(caps.sum())
+        self._mark_all()
         self.num_edges = m
         return m
 
@@ -542,6 +583,7 @@ class Replica:
         self.nbr, self.code, self.twin = nbr, code, twin
         self.start[:n], self.capacity[:n] = starts, caps
         self.top, self.garbage = int(caps.sum()), 0
+        self._mark_all()
 
     # ---- size and persistence ----------------------------------------------------------
     def nbytes(self) -> dict[str, int]:

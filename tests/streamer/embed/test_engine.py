@@ -234,6 +234,58 @@ def test_full_pass_publishes_what_the_delta_path_publishes(stream):
             assert k not in ts_f or ts_f[k] == t, k
 
 
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(stream=stream_st)
+def test_full_passes_through_the_device_mirror_of_the_adjacency(stream):
+    """The CUDA path's mirror of the half-edge array (kept current from the replica's write
+    log), exercised on CPU: every full pass must see exactly the replica's current edges."""
+    engine = IncrementalEngine(make_model(2), "cpu", full_ratio=1e-9)
+    engine.mirror_adjacency = True
+    engine.replica.compact_min_garbage = 8              # compactions mid-stream (a full re-copy)
+    run_stream(engine, stream)
+    rep = engine.replica
+    mirror = engine._nbr_on_device().numpy()
+    for v in rep.live_slots():                          # block contents (slack is never read)
+        s, n = int(rep.start[v]), int(rep.length[v])
+        assert np.array_equal(mirror[s:s + n], rep.nbr[s:s + n]), v
+
+
+def test_replica_write_log_covers_every_write():
+    rng = np.random.default_rng(3)
+    rep = Replica()
+    rep.track_writes()
+    keys = [f"Product:{i}" for i in range(60)]
+    for k in keys:
+        rep.add_node(k)
+    mirror = rep.nbr.copy()
+    assert rep.take_writes() is None                    # the first call: copy everything
+    mirror = rep.nbr.copy()
+    for step in range(300):
+        a, b = (int(x) for x in rng.integers(0, 60, 2))
+        r = rng.random()
+        if r < 0.45:
+            rep.add_edges(np.array([a]), np.array([rep.rel_id("R")]), np.array([b])) if rep.find_edge(a, "R", b) < 0 else None
+        elif r < 0.6:
+            rep.add_edge(a, "S", b)
+        elif r < 0.85:
+            rep.remove_edge(a, "R", b)
+        elif r < 0.9 and rep.alive[a]:
+            rep.remove_node(a)
+            rep.release([a])
+            rep.add_node(keys[a])
+        elif r < 0.93:
+            rep.compact()
+        got = rep.take_writes()
+        if got is None or len(mirror) < rep.top:
+            mirror = rep.nbr.copy()
+        else:
+            mirror[got] = rep.nbr[got]
+        live = rep.live_slots()
+        for v in live:
+            s, n = int(rep.start[v]), int(rep.length[v])
+            assert np.array_equal(mirror[s:s + n], rep.nbr[s:s + n]), (step, v)
+
+
 def test_a_hub_change_switches_to_a_full_pass_at_layer_two():
     keys = ["Category:hub"] + [f"Product:{i}" for i in range(2000)]
     engine = IncrementalEngine(make_model(2), "cpu", full_ratio=0.25)
