@@ -44,7 +44,8 @@ graph's half-edges, layers ``l..L`` switch to full-graph passes instead (``_full
 CSR product over all rows gives fresh sums, and the *structural* rule above still decides
 which rows are written and published (``A_l`` from a sparse product with the indicator of
 ``C_{l-1}``), so rows outside ``A_l`` stay bit-identical and nothing is published for rounding.
-The written sums are fresh, i.e. re-anchored. ``full_ratio`` defaults per device
+The written sums are fresh, i.e. re-anchored; in bounded mode ``_select`` still decides
+which recomputed rows pass their change on. ``full_ratio`` defaults per device
 (``FULL_RATIO``, measured in docs/performance.md); 0 turns the switch off.
 
 Bounded mode (``mode="bounded"``; docs/engine.md): a recomputed row of layer ``l`` passes its
@@ -549,7 +550,7 @@ class IncrementalEngine:
         full_next = self._use_full_pass(changed, ends)
         for layer in range(L):
             if full_next:
-                changed = self._full_from(layer, changed, ends, report, touched_ts)
+                changed, held_last = self._full_from(layer, changed, ends, report, touched_ts)
                 break
             seg, w = rep.gather(changed)
             if len(w):
@@ -604,7 +605,7 @@ class IncrementalEngine:
     def _use_full_pass(self, changed: np.ndarray, ends: np.ndarray) -> bool:
         """Whether the next layer is cheaper as a full pass: its delta messages (the degrees of
         the rows that moved, plus the structural ends) reach ``full_ratio`` x half-edges."""
-        if self.full_ratio <= 0 or self.mode != "exact":
+        if self.full_ratio <= 0:
             return False
         half_edges = 2 * self.replica.num_edges
         if half_edges == 0:
@@ -613,11 +614,14 @@ class IncrementalEngine:
         return messages >= self.full_ratio * half_edges
 
     def _full_from(self, first: int, changed: np.ndarray, ends: np.ndarray, report: BatchReport,
-                   touched_ts: list[Tensor]) -> np.ndarray:
-        """Layers ``first+1..L`` by full-graph passes; returns ``C_L``. Per layer: ``A`` =
-        ``C`` + neighbours of ``C`` (one sparse product with C's indicator) + ``ends``; the
-        fresh sums (one CSR product over all rows) and the dense step are written for the rows
-        of ``A`` only, so every other row stays bit-identical, as in the incremental path."""
+                   touched_ts: list[Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        """Layers ``first+1..L`` by full-graph passes; returns (``C_L``, rows of layer L held
+        back). Per layer: ``A`` = ``C`` + neighbours of ``C`` (one sparse product with C's
+        indicator) + ``ends``; the fresh sums (one CSR product over all rows, i.e. the sums of
+        the *stored* rows, as the delta path keeps them) are written for the rows of ``A``,
+        and ``_select`` decides, as on the delta path, which of them pass their new row on
+        (exact: every row that moved; bounded: the rows over the layer's threshold). Every
+        other row stays bit-identical."""
         rep, dev, n = self.replica, self.device, self.replica.num_slots
         crow, col, row = self._csr(with_rows=True)
         adj = self._sparse(crow, col, self.agg_dtype)
@@ -647,17 +651,20 @@ class IncrementalEngine:
                 agg.div_(deg[rows_t].unsqueeze(1))
             new = self.model.dense(layer, agg, self.h[layer][rows_t])
             del agg
-            moved = (new != self.h[layer + 1][rows_t]).any(1) | isnew[rows_t]
-            self.h[layer + 1][rows_t[moved]] = new[moved]
-            in_c = torch.zeros_like(in_c)
-            in_c[rows_t[moved]] = True
             rows = rows_t.cpu().numpy()
+            changed, idx, _, held = self._select(layer + 1, rows, self.h[layer + 1][rows_t], new, report,
+                                                 need_delta=False)
+            if len(changed):
+                c_t = self._t(changed)
+                self.h[layer + 1][c_t] = new if len(idx) == len(rows) else new[self._t(idx)]
+            in_c = torch.zeros_like(in_c)
+            in_c[self._t(changed)] = True
             report.affected.append(len(rows))
-            report.changed.append(int(moved.sum()))
+            report.changed.append(len(changed))
             report.affected_rows.append(torch.from_numpy(rows))
             report.rows_recomputed += len(rows)
             report.full_layers += 1
-        return rows[moved.cpu().numpy()]
+        return changed, held
 
     def _select(self, layer: int, rows: np.ndarray, old: Tensor, new: Tensor, report: BatchReport,
                 need_delta: bool = True) -> tuple[np.ndarray, np.ndarray, Tensor, np.ndarray]:

@@ -69,6 +69,15 @@ def test_bounded_mode_error_stays_within_the_reported_bound(stream, layers, th, 
     run_bounded(engine, stream)
 
 
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(stream=stream_st, th=THRESHOLDS, ratio=st.sampled_from([1e-9, 0.05]))
+def test_bounded_mode_with_full_passes_keeps_the_bound(stream, th, ratio):
+    """Full passes in bounded mode: fresh sums of the stored rows, the same threshold rule."""
+    engine = IncrementalEngine(make_model(2), "cpu", mode="bounded", propagate_threshold=th[0],
+                               publish_threshold=th[1], full_ratio=ratio)
+    run_bounded(engine, stream)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(stream=stream_st, th=THRESHOLDS)
