@@ -38,7 +38,7 @@ vectorised replica calls (``find_edges`` / ``add_edges`` / ``remove_edges_at``).
 bookkeeping (affected sets, unions, degrees, drift counters) is numpy on the host; the caches,
 sums and dense work live on the device (CPU or CUDA).
 
-Large batches (exact mode): before layer ``l`` the engine knows how many delta messages it would
+Large batches: before layer ``l`` the engine knows how many delta messages it would
 send, ``sum deg(C_{l-1})`` plus the structural ends. When that reaches ``full_ratio`` times the
 graph's half-edges, layers ``l..L`` switch to full-graph passes instead (``_full_from``): one
 CSR product over all rows gives fresh sums, and the *structural* rule above still decides
@@ -121,7 +121,8 @@ class BatchReport:
     def summary(self) -> dict[str, Any]:
         return {"changes": self.changes, "affected": self.affected, "changed": self.changed,
                 "rows_recomputed": self.rows_recomputed, "delta_messages": self.delta_messages,
-                "reanchored_rows": self.reanchored_rows, "full_layers": self.full_layers, "published": len(self.changed_rows),
+                "reanchored_rows": self.reanchored_rows, "full_layers": self.full_layers,
+                "published": len(self.changed_rows),
                 "deleted": len(self.deleted_keys), "suppressed": self.suppressed,
                 "vectors_suppressed": self.vectors_suppressed, "max_residual": self.max_residual,
                 "error_bound": self.error_bound, "seconds": round(self.seconds, 6)}
