@@ -9,6 +9,7 @@ from typing import Any, Iterable
 from kafka import KafkaConsumer, KafkaProducer
 from neo4j import GraphDatabase
 
+from streamer.events import validate_event
 from streamer.settings import Settings
 
 
@@ -173,3 +174,12 @@ def settings_env(settings: Settings) -> dict[str, str]:
             value = value.get_secret_value()
         env[f"KGS_{name.upper()}"] = str(value)
     return env
+
+
+def check_valid_and_ordered(events: list[dict]) -> None:
+    """Every event passes the event schema, and event times never go backwards."""
+    previous = None
+    for event in events:
+        typed = validate_event(event)
+        assert previous is None or typed.ts >= previous, f"out of order: {event}"
+        previous = typed.ts

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from streamer.events import validate_event
 from streamer.loaders import LoadReport, amazon, iso_utc
+from tests.helpers import check_valid_and_ordered
 
 ROOT = Path(__file__).resolve().parents[3]
 SAMPLE = ROOT / "data" / "sample" / "amazon_magazine"
@@ -73,14 +73,6 @@ def fixture_dir(tmp_path: Path, gz: bool = True) -> Path:
 def load(path: Path, **kwargs) -> tuple[list[dict], LoadReport]:
     report = LoadReport("amazon")
     return list(amazon.events(path, report=report, **kwargs)), report
-
-
-def check_valid_and_ordered(events: list[dict]) -> None:
-    previous = None
-    for event in events:
-        typed = validate_event(event)
-        assert previous is None or typed.ts >= previous, f"out of order: {event}"
-        previous = typed.ts
 
 
 def test_fixture_products(tmp_path: Path) -> None:

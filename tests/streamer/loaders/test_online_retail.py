@@ -11,6 +11,7 @@ import pytest
 
 from streamer.events import InteractionEvent, ProductEvent, validate_event
 from streamer.loaders import LoadReport, online_retail
+from tests.helpers import check_valid_and_ordered
 
 ROOT = Path(__file__).resolve().parents[3]
 SAMPLE = ROOT / "data" / "sample" / "online_retail_sample.csv.gz"
@@ -54,14 +55,6 @@ def write(tmp_path: Path, rows: str, name: str = "online_retail.csv.gz") -> Path
 def load(path: Path, **kwargs) -> tuple[list[dict], LoadReport]:
     report = LoadReport("online_retail")
     return list(online_retail.events(path, report=report, **kwargs)), report
-
-
-def check_valid_and_ordered(events: list[dict]) -> None:
-    previous = None
-    for event in events:
-        typed = validate_event(event)
-        assert previous is None or typed.ts >= previous, f"out of order: {event}"
-        previous = typed.ts
 
 
 def test_fixture_events_and_skips(tmp_path: Path) -> None:
