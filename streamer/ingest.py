@@ -27,7 +27,10 @@ connections of its own, never touching this loop):
 
 **Rebalance** (eager protocol): when partitions are revoked the un-written batch is dropped
 without commit; the new owner reads those messages again from the committed offsets.
-A commit that fails because the group rebalanced is logged and dropped for the same reason.
+A commit that fails because the group rebalanced is logged and dropped for the same reason, and
+the batch's partitions this member still holds are rewound to the batch's start
+(``streamer.consumer.commit_after``), so ``--until-caught-up`` never stops with the last batch
+uncommitted: it replays it and commits.
 
 **Shutdown** (SIGTERM/SIGINT): the loop stops polling, finishes the batch in hand through
 commit (or abandons it uncommitted if the graph DB is unavailable), then closes.

@@ -223,7 +223,7 @@ def _restart_and_check(settings, run, events, ends, done, prefix, ingest_process
     # the group refuses after a rebalance replays that one batch: the bound the design allows.)
     replayed = restart.summary()["events_in"] - (len(events) - done)
     assert 0 <= replayed <= BATCH, f"replayed {replayed}\n{restart.tail(80)}"
-    assert committed_offsets(run) == ends
+    assert committed_offsets(run) == ends, restart.tail(80)
     assert_same_graph(settings, prefix)
 
 
@@ -305,7 +305,7 @@ def test_two_consumers_in_one_group_share_the_partitions(settings, broker_kind, 
     got_a, got_b = a.summary()["events_in"], b.summary()["events_in"]
     assert got_a > 0 and got_b > 0, (got_a, got_b)
     assert got_a + got_b == len(events), "every event consumed once, by one of the two"
-    assert committed_offsets(run) == ends
+    assert committed_offsets(run) == ends, a.tail(40) + b.tail(40)
     assert_same_graph(settings, prefix)
 
 
