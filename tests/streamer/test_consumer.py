@@ -31,6 +31,23 @@ def _poll_all(consumer: KafkaConsumer, expect: int, timeout_s: float = 30.0) -> 
     return records
 
 
+def _produce(settings, n: int) -> str:
+    """``n`` small messages on the products topic (3 partitions); returns the topic."""
+    produce(settings, ((settings.topic_products, f"k{i}".encode(), b"{}") for i in range(n)))
+    return settings.topic_products
+
+
+def _bounds(records) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
+    """Per partition: the first offset among ``records`` and the offset after the last."""
+    first: dict[TopicPartition, int] = {}
+    end: dict[TopicPartition, int] = {}
+    for r in records:
+        tp = TopicPartition(r.topic, r.partition)
+        first[tp] = min(first.get(tp, r.offset), r.offset)
+        end[tp] = max(end.get(tp, 0), r.offset + 1)
+    return first, end
+
+
 def _committed(settings, group: str, tps: list[TopicPartition]) -> dict[TopicPartition, int | None]:
     reader = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=group, enable_auto_commit=False)
     try:
@@ -40,9 +57,8 @@ def _committed(settings, group: str, tps: list[TopicPartition]) -> dict[TopicPar
 
 
 def test_caught_up_and_commit_after(settings, broker_kind):
-    topic = settings.topic_products
     n = 9
-    produce(settings, ((topic, f"k{i}".encode(), b"{}") for i in range(n)))
+    topic = _produce(settings, n)
     group = settings.ingest_group
     consumer = make_consumer(settings, group, "t-consumer", 100)
     try:
@@ -50,12 +66,8 @@ def test_caught_up_and_commit_after(settings, broker_kind):
         assert not caught_up(consumer), "no assignment yet"
         records = _poll_all(consumer, n)
         assert caught_up(consumer)
-        committed = commit_after(consumer, group, records)
-        ends = {}
-        for r in records:
-            tp = TopicPartition(r.topic, r.partition)
-            ends[tp] = max(ends.get(tp, 0), r.offset + 1)
-        assert committed == ends
+        _, ends = _bounds(records)
+        assert commit_after(consumer, group, records) == ends
     finally:
         consumer.close()
     assert _committed(settings, group, list(ends)) == ends
@@ -67,9 +79,8 @@ def test_caught_up_and_commit_after(settings, broker_kind):
 # (../shared/reference/environment.md); the ingest tests cover that path on both.
 @pytest.mark.parametrize("broker_kind", ["noida"])
 def test_refused_commit_rewinds_so_caught_up_waits_for_the_replay(settings, broker_kind):
-    topic = settings.topic_products
     n = 12
-    produce(settings, ((topic, f"k{i}".encode(), b"{}") for i in range(n)))
+    topic = _produce(settings, n)
     group = settings.ingest_group
     first = make_consumer(settings, group, "t-first", 100)
     second = make_consumer(settings, group, "t-second", 100)
@@ -79,10 +90,7 @@ def test_refused_commit_rewinds_so_caught_up_waits_for_the_replay(settings, brok
         first.subscribe([topic])
         records = _poll_all(first, n)
         assert caught_up(first)
-        starts = {}
-        for r in records:
-            tp = TopicPartition(r.topic, r.partition)
-            starts[tp] = min(starts.get(tp, r.offset), r.offset)
+        starts, _ = _bounds(records)
 
         # a second member joins: the group starts rebalancing while `first` holds its batch
         def join() -> None:
