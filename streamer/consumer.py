@@ -4,6 +4,9 @@
 * ``make_consumer`` -- a group member with auto-commit off and the session settings;
 * ``caught_up`` -- lag 0 on every assigned partition, from ``highwater()`` (Tansu's
   ``end_offsets()`` is wrong, and the highwater is what the last fetch saw);
+* ``rewind`` -- seek partitions this member still holds back to the first offsets of records
+  whose commit was refused: kafka-python keeps the position of a partition that a rebalance
+  gives back to the same member, so such a batch is only read again if it is rewound;
 * ``commit_after`` -- commit the offsets after the last record of a finished batch; records
   the offset gauges and writes the commit time into the offset metadata
   (``streamer.ops.lag.commit_metadata``), from which ``kg-streamer status`` reads the last
@@ -11,9 +14,9 @@
   batch's partitions that this member still holds are **rewound** to the batch's first offsets:
   the work is durable and idempotent, so whoever owns a partition next (this member included)
   replays it, and ``caught_up`` cannot report a partition whose last batch is uncommitted as
-  done (its position is behind the log end again). Without the rewind, ``--until-caught-up``
-  could exit between the refused commit and the rejoin that resets positions, leaving the
-  group's offsets short of the log end.
+  done (its position is behind the log end again). Without the rewind this member would not
+  read the batch again: ``--until-caught-up`` could stop with the group's offsets short of
+  the log end, and a later commit on the partition would pass over the batch.
 """
 
 from __future__ import annotations
@@ -86,26 +89,33 @@ def commit_after(consumer: KafkaConsumer, group: str, records) -> dict[TopicPart
     """Commit the offset after the last of ``records`` per partition; returns what was committed
     ({} when the group rebalanced and refused the commit)."""
     offsets: dict[TopicPartition, OffsetAndMetadata] = {}
-    first: dict[TopicPartition, int] = {}
     metadata = commit_metadata()
     for r in records:
         tp = TopicPartition(r.topic, r.partition)
         if tp not in offsets or r.offset + 1 > offsets[tp].offset:
             offsets[tp] = OffsetAndMetadata(r.offset + 1, metadata, -1)
-        first[tp] = min(first.get(tp, r.offset), r.offset)
     if not offsets:
         return {}
     try:
         consumer.commit(offsets)
     except (CommitFailedError, RebalanceInProgressError) as exc:
         log.warning("%s: commit refused after a rebalance (%s); the batch will be replayed", group, exc)
-        rewind(consumer, first)
+        rewind(consumer, first_offsets(records))
         return {}
     now = time.time()
     for tp, meta in offsets.items():
         m.COMMITTED_OFFSET.labels(group, tp.topic, str(tp.partition)).set(meta.offset)
         m.LAST_COMMIT_TIMESTAMP.labels(group, tp.topic, str(tp.partition)).set(now)
     return {tp: meta.offset for tp, meta in offsets.items()}
+
+
+def first_offsets(records) -> dict[TopicPartition, int]:
+    """The lowest offset among ``records``, per partition."""
+    first: dict[TopicPartition, int] = {}
+    for r in records:
+        tp = TopicPartition(r.topic, r.partition)
+        first[tp] = min(first.get(tp, r.offset), r.offset)
+    return first
 
 
 def rewind(consumer: KafkaConsumer, first: dict[TopicPartition, int]) -> None:

@@ -27,6 +27,11 @@ connections of its own, never touching this loop):
 
 **Rebalance** (eager protocol): when partitions are revoked the un-written batch is dropped
 without commit; the new owner reads those messages again from the committed offsets.
+KNOWN GAP (found by the kill -9 stress runs, not fixed): when the new assignment gives a
+partition back to this same member, kafka-python keeps its position, past the dropped
+messages, so this member skips them; a later commit on that partition would pass over them.
+Rewinding the dropped batch's partitions (as ``commit_after`` does for a refused commit) is
+the fix to build, with a broker test that stages such a rebalance.
 A commit that fails because the group rebalanced is logged and dropped for the same reason, and
 the batch's partitions this member still holds are rewound to the batch's start
 (``streamer.consumer.commit_after``), so ``--until-caught-up`` never stops with the last batch
