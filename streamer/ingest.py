@@ -26,12 +26,11 @@ connections of its own, never touching this loop):
    worker misses nothing).
 
 **Rebalance** (eager protocol): when partitions are revoked the un-written batch is dropped
-without commit; the new owner reads those messages again from the committed offsets.
-KNOWN GAP (found by the kill -9 stress runs, not fixed): when the new assignment gives a
-partition back to this same member, kafka-python keeps its position, past the dropped
-messages, so this member skips them; a later commit on that partition would pass over them.
-Rewinding the dropped batch's partitions (as ``commit_after`` does for a refused commit) is
-the fix to build, with a broker test that stages such a rebalance.
+without commit: the new owner reads those messages again from the committed offsets. When
+the new assignment gives a partition back to this same member, ``on_partitions_assigned``
+rewinds it to the dropped batch's first offset: kafka-python keeps a kept partition's
+position, past the dropped messages, so without the rewind they would be skipped and a later
+commit on that partition would pass over them.
 A commit that fails because the group rebalanced is logged and dropped for the same reason, and
 the batch's partitions this member still holds are rewound to the batch's start
 (``streamer.consumer.commit_after``), so ``--until-caught-up`` never stops with the last batch
@@ -49,13 +48,14 @@ from collections import Counter as Tally
 from dataclasses import dataclass, field
 
 from kafka import ConsumerRebalanceListener
+from kafka.structs import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
 from sinks.graph_db import GraphRejected, GraphSink, GraphUnavailable
 from sinks.kafka_producer import KafkaPublisher
 from streamer import metrics as m
 from streamer.changes import Change
-from streamer.consumer import ConsumerLoop, caught_up, commit_after, make_consumer
+from streamer.consumer import ConsumerLoop, caught_up, commit_after, first_offsets, make_consumer, rewind
 from streamer.events import InvalidEvent, decode_event
 from streamer.mutations import plan_batch
 from streamer.ops.lag import LagMonitor, start_monitor
@@ -121,13 +121,23 @@ class _Rebalance(ConsumerRebalanceListener):
         self.ingest = ingest
 
     def on_partitions_revoked(self, revoked):
-        if self.ingest.pending:
-            log.info("partitions revoked: dropping %d uncommitted messages", len(self.ingest.pending))
-        self.ingest.pending = []
-        self.ingest.stuck_since = None
+        ingest = self.ingest
+        if ingest.pending:
+            log.info("partitions revoked: dropping %d uncommitted messages", len(ingest.pending))
+            for tp, offset in first_offsets(ingest.pending).items():
+                ingest.dropped[tp] = min(offset, ingest.dropped.get(tp, offset))
+        ingest.pending = []
+        ingest.batch_started = None
+        ingest.stuck_since = None
 
     def on_partitions_assigned(self, assigned):
         log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
+        ingest = self.ingest
+        back = {tp: offset for tp, offset in ingest.dropped.items() if tp in assigned}
+        if back:
+            log.info("rewinding %d partitions given back to their dropped batch's start", len(back))
+            rewind(ingest.consumer, back)
+        ingest.dropped = {}
 
 
 class IngestConsumer(ConsumerLoop):
@@ -141,6 +151,7 @@ class IngestConsumer(ConsumerLoop):
         self.pending: list[ConsumerRecord] = []
         self.batch_started: float | None = None
         self.stuck_since: float | None = None  # set while paused for backpressure
+        self.dropped: dict[TopicPartition, int] = {}  # first offsets of a batch dropped on revoke
         self.next_retry: float = 0.0
         self.stopping = False
         self.stats = IngestStats()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -273,6 +274,41 @@ def test_kill_9_mid_stream_then_restart_resumes(settings, broker_kind, prefix, i
     assert rc == -signal.SIGKILL
     # written but not committed: at most the one batch the kill interrupted (replayed harmlessly)
     _restart_and_check(settings, run, events, ends, done, prefix, ingest_process)
+
+
+def test_a_rebalance_that_gives_the_partitions_back_replays_the_dropped_batch(settings, broker_kind, prefix, caplog):
+    """Eager rebalance with a batch in hand: the batch is dropped on revoke, and here the group
+    gives the member all its partitions back. kafka-python keeps their positions (past the
+    dropped messages), so the member must rewind them: the group ends at the log end and the
+    graph equals a clean run. The rebalance is a real one on the broker; the member asks for it
+    itself (``request_rejoin``, kafka-python's own trigger, e.g. on a metadata change), which
+    is the one way to get a rebalance that hands back exactly the same partitions."""
+    clean_run(settings, sample_events(prefix + "clean-", products=40))
+    events = sample_events(prefix + "run-", products=40)
+    run = derive(settings, batch_max_events=10_000, batch_max_wait_s=3_600)   # hold everything
+    produce_events(run, events)
+    ends = log_ends(run, topic_counts(run, (event_message(run, e) for e in events)))
+    ingest = IngestConsumer(run)
+    caplog.set_level(logging.INFO, logger="streamer.ingest")
+    wait_for(lambda: (ingest._poll_once(), len(ingest.pending) == len(events))[1],
+             timeout_s=60, interval_s=0, what="the whole stream in hand, unwritten")
+    ingest.consumer._coordinator.request_rejoin()
+
+    def dropped_and_assigned_again() -> bool:
+        ingest._poll_once()
+        text = caplog.text
+        at = text.find(f"dropping {len(events)} uncommitted")
+        return at >= 0 and "assigned [" in text[at:]
+
+    wait_for(dropped_and_assigned_again, timeout_s=60, interval_s=0,
+             what="the rebalance to drop the batch in hand and assign the partitions again")
+    assert ingest.consumer.assignment() == set(ends), "the member got all its partitions back"
+    assert product_count(settings, prefix + "run-") == 0, "nothing was written before the rebalance"
+    ingest.settings = derive(run, batch_max_wait_s=0.2)
+    stats = ingest.run(until_caught_up=True, max_seconds=90)
+    assert stats.events_applied == len(events), caplog.text[-3000:]
+    assert committed_offsets(run) == ends
+    assert_same_graph(settings, prefix)
 
 
 def test_two_consumers_in_one_group_share_the_partitions(settings, broker_kind, prefix, ingest_process):
