@@ -1,6 +1,6 @@
 """What the work *between* two batches costs the incremental engine (CPU, Online Retail).
 
-    python bench/between_batches.py                    # ~1 min on the 2-core dev box
+    python bench/between_batches.py                    # ~15 s on the 2-core dev box
     python bench/between_batches.py --batch-size 1 --threads 1
 
 ``bench/incremental.py`` times (a) twice: interleaved with the k-hop baseline (b), and alone.

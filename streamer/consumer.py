@@ -4,9 +4,10 @@
 * ``make_consumer`` -- a group member with auto-commit off and the session settings;
 * ``caught_up`` -- lag 0 on every assigned partition, from ``highwater()`` (Tansu's
   ``end_offsets()`` is wrong, and the highwater is what the last fetch saw);
-* ``rewind`` -- seek partitions this member still holds back to the first offsets of records
-  whose commit was refused: kafka-python keeps the position of a partition that a rebalance
-  gives back to the same member, so such a batch is only read again if it is rewound;
+* ``rewind`` -- seek partitions this member holds back to the first offsets of records it
+  dropped uncommitted (a refused commit here; a batch dropped on revoke, in ingest's
+  rebalance listener): kafka-python keeps the position of a partition that a rebalance gives
+  back to the same member, so such records are only read again if they are rewound;
 * ``commit_after`` -- commit the offsets after the last record of a finished batch; records
   the offset gauges and writes the commit time into the offset metadata
   (``streamer.ops.lag.commit_metadata``), from which ``kg-streamer status`` reads the last
@@ -119,8 +120,9 @@ def first_offsets(records) -> dict[TopicPartition, int]:
 
 
 def rewind(consumer: KafkaConsumer, first: dict[TopicPartition, int]) -> None:
-    """Seek the partitions this member still holds back to ``first`` (offsets of records whose
-    commit was refused), so they are consumed again unless a rejoin resets them first."""
+    """Seek the partitions of ``first`` that this member holds back to those offsets (the first
+    of records it dropped uncommitted); the others are read from the committed offsets by
+    their new owner."""
     held = consumer.assignment()
     for tp, offset in first.items():
         if tp in held:

@@ -133,10 +133,8 @@ class _Rebalance(ConsumerRebalanceListener):
     def on_partitions_assigned(self, assigned):
         log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
         ingest = self.ingest
-        back = {tp: offset for tp, offset in ingest.dropped.items() if tp in assigned}
-        if back:
-            log.info("rewinding %d partitions given back to their dropped batch's start", len(back))
-            rewind(ingest.consumer, back)
+        if ingest.dropped:
+            rewind(ingest.consumer, ingest.dropped)    # only the partitions that came back
         ingest.dropped = {}
 
 

@@ -692,7 +692,6 @@ class IncrementalEngine:
             diff = new - old                                  # exact mode: any bit moved
             mag = diff.abs() if need_delta else diff.abs_()   # amax of |diff|: 3-4x faster than any(diff != 0)
             move = (mag.amax(1) != 0).cpu().numpy()
-            del mag
             move |= self._isnew[rows]
             held_rows = rows[:0]
             idx = np.flatnonzero(move)
