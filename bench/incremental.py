@@ -44,11 +44,11 @@ category node, and of the most active user, each in exact and in bounded mode (t
 published, vectors held back, max error against a full recompute, the a-priori bound), plus a
 burst of ``--burst`` feature changes to products of the largest category, one per batch.
 
-Datasets: ``retail`` (the UCI Online Retail CSV through ``streamer.loaders.online_retail``:
+Datasets: ``retail`` (the UCI Online Retail CSV through ``devtools.datasets.online_retail``:
 products, users, PURCHASED edges; the first ``--retail-split`` of the events form the graph,
 the rest, in order, is the update stream; product features are seeded unit vectors per
 (stock code, title), standing in for text embeddings) and ``synth:<preset>`` (see
-``streamer/embed/synth.py``; the update stream is its mixed stream).
+``devtools/synth.py``; the update stream is its mixed stream).
 
 Output: one JSON list of rows on stdout and in ``--output`` (rows of earlier runs on other
 datasets or devices are kept; rows for the same dataset+device are replaced). Progress goes
@@ -76,8 +76,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from encoders.graph import GraphEncoder, GraphEncoderConfig  # noqa: E402
 from encoders.text import resolve_device  # noqa: E402
-from streamer import changes as C  # noqa: E402
-from streamer.embed import synth  # noqa: E402
+from streamer.contracts import changes as C  # noqa: E402
+from devtools import synth  # noqa: E402
 from streamer.embed.engine import IncrementalEngine  # noqa: E402
 from streamer.embed.replica import Replica  # noqa: E402
 
@@ -225,7 +225,7 @@ def _ms(ts: str) -> int:
 
 
 def retail_dataset(path: Path, split: float, dim: int) -> dict[str, Any]:
-    from streamer.loaders import online_retail
+    from devtools.datasets import online_retail
 
     events = list(online_retail.events(path))
     n0 = int(len(events) * split)

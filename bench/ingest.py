@@ -17,7 +17,7 @@ also on error or Ctrl-C):
    very same events on another fresh graph DB in transactions of ``batch size`` events. Both
    are graph-only (no consume, no changelog publish, no commit);
 3. for each batch size: a fresh graph DB and a new consumer group, then
-   ``IngestConsumer(settings).run(until_caught_up=True)`` over everything replayed, timed;
+   ``ingest_consumer(settings).run(until_caught_up=True)`` over everything replayed, timed;
    the stage timings come from the ``kgs_stage_duration_seconds`` histogram the consumer
    records (decode, write, publish, commit; "poll/other" is the remainder), plus the CPU
    seconds each process used (this one, the graph DB's JVM, the broker), also per event: on a
@@ -57,14 +57,14 @@ from typing import Any
 from prometheus_client import REGISTRY
 
 from sinks.graph_db import GraphSink
-from streamer.events import decode_event
-from streamer.ingest import IngestConsumer
-from streamer.loaders import LoadReport, online_retail
-from streamer.loaders.replay import encode, load_online_retail
-from streamer.local_services import LocalServices, ServiceError
-from streamer.mutations import plan_batch
+from streamer.contracts.events import decode_event
+from streamer.ingest.step import ingest_consumer
+from devtools.datasets import LoadReport, online_retail
+from devtools.datasets.produce import encode, load_online_retail
+from devtools.local_services import LocalServices, ServiceError
+from streamer.ingest.plan import plan_batch
 from streamer.settings import Settings
-from streamer.topics import ensure_topics
+from streamer.kafka.topics import ensure_topics
 
 DEFAULT_DATA = Path("/work/shared/data/online_retail/online_retail.csv.gz")
 STAGES = ("decode", "write", "publish", "commit")
@@ -344,7 +344,7 @@ def ingest_run(bench: Bench, batch: int, tag: str, warm: list[bytes], profile: b
     graph_pid = service_pid(graph, "graph")
     try:
         sink = TimedGraphSink(settings)
-        consumer = IngestConsumer(settings, graph=sink)
+        consumer = ingest_consumer(settings, graph=sink)
         cpu0 = (self_cpu_s(), proc_cpu_s(graph_pid), proc_cpu_s(broker_pid))
         profiler = cProfile.Profile() if profile else None
         log.info("ingest run %s: batch size %d, group %s", tag, batch, group)
@@ -455,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)
     logging.getLogger("neo4j").setLevel(logging.WARNING)
-    logging.getLogger("streamer.ingest").setLevel(logging.WARNING)
+    logging.getLogger("streamer.ingest.step").setLevel(logging.WARNING)
 
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else [args.batch_size]
     data = online_retail.resolve(args.data)

@@ -4,7 +4,7 @@
     python bench/quality.py --write-docs          # ... and rewrite docs/quality.json + the table
     python bench/quality.py --device cuda --text-cache FILE --data-dir DIR --report OUT.json
 
-Every method is measured in the same run (``streamer.model.evaluate``). The trained model
+Every method is measured in the same run (``training.evaluate``). The trained model
 is chosen among ``SWEEP`` (a few learning rates and temperatures) by recall@20 on its own
 validation split (the newest 10 % of the interactions before T), never by the test numbers;
 ``--sweep none`` trains the default configuration only. ``--text-cache`` serves the product
@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
-    from streamer.model import evaluate
-    from streamer.model.train import TrainConfig
+    from training import evaluate
+    from training.train import TrainConfig
     from streamer.settings import Settings
 
     settings = Settings(_env_file=None, state_dir=Path(args.state_dir), device=args.device)
@@ -118,9 +118,9 @@ def determinism(name: str, path, settings, base, text_cache) -> dict:
     import numpy as np
 
     from encoders.graph import GraphEncoderConfig
-    from streamer.model import evaluate
-    from streamer.model.graph import from_events
-    from streamer.model.train import train
+    from training import evaluate
+    from training.dataset import from_events
+    from training.train import train
 
     spec = evaluate.DATASETS[name]
     log = evaluate.load_events(spec["loader"], path or spec["path"])

@@ -22,7 +22,7 @@ Contract
 * Optional **alignment head** (``align=True``, issue 6): a linear map ``align_text(t)`` from the
   text space (``in_dim``) into the structure space (``out``), trained with a contrastive loss
   between a product's text embedding and its structure vector ``hL``
-  (``streamer/model/train.py``). A text query ``q`` then becomes the vector
+  (``training/train.py``). A text query ``q`` then becomes the vector
   ``fuse(q, align_text(q))``, comparable with published product vectors
   (``kg-streamer search``). The head is not used by message passing; it lives in the same
   checkpoint, so it is part of ``version``. ``align=False`` configs serialise exactly as before
@@ -192,19 +192,6 @@ class GraphEncoder(nn.Module):
         model.load_state_dict(load_file(str(path)))
         return model.to(device).eval()
 
-    @classmethod
-    def from_settings(cls, settings: Any, in_dim: int = 384) -> "GraphEncoder":
-        """From ``Settings``: the checkpoint when ``graph_checkpoint`` is set, else a seeded init."""
-        if settings.graph_checkpoint:
-            model = cls.load(settings.graph_checkpoint)
-            if model.config.in_dim != in_dim:
-                raise ValueError(f"checkpoint in_dim {model.config.in_dim} != text dim {in_dim}")
-        else:
-            model = cls(GraphEncoderConfig(in_dim=in_dim, hidden=settings.gnn_hidden, out=settings.gnn_out,
-                                           layers=settings.gnn_layers, seed=settings.gnn_seed))
-        check_fusion(settings.fusion, in_dim, model.config.out)
-        return model
-
 
 def check_fusion(mode: str, text_dim: int, struct_dim: int) -> None:
     if mode not in ("concat", "mean"):
@@ -229,3 +216,10 @@ def fuse(text: Tensor, struct: Tensor, mode: Fusion = "concat", text_weight: flo
     if mode == "concat":
         return torch.cat([t * math.sqrt(text_weight), s * math.sqrt(1.0 - text_weight)], dim=1)
     return F.normalize(t * text_weight + s * (1.0 - text_weight), p=2, dim=1)
+
+
+def vector_version(text_model_id: str, graph_version: str, fusion: str, text_weight: float) -> str:
+    """The version every published vector carries: a short sha256 of what makes the vector,
+    the text model, the graph model's version, and the fusion and its weight."""
+    raw = f"{text_model_id}|{graph_version}|{fusion}|{text_weight}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:12]

@@ -5,8 +5,8 @@ against ArcadeDB over Bolt by the integration tests):
 
 * every value is a ``$parameter``; rows go in as ``UNWIND $rows AS row``;
 * labels and relationship types are formatted into the text only from the allowlists in
-  ``streamer.events`` (``_label`` and ``_rel`` refuse anything else), never from event text;
-* each statement touches one entity per row: ``streamer.mutations.plan_batch`` coalesces first.
+  ``streamer.contracts.events`` (``_label`` and ``_rel`` refuse anything else), never from event text;
+* each statement touches one entity per row: ``streamer.ingest.plan.plan_batch`` coalesces first.
 
 Version guard: a node or relationship stores the ``ts`` (and for products the producer
 ``version``) of the event that last wrote it; a write applies only when the row is strictly
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from functools import cache
 
-from streamer.events import ACTION_TYPES, NODE_LABELS, RELATION_TYPES
+from streamer.contracts.events import ACTION_TYPES, NODE_LABELS, RELATION_TYPES
 
 
 def _label(label: str) -> str:
@@ -171,6 +171,36 @@ COUNT_NODES = "MATCH (n) RETURN count(n) AS n"
 COUNT_RELATIONSHIPS = "MATCH ()-[r]->() RETURN count(r) AS n"
 PING = "RETURN 1 AS ok"
 
+# --- model tooling: graph snapshots, a user's history, vector write-back -----------------
+# ``SNAPSHOT_PRODUCTS`` / ``SNAPSHOT_RELATIONSHIPS``: what ``kg-streamer train --source graph``
+# reads in one read transaction (tombstoned products and relationships skipped, as the worker's
+# replica skips them); ``ts`` is an interaction's ``first_ts`` (null otherwise).
+SNAPSHOT_PRODUCTS = """MATCH (p:Product)
+WHERE coalesce(p.deleted, false) = false
+RETURN p.id AS id, p.title AS title, p.description AS description, p.brand AS brand,
+       p.categories AS categories"""
+
+SNAPSHOT_RELATIONSHIPS = """MATCH (a)-[r]->(b)
+WHERE coalesce(r.deleted, false) = false AND coalesce(a.deleted, false) = false
+  AND coalesce(b.deleted, false) = false
+RETURN labels(a)[0] AS a_label, a.id AS a, type(r) AS rel, labels(b)[0] AS b_label, b.id AS b,
+       r.first_ts AS ts"""
+
+# The products a user has an interaction edge to (``recommend`` leaves the bought ones out).
+USER_PRODUCTS = """MATCH (u:User {id: $id})-[r]->(p:Product)
+WHERE coalesce(p.deleted, false) = false
+RETURN p.id AS id, type(r) AS rel"""
+
+
+@cache
+def write_vectors(label: str) -> str:
+    """``kg-streamer write-vectors``: ``n.embedding`` (list of floats), ``n.embedding_version``
+    and ``n.embedding_dim`` on existing nodes, one row per node."""
+    return f"""UNWIND $rows AS row
+MATCH (n:{_label(label)} {{id: row.id}})
+SET n.embedding = row.vector, n.embedding_version = row.version, n.embedding_dim = size(row.vector)
+RETURN count(n) AS written"""
+
 
 def all_statements() -> list[tuple[str, str]]:
     """(name, text) of every statement the project can send: the linter's input."""
@@ -178,7 +208,7 @@ def all_statements() -> list[tuple[str, str]]:
     for name in (
         "PRODUCT_UPSERT", "PRODUCT_DROP_STALE_EDGES", "PRODUCT_BRANDS", "CATEGORY_NODES", "CATEGORY_PARENTS",
         "PRODUCT_CATEGORIES", "PRODUCT_ATTRIBUTES", "PRODUCT_DELETE", "PRODUCT_DETACH", "PRODUCT_CURRENT",
-        "COUNT_NODES", "COUNT_RELATIONSHIPS", "PING",
+        "COUNT_NODES", "COUNT_RELATIONSHIPS", "PING", "SNAPSHOT_PRODUCTS", "SNAPSHOT_RELATIONSHIPS", "USER_PRODUCTS",
     ):
         out.append((name, globals()[name]))
     for rel in ACTION_TYPES.values():
@@ -188,7 +218,5 @@ def all_statements() -> list[tuple[str, str]]:
             for dst in NODE_LABELS:
                 for fn in (relation_upsert, relation_delete, relation_current):
                     out.append((f"{fn.__name__}[{src},{rel},{dst}]", fn(src, rel, dst)))
-    from streamer.model import cypher as model_cypher  # snapshots, user history, vector write-back
-
-    out += [(f"model.{name}", text) for name, text in model_cypher.statements()]
+    out += [(f"write_vectors[{label}]", write_vectors(label)) for label in NODE_LABELS]
     return out

@@ -4,7 +4,7 @@ Contract of ``GraphSink.write(batch)``:
 
 * all statements of the batch run in ONE explicit transaction, nodes before relationships
   (products, product deletes, interactions, relations); it commits or nothing is applied;
-* it returns ``WriteResult`` with the ``Change`` records (streamer/changes.py) of every row
+* it returns ``WriteResult`` with the ``Change`` records (streamer/contracts/changes.py) of every row
   whose event is now the stored state, for the caller to publish to kg.changes;
 * transient failures (Neo4j ``TransientError`` such as deadlocks, connection loss, database
   unavailable) are retried ``graph_retry_attempts`` times with exponential backoff and full
@@ -32,7 +32,7 @@ import random
 import time
 from dataclasses import dataclass, field, replace
 
-from neo4j import GraphDatabase
+from neo4j import Driver, GraphDatabase
 from neo4j.exceptions import (
     DatabaseUnavailable,
     Neo4jError,
@@ -42,8 +42,8 @@ from neo4j.exceptions import (
 )
 
 from sinks import cypher
-from streamer import changes as ch
-from streamer.mutations import GraphBatch
+from streamer.contracts import changes as ch
+from streamer.contracts.graph_batch import GraphBatch
 from streamer.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -88,15 +88,23 @@ def _is_transient(exc: BaseException) -> bool:
     return isinstance(exc, Neo4jError) and (".Transient." in code or "Deadlock" in code)
 
 
+def open_driver(settings: Settings, timeout_s: float = 10.0) -> Driver:
+    """The one way kg-streamer connects to the graph DB: a Bolt driver from ``settings`` (the
+    password is read from its ``SecretStr`` here and nowhere else). The driver's own managed
+    transaction retry is off: callers bound their retries themselves."""
+    return GraphDatabase.driver(
+        settings.bolt_uri,
+        auth=(settings.bolt_user, settings.bolt_password.get_secret_value()),
+        connection_timeout=timeout_s,
+        connection_acquisition_timeout=timeout_s,
+        max_transaction_retry_time=0,
+    )
+
+
 class GraphSink:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.driver = GraphDatabase.driver(
-            settings.bolt_uri,
-            auth=(settings.bolt_user, settings.bolt_password.get_secret_value()),
-            connection_timeout=10,
-            max_transaction_retry_time=0,
-        )
+        self.driver = open_driver(settings)
         self.database = settings.bolt_database
 
     def close(self) -> None:

@@ -2,47 +2,41 @@
 
     kg-streamer services up|down|status     embedded broker + graph DB in the state dir
     kg-streamer topics                      create the topics (idempotent)
-    kg-streamer load online-retail PATH     replay a real data set into the input topics
-    kg-streamer load amazon DIR
+    kg-streamer load online-retail [PATH]   replay a real data set into the input topics
+    kg-streamer load amazon [DIR]           (default paths under KGS_DATA_DIR)
     kg-streamer ingest [--until-caught-up]  the ingest consumer (long-lived by default)
     kg-streamer embed [--until-caught-up]   the embedding worker (long-lived by default)
     kg-streamer verify [--against-topic]    full recompute == incremental state? (exit 1 if not)
     kg-streamer schema [--out FILE]         write the input events' JSON Schema
-    kg-streamer demo                        services up, load the committed sample, ingest, summary
+    kg-streamer demo                        services up, load the committed sample, ingest, embed, summary
+    kg-streamer status | replay | lag-exporter                       consumer groups (streamer/groups/admin.py)
+    kg-streamer train | evaluate | similar | recommend | search | write-vectors   model lifecycle (training/)
+
+This module is the composition root: the one runtime module that may import the dev tools
+(``devtools/``: embedded services, data sets, the demo) and the model tooling (``training/``),
+each only inside the command that needs it, so a command pays only for its own imports.
+``--verbose`` (or ``KGS_LOG_LEVEL=DEBUG``) lets third-party logs through (``streamer.logs``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
+from streamer.logs import setup_logging
 from streamer.settings import Settings
-
-log = logging.getLogger("kg-streamer")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_DIR = REPO_ROOT / "data" / "sample"
-# Sub-commands of other concerns, by the module that registers them (imported only when needed).
-PLUGIN_MODULES = {
-    "streamer.ops.cli": ("status", "replay", "lag-exporter"),
-    "streamer.model.cli": ("train", "evaluate", "similar", "recommend", "search", "write-vectors"),
-}
-
-
-def _setup_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=getattr(logging, settings.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    for noisy in ("neo4j",):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+GROUP_COMMANDS = ("status", "replay", "lag-exporter")
+MODEL_COMMANDS = ("train", "evaluate", "similar", "recommend", "search", "write-vectors")
+DATASET_PATHS = {"online-retail": "online_retail/online_retail.csv.gz", "amazon": "amazon_magazine_2018"}
 
 
 def cmd_services(args, settings: Settings) -> int:
-    from streamer.local_services import LocalServices
+    from devtools.local_services import LocalServices
 
     services = LocalServices(settings)
     if args.action == "up":
@@ -54,52 +48,62 @@ def cmd_services(args, settings: Settings) -> int:
 
 
 def cmd_topics(args, settings: Settings) -> int:
-    from streamer.topics import ensure_topics
+    from streamer.kafka.topics import ensure_topics
 
     print(json.dumps(ensure_topics(settings)))
     return 0
 
 
 def cmd_load(args, settings: Settings) -> int:
-    from streamer.loaders import replay
+    from devtools.datasets import produce
+    from streamer.kafka.topics import ensure_topics
 
-    from streamer.topics import ensure_topics
-
+    path = Path(args.path) if args.path else settings.data_dir / DATASET_PATHS[args.dataset]
+    if not path.exists():
+        print(f"kg-streamer load: {path} does not exist (give a path, or set KGS_DATA_DIR)", file=sys.stderr)
+        return 2
     ensure_topics(settings)
-    loader = replay.load_online_retail if args.dataset == "online-retail" else replay.load_amazon
-    stats = loader(args.path, settings, limit=args.limit, rate=args.rate)
+    loader = produce.load_online_retail if args.dataset == "online-retail" else produce.load_amazon
+    stats = loader(path, settings, limit=args.limit, rate=args.rate)
     print(json.dumps(stats.summary() if hasattr(stats, "summary") else stats, indent=2, default=str))
     return 0
 
 
 def _run_consumer(make, args, settings: Settings) -> int:
-    """A long-running consumer: topics, /metrics, SIGTERM handling, run, print its summary."""
+    """A long-running consumer: topics, /metrics and the group's lag monitor (only where
+    metrics are served), SIGTERM handling, run, print its summary."""
     from streamer import metrics
-    from streamer.topics import ensure_topics
+    from streamer.groups.lag import start_monitor
+    from streamer.kafka.topics import ensure_topics
 
     ensure_topics(settings)
     metrics.serve(settings.metrics_addr)
     consumer = make(settings)
     consumer.install_signal_handlers()
-    stats = consumer.run(until_caught_up=args.until_caught_up, max_seconds=args.max_seconds)
+    monitor = start_monitor(settings, consumer.group, consumer.topics)
+    try:
+        stats = consumer.run(until_caught_up=args.until_caught_up, max_seconds=args.max_seconds)
+    finally:
+        if monitor is not None:
+            monitor.stop()
     print(json.dumps(stats.summary(), indent=2))
     return 0
 
 
 def cmd_ingest(args, settings: Settings) -> int:
-    from streamer.ingest import IngestConsumer
+    from streamer.ingest.step import ingest_consumer
 
-    return _run_consumer(IngestConsumer, args, settings)
+    return _run_consumer(ingest_consumer, args, settings)
 
 
 def cmd_embed(args, settings: Settings) -> int:
-    from streamer.embed.worker import EmbedWorker
+    from streamer.embed.worker import embed_consumer
 
-    return _run_consumer(EmbedWorker, args, settings)
+    return _run_consumer(embed_consumer, args, settings)
 
 
 def cmd_verify(args, settings: Settings) -> int:
-    from streamer.embed.audit import verify
+    from streamer.embed.verify import verify
 
     report = verify(settings, against_topic=args.against_topic, tol=args.tol)
     print(json.dumps(report, indent=2))
@@ -107,7 +111,7 @@ def cmd_verify(args, settings: Settings) -> int:
 
 
 def cmd_schema(args, settings: Settings) -> int:
-    from streamer.events import json_schema
+    from streamer.contracts.events import json_schema
 
     text = json.dumps(json_schema(), indent=2) + "\n"
     if args.out:
@@ -118,17 +122,15 @@ def cmd_schema(args, settings: Settings) -> int:
 
 
 def cmd_demo(args, settings: Settings) -> int:
-    from streamer.demo import run_demo
+    from devtools.demo import run_demo
 
-    return run_demo(settings, sample_dir=Path(args.sample_dir), limit=args.limit)
-
-
-CORE_COMMANDS = {"services", "topics", "load", "ingest", "embed", "verify", "schema", "demo"}
+    return run_demo(settings, sample_dir=Path(args.sample_dir), limit=args.limit, verbose=args.verbose)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The parser; with ``command`` given only the plugin module that owns it is imported."""
+    """The parser; with ``command`` given, only the module that owns it is imported."""
     parser = argparse.ArgumentParser(prog="kg-streamer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="let third-party logs through (kafka, neo4j ...)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("services", help="start/stop the embedded broker and graph DB")
@@ -140,7 +142,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("load", help="replay a real data set into the input topics")
     p.add_argument("dataset", choices=["online-retail", "amazon"])
-    p.add_argument("path", help="online_retail.csv.gz file, or the Amazon directory")
+    p.add_argument("path", nargs="?", default=None,
+                   help="online_retail.csv.gz file, or the Amazon directory (default: under KGS_DATA_DIR)")
     p.add_argument("--limit", type=int, default=None, help="stop after N events")
     p.add_argument("--rate", type=float, default=None, help="events per second (default: as fast as possible)")
     p.set_defaults(func=cmd_load)
@@ -169,24 +172,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="events per data set")
     p.set_defaults(func=cmd_demo)
 
-    # Sub-commands of other concerns live next to their code; each module has register(sub).
-    import importlib
+    if command is None or command in GROUP_COMMANDS:
+        from streamer.groups import admin
 
-    for name, commands in PLUGIN_MODULES.items():
-        if command in CORE_COMMANDS or (command is not None and command not in commands and _known(command)):
-            continue
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if not name.startswith(exc.name or "\0"):
-                raise
-            continue
-        module.register(sub)
+        admin.register(sub)
+    if command is None or command in MODEL_COMMANDS:
+        from training import commands
+
+        commands.register(sub)
     return parser
-
-
-def _known(command: str) -> bool:
-    return command in CORE_COMMANDS or any(command in cmds for cmds in PLUGIN_MODULES.values())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
     settings = Settings()
-    _setup_logging(settings)
+    setup_logging(settings.log_level, verbose=args.verbose)
     return args.func(args, settings)
 
 

@@ -51,7 +51,7 @@ LAG_SECONDS = Gauge(
 LAST_COMMIT_TIMESTAMP = Gauge(
     "kgs_consumer_last_commit_timestamp_seconds", "Unix time of the group's last successful commit.", ["group", "topic", "partition"]
 )
-# The lag gauges below (and LAG_MESSAGES / LAG_SECONDS above) are set by streamer/ops/lag.py from
+# The lag gauges below (and LAG_MESSAGES / LAG_SECONDS above) are set by streamer/groups/lag.py from
 # the broker: every long-running consumer samples its own group, `kg-streamer lag-exporter`
 # samples any groups (and keeps reporting while the consumers are down). Several processes may
 # report the same partition: aggregate with max by (group, topic, partition).
@@ -117,10 +117,19 @@ def init_labels(group: str, role: str) -> None:
         TEXT_ENCODED.labels(group)
 
 
+_served: list[str] = []
+
+
 def serve(addr: str) -> bool:
     """Start the /metrics HTTP endpoint on "host:port"; returns False when disabled."""
     if not addr:
         return False
     host, _, port = addr.rpartition(":")
     start_http_server(int(port), addr=host or "0.0.0.0")
+    _served.append(addr)
     return True
+
+
+def serving() -> bool:
+    """Whether this process serves /metrics (``serve`` was called with an address)."""
+    return bool(_served)

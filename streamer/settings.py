@@ -18,11 +18,20 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+def default_data_dir() -> Path:
+    """``../shared/data`` beside the project checkout (where the project's machines keep the
+    full public data sets); ``data`` under the working directory when there is none."""
+    beside = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+    return beside if beside.is_dir() else Path("data")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KGS_", env_file=".env", extra="ignore")
 
     # --- where local state lives (embedded services, worker checkpoints, caches) ---
     state_dir: Path = Path(".kgs")
+    data_dir: Path = Field(default_factory=default_data_dir, description="the full public data sets "
+                           "(online_retail/, amazon_magazine_2018/) for `load`, benches and tests")
 
     # --- Kafka ---
     bootstrap_servers: str = "127.0.0.1:19092"
@@ -30,7 +39,7 @@ class Settings(BaseSettings):
         "tansu",
         description="Embedded broker started by `kg-streamer services up`. tansu (default) keeps "
         "everything in memory; noida-db persists to the state dir but never evicts a crashed group "
-        "member (see streamer/local_services.py).",
+        "member (see devtools/local_services.py).",
     )
     topic_products: str = "kg.products"
     topic_interactions: str = "kg.interactions"
@@ -66,6 +75,9 @@ class Settings(BaseSettings):
     batch_max_events: int = 1_000
     batch_max_wait_s: float = 0.5
     max_event_bytes: int = 256 * 1024
+    dlq_max_value_bytes: int = Field(
+        900_000, description="a dead letter's value is cut to this size (original size and SHA-256 in its "
+        "headers), so that it fits the broker's default 1 MB message limit with its headers")
     graph_retry_attempts: int = 5
     graph_retry_base_s: float = 0.2
     graph_retry_max_s: float = 5.0

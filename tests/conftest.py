@@ -57,7 +57,7 @@ from typing import Any
 
 import pytest
 
-from streamer.local_services import LocalServices, ServiceError, ServiceName
+from devtools.local_services import LocalServices, ServiceError, ServiceName
 from streamer.settings import Settings
 
 BROKER_KINDS = ["noida", "tansu"]
@@ -225,7 +225,7 @@ def clean_graph(graph_driver: Any, arcadedb: LocalServices) -> Any:
 
 @pytest.fixture
 def settings(broker: LocalServices, arcadedb: LocalServices, clean_graph: Any, tmp_path: Path) -> Settings:
-    from streamer.topics import ensure_topics
+    from streamer.kafka.topics import ensure_topics
 
     kind = broker.settings.local_broker
     graph = arcadedb.settings

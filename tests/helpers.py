@@ -9,7 +9,7 @@ from typing import Any, Iterable
 from kafka import KafkaConsumer, KafkaProducer
 from neo4j import GraphDatabase
 
-from streamer.events import validate_event
+from streamer.contracts.events import validate_event
 from streamer.settings import Settings
 
 

@@ -1,12 +1,8 @@
-"""Embedding stage: the graph replica and the exact incremental GNN engine.
+"""Embedding stage: the graph replica, the exact incremental GNN engine, its state and the worker.
 
-The embed worker builds an ``IncrementalEngine`` (``streamer.embed.engine``) from a
-``GraphEncoder`` and a ``Featurizer`` (text encoder for products), feeds it micro-batches of
-``streamer.changes.Change`` records with ``apply``, and publishes ``report.vectors`` under
-``report.changed_keys`` (tombstones for ``report.deleted_keys``). See docs/engine.md.
+``streamer.embed.state`` builds, opens and saves an ``IncrementalEngine``
+(``streamer.embed.engine``) over a ``Replica`` (``streamer.embed.replica``); the worker step
+(``streamer.embed.worker``) feeds it micro-batches of ``streamer.contracts.changes.Change``
+records with ``apply`` and publishes ``report.vectors`` under ``report.changed_keys``
+(tombstones for ``report.deleted_keys``); ``streamer.embed.verify`` audits it. See docs/engine.md.
 """
-
-from streamer.embed.engine import BatchReport, Featurizer, IncrementalEngine
-from streamer.embed.replica import Replica
-
-__all__ = ["BatchReport", "Featurizer", "IncrementalEngine", "Replica"]

@@ -6,7 +6,7 @@ Contract
 every layer's activations ``h[0..L]`` (``h[0]`` = input features) plus, per layer ``l``, the
 neighbour **sum** ``S[l] = sum_{u in N(v)} h[l][u]`` that layer ``l+1`` aggregates (its degree is
 the replica's block length). ``apply(changes)`` takes one micro-batch of
-``streamer.changes.Change`` records (any mix of node_upsert / node_delete / edge_upsert /
+``streamer.contracts.changes.Change`` records (any mix of node_upsert / node_delete / edge_upsert /
 edge_delete, applied in order; idempotent: replaying a record changes nothing) and brings
 every cache to the state a full forward pass over the new graph would give, touching only:
 
@@ -76,9 +76,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from encoders.graph import GraphEncoder, fuse, fused_dim
-from encoders.text import TextEncoder, product_text, resolve_device
-from streamer.changes import Change, split_key
+from encoders.graph import GraphEncoder, fuse, fused_dim, vector_version
+from encoders.text import resolve_device
+from streamer.contracts.changes import Change, split_key
 from streamer.embed.replica import Replica
 
 log = logging.getLogger(__name__)
@@ -126,44 +126,6 @@ class BatchReport:
                 "deleted": len(self.deleted_keys), "suppressed": self.suppressed,
                 "vectors_suppressed": self.vectors_suppressed, "max_residual": self.max_residual,
                 "error_bound": self.error_bound, "seconds": round(self.seconds, 6)}
-
-
-def engine_options(settings: Any) -> dict[str, Any]:
-    """Engine keyword arguments from ``Settings`` (mode, thresholds, drift guard); settings
-    objects without those fields give the defaults."""
-    mode = getattr(settings, "embed_mode", "exact")
-    opts: dict[str, Any] = {"mode": mode, "reanchor_every": int(getattr(settings, "embed_reanchor_every", 256))}
-    ratio = getattr(settings, "embed_full_ratio", None)
-    if ratio is not None:
-        opts["full_ratio"] = float(ratio)
-    if mode == "bounded":
-        opts["propagate_threshold"] = float(getattr(settings, "embed_propagate_threshold", 0.0))
-        opts["publish_threshold"] = float(getattr(settings, "embed_publish_threshold", 0.0))
-    return opts
-
-
-class Featurizer:
-    """Input features for a micro-batch: product text through the ``TextEncoder``; nothing for
-    other nodes (the engine then uses the model's node-type embedding)."""
-
-    def __init__(self, text: TextEncoder | None, text_labels: Sequence[str] = ("Product",)) -> None:
-        self.text = text
-        self.text_labels = set(text_labels)
-
-    def __call__(self, changes: Sequence[Change]) -> dict[str, Tensor]:
-        if self.text is None:
-            return {}
-        latest: dict[str, str] = {}
-        for ch in changes:
-            if ch.op == "node_upsert" and ch.key and split_key(ch.key)[0] in self.text_labels:
-                latest[ch.key] = product_text(ch.props or {})
-            elif ch.op == "node_delete" and ch.key:
-                latest.pop(ch.key, None)
-        todo = [(k, t) for k, t in latest.items() if t]
-        if not todo:
-            return {}
-        vecs = self.text.encode([t for _, t in todo])
-        return {k: v for (k, _), v in zip(todo, vecs)}
 
 
 class _EdgeRun:
@@ -275,29 +237,13 @@ class IncrementalEngine:
         self.mirror_adjacency = self.device.type == "cuda"
         self._nbr_dev: Tensor | None = None
         self._nbr_of: Replica | None = None
-        self._ensure_capacity(16)
-
-    @classmethod
-    def from_settings(cls, settings: Any, text: TextEncoder | None = None) -> "IncrementalEngine":
-        """The engine the worker runs: graph model from ``settings`` (checkpoint or seeded
-        init, input width = the text encoder's), fusion, device, bounded mode and torch threads
-        from ``settings``, and product text through ``text`` (none: type embeddings only)."""
-        threads = int(getattr(settings, "torch_threads", 0) or 0)
-        if threads > 0:
-            torch.set_num_threads(threads)
-        model = GraphEncoder.from_settings(settings, in_dim=text.dim if text is not None else 384)
-        return cls(model, settings.device, fusion=settings.fusion,
-                   fusion_text_weight=settings.fusion_text_weight,
-                   featurize=Featurizer(text) if text is not None else None,
-                   text_model_id=text.model_id if text is not None else "",
-                   **engine_options(settings))
+        self.ensure_capacity(16)
 
     # ---- identity and mode ---------------------------------------------------------------
     @property
     def model_version(self) -> str:
         """Version of the published vectors: graph model version + text model + fusion."""
-        raw = f"{self.text_model_id}|{self.model.version}|{self.fusion}|{self.fusion_text_weight}"
-        return hashlib.sha256(raw.encode()).hexdigest()[:12]
+        return vector_version(self.text_model_id, self.model.version, self.fusion, self.fusion_text_weight)
 
     def configure(self, mode: Literal["exact", "bounded"] = "exact", propagate_threshold: float = 0.0,
                   publish_threshold: float = 0.0, *, _rebuild: bool = True) -> None:
@@ -331,7 +277,7 @@ class IncrementalEngine:
         return e
 
     # ---- storage -----------------------------------------------------------------------
-    def _ensure_capacity(self, need: int, headroom: bool = True) -> None:
+    def ensure_capacity(self, need: int, headroom: bool = True) -> None:
         """Rows for ``need`` slots. Growth is by 1/4 (amortised O(1) per new node, and a
         2.5M-node engine does not briefly hold two full copies of 16 GB of caches)."""
         if need <= self.cap:
@@ -492,7 +438,7 @@ class IncrementalEngine:
     def _propagate(self, structure: _Structure, x_new: dict[int, tuple[Tensor | None, int]], created: set[int],
                    removed: list[int], with_vectors: bool) -> BatchReport:
         rep, dev, L = self.replica, self.device, self.L
-        self._ensure_capacity(rep.num_slots)
+        self.ensure_capacity(rep.num_slots)
         report = BatchReport(suppressed=[0] * (L + 1), max_residual=[0.0] * (L + 1))
         alive = rep.alive
         touched_ts: list[Tensor] = []
@@ -599,7 +545,7 @@ class IncrementalEngine:
             self._ts[torch.cat(touched_ts)] = -1
         self._isnew[new_slots] = False
         if removed:
-            self._clear(self._t(removed))
+            self.clear_rows(self._t(removed))
             rep.release(removed)
         return report
 
@@ -723,7 +669,7 @@ class IncrementalEngine:
         report.reanchored_rows += len(over)
         report.neighbour_reads += len(w)
 
-    def _clear(self, rows: Tensor) -> None:
+    def clear_rows(self, rows: Tensor) -> None:
         for t in self.h + self.S:
             t[rows] = 0
         host = rows.cpu()
@@ -877,7 +823,7 @@ class IncrementalEngine:
             t.zero_()
         dead = self._t(np.flatnonzero(~self.replica.alive[:n]))
         if len(dead):
-            self._clear(dead)
+            self.clear_rows(dead)
 
     def bulk_load(self, keys: Sequence[str], src: np.ndarray, dst: np.ndarray,
                   rel: str | Sequence[str] | np.ndarray = "RELATED", features: Tensor | None = None,
@@ -897,7 +843,7 @@ class IncrementalEngine:
             table = np.asarray([rep.rel_id(r) for r in names], dtype=np.int64)
             rel_ids = table[np.asarray(rel, dtype=np.int64)]
         rep.bulk_add_edges(slots[np.asarray(src)], rel_ids, slots[np.asarray(dst)])
-        self._ensure_capacity(rep.num_slots)
+        self.ensure_capacity(rep.num_slots)
         if features is None or feature_rows is not None:
             labels = rep.labels
             ntype = rep.ntype[slots]
@@ -917,42 +863,11 @@ class IncrementalEngine:
                 "h": [t[:n].cpu() for t in self.h], "S": [t[:n].cpu() for t in self.S],
                 "count": [t[:n].cpu() for t in self.count]}
 
-    def save(self, path: str | Path) -> None:
-        """Write replica + caches atomically (temp file, fsync, rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            torch.save(self.state_dict(), f)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-
-    @classmethod
-    def load(cls, path: str | Path, model: GraphEncoder, device: str | torch.device | None = "auto",
-             **kwargs: Any) -> "IncrementalEngine":
-        """Resume from ``save``. With another graph model, only the replica and h0 are kept and
-        the caches are rebuilt; so are they when a state written in bounded mode is loaded into
-        an exact engine (which must start exact)."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"{path}: unknown engine state format {state.get('format')}")
-        engine = cls(model, device, **kwargs)
-        engine.replica = Replica.from_state_dict(state["replica"])
-        n = engine.replica.num_slots
-        engine._ensure_capacity(max(n, 16))
-        engine.h[0][:n] = state["h"][0].to(engine.device)
-        if state["graph_version"] != model.version or str(engine.agg_dtype) != state["agg_dtype"]:
-            log.warning("engine state was written for graph model %s; rebuilding caches for %s",
-                        state["graph_version"], model.version)
-            engine.rebuild()
-            return engine
-        if state.get("mode", "exact") == "bounded" and engine.mode == "exact":
-            log.info("engine state was written in bounded mode; rebuilding caches for exact mode")
-            engine.rebuild()
-            return engine
-        for layer in range(engine.L):
-            engine.h[layer + 1][:n] = state["h"][layer + 1].to(engine.device)
-            engine.S[layer][:n] = state["S"][layer].to(engine.device)
-        for layer in range(engine.L):
-            engine.count[layer][:n] = state["count"][layer].cpu()
-        return engine
+    def restore_caches(self, state: Mapping[str, Any]) -> None:
+        """Set ``h[1..L]``, the sums and the drift counters from ``state_dict()`` output whose
+        replica and ``h[0]`` are already in place (``streamer.embed.state.load_engine``)."""
+        n = self.replica.num_slots
+        for layer in range(self.L):
+            self.h[layer + 1][:n] = state["h"][layer + 1].to(self.device)
+            self.S[layer][:n] = state["S"][layer].to(self.device)
+            self.count[layer][:n] = state["count"][layer].cpu()

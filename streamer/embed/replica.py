@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from streamer.changes import split_key
+from streamer.contracts.changes import split_key
 
 _MIN_BLOCK = 4
 
@@ -70,7 +70,7 @@ def _remap(values: np.ndarray, old: np.ndarray, new: np.ndarray) -> np.ndarray:
     return out
 
 
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def block_ranges(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(segment id, position) for every element of the ranges [start, start+length)."""
     lengths = lengths.astype(np.int64)
     total = int(lengths.sum())
@@ -322,7 +322,7 @@ class Replica:
             return out, owner
         other = np.where(own_s, d, s)
         code = 2 * r + (~own_s).astype(np.int64)
-        seg, pos = _ranges(self.start[owner], self.length[owner])
+        seg, pos = block_ranges(self.start[owner], self.length[owner])
         hit = (self.nbr[pos] == other[seg]) & (self.code[pos] == code[seg])
         out[seg[hit]] = pos[hit]
         return out, owner
@@ -389,7 +389,7 @@ class Replica:
         new_len = self.length[uniq].astype(np.int64) - cnt
         tail_start = self.start[uniq] + new_len
         holes = pos[pos < np.repeat(tail_start, cnt)]
-        _, tail = _ranges(tail_start, cnt)
+        _, tail = block_ranges(tail_start, cnt)
         gone = np.sort(pos)
         at = np.minimum(np.searchsorted(gone, tail), len(gone) - 1)
         movers = tail[gone[at] != tail]
@@ -415,8 +415,8 @@ class Replica:
         new_start = self.top + np.cumsum(new_cap) - new_cap
         total = int(new_cap.sum())
         self._grow_edges(self.top + total)
-        _, old_pos = _ranges(self.start[v], n)
-        _, new_pos = _ranges(new_start, n)
+        _, old_pos = block_ranges(self.start[v], n)
+        _, new_pos = block_ranges(new_start, n)
         if len(old_pos):
             tw = _remap(self.twin[old_pos].astype(np.int64), old_pos, new_pos)
             self.nbr[new_pos] = self.nbr[old_pos]
@@ -467,13 +467,13 @@ class Replica:
     def gather(self, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Every half-edge of ``nodes``: (i, w) arrays, meaning nodes[i] and w share an edge."""
         nodes = np.asarray(nodes, dtype=np.int64)
-        seg, pos = _ranges(self.start[nodes], self.length[nodes])
+        seg, pos = block_ranges(self.start[nodes], self.length[nodes])
         return seg, self.nbr[pos].astype(np.int64)
 
     def edge_index(self) -> tuple[np.ndarray, np.ndarray]:
         """All messages (source, target): one per half-edge, target = the block's owner."""
         owners = self.live_slots()
-        seg, pos = _ranges(self.start[owners], self.length[owners])
+        seg, pos = block_ranges(self.start[owners], self.length[owners])
         return self.nbr[pos].astype(np.int64), owners[seg]
 
     def csr(self) -> tuple[np.ndarray, np.ndarray]:
@@ -484,7 +484,7 @@ class Replica:
         length = np.where(self.alive[:n], self.length[:n], 0).astype(np.int64)
         crow = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(length, out=crow[1:])
-        _, pos = _ranges(self.start[:n], length)
+        _, pos = block_ranges(self.start[:n], length)
         return crow, self.nbr[pos].astype(np.int64)
 
     def edges(self) -> list[tuple[str, str, str]]:
@@ -573,8 +573,8 @@ class Replica:
         length = self.length[:n].astype(np.int64)
         caps = length + (length >> 3)
         starts = np.cumsum(caps) - caps
-        _, old = _ranges(self.start[:n], length)
-        _, new = _ranges(starts, length)
+        _, old = block_ranges(self.start[:n], length)
+        _, new = block_ranges(starts, length)
         remap = np.zeros(max(self.top, 1), dtype=np.int64)
         remap[old] = new
         size = max(int(caps.sum()), 1)

@@ -1,71 +1,71 @@
-"""Embedding worker: kg.changes -> exact incremental GNN embeddings -> kg.embeddings -> commit.
+"""The embedding worker's step: kg.changes -> exact incremental GNN -> kg.embeddings.
 
-Lifecycle (one thread; kafka-python heartbeats from its own thread, auto-commit off; while metrics
-are served, ``streamer.ops.lag`` samples the group's lag from the broker on a thread and
-connections of its own, never touching this loop):
+It runs on the shared ``BatchingConsumer`` (``streamer.kafka.consumer``: poll, pause/resume,
+rebalance, and the commit, always the last step). ``embed_consumer(settings)`` builds it:
+group ``embed_group`` over ``kg.changes``.
 
-1. **start** -- load the text encoder (offline transformers model), the graph encoder
-   (checkpoint or seeded init) and, if ``<state_dir>/embed/engine.pt`` exists, the engine
-   state (graph replica, every layer's activations and aggregates) with the changelog
-   offsets it covers (``offsets.json``). No checkpoint: an empty replica. If the checkpoint
-   was made with another model version (``KGS_GRAPH_CHECKPOINT`` names a newly trained model,
-   or the fusion settings changed), every cache is recomputed by layer-wise full-graph
-   inference with a progress bar (``streamer.model.reembed``) and every live node's vector is
-   republished with the new version before the loop starts (a full re-embed); the old vectors
-   stay on the compacted topic until each key's new one replaces them, and every record
-   names its version.
+1. **start** -- ``streamer.embed.state.open_checkpoint``: the text encoder (offline
+   transformers model) with its cache, the graph encoder (checkpoint or seeded init) and, when
+   ``<state_dir>/embed/engine.pt`` exists, the engine state (replica, every layer's
+   activations and sums) with the changelog offsets it covers. If the checkpoint was made with
+   another model version, every cache was recomputed layer-wise while opening, and now every
+   live node's vector is republished with the new version before the first poll (a full
+   re-embed); the old vectors stay on the compacted topic until each key's new one replaces
+   them, and every record names its version.
 2. **assign** -- each assigned kg.changes partition is positioned from the *checkpoint*
    (``seek``), or at the beginning when there is none: the replica is a function of the
    changelog, so the worker's own checkpoint decides where it resumes, not the group commit
    (the group commit is kept up to date for lag monitoring and operators).
-3. **poll** -- a micro-batch of up to ``embed_batch_max_changes`` records or
-   ``embed_batch_max_wait_s``.
-4. **apply** -- a product's ``out_edges`` are expanded into edge changes against the replica;
-   the engine applies the batch exactly, recomputing only the affected rows per layer, and
-   reports the keys whose vectors moved (bitwise) and the deleted keys.
-5. **publish** -- those vectors (and tombstones) to kg.embeddings, keyed by node; waits for
-   the broker's acknowledgement.
-6. **commit** -- the kg.changes offsets after the batch. Every ``embed_checkpoint_every_s`` the
-   engine state and those offsets are written to the state dir (atomically) after the commit.
+3. **process** -- a product's ``out_edges`` are expanded into edge changes against the
+   replica; the engine applies the batch exactly, recomputing only the affected rows per
+   layer, and reports the keys whose vectors moved (bitwise) and the deleted keys. Those
+   vectors (and tombstones) go to kg.embeddings, keyed by node, and the step waits for the
+   broker's acknowledgement. Every ``embed_checkpoint_every_s`` the engine state and the
+   offsets through this batch are written to the state dir (atomically). Then the consumer
+   commits the kg.changes offsets.
+4. **backpressure** -- a broker that does not acknowledge the vectors raises ``Backpressure``;
+   the engine has applied the batch, so the step keeps the built records and publishes
+   exactly those when the same batch comes again (applying it again would move nothing and
+   publish nothing). While records are unpublished no checkpoint is written; if the
+   partitions are revoked or the worker stops meanwhile, the engine is put back to its last
+   checkpoint (revoke) or left unsaved (stop), so the batch is applied and published again
+   from the checkpoint.
 
 A crash anywhere replays from the last checkpoint: replaying changes the replica already has
-moves no row, so nothing is republished twice except vectors of batches after the
-checkpoint, which are republished with identical values. Rebalance: the batch in hand is
-dropped on revoke (eager protocol) and the partition is re-read from the checkpoint by its
-next owner. SIGTERM: the loop finishes the batch in hand, checkpoints, and exits.
+moves no row, so nothing is republished except vectors of batches after the checkpoint, which
+are republished with identical values. SIGTERM: the batch in hand is finished, the worker
+checkpoints, and exits.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from kafka import ConsumerRebalanceListener
+from kafka import KafkaConsumer
 from kafka.structs import TopicPartition
 
-from encoders.graph import GraphEncoder
-from encoders.text import TextEncoder
-from sinks.kafka_producer import KafkaPublisher
+from sinks.kafka_publisher import KafkaPublisher, PublishFailed
 from streamer import metrics as m
-from streamer.changes import Change, edge_delete, edge_upsert
-from streamer.consumer import ConsumerLoop, caught_up, commit_after, make_consumer
-from streamer.embed.engine import Featurizer, IncrementalEngine, engine_options
-from streamer.embed.vectors import VectorRecord
-from streamer.model.reembed import load_engine
-from streamer.ops.lag import LagMonitor, start_monitor
+from streamer.contracts.changes import Change, edge_delete, edge_upsert
+from streamer.contracts.vectors import VectorRecord
+from streamer.embed.engine import BatchReport
+from streamer.embed.replica import Replica
+from streamer.embed.state import Opened, open_checkpoint, save_checkpoint
+from streamer.kafka.consumer import Backpressure, Batch, BatchingConsumer
 from streamer.settings import Settings
 
 log = logging.getLogger(__name__)
 
 OWNED_RELS = {"HAS_BRAND", "IN_CATEGORY", "HAS_ATTRIBUTE"}
+KafkaRecord = tuple[bytes, bytes | None, list[tuple[str, bytes]]]
 
 
-def expand_out_edges(changes: list[Change], replica) -> list[Change]:
+def expand_out_edges(changes: list[Change], replica: Replica) -> list[Change]:
     """A product's node_upsert carries its complete set of structural out-edges; turn it into
     the edge_delete / edge_upsert records that take the replica from its current set there."""
     out: list[Change] = []
@@ -74,7 +74,7 @@ def expand_out_edges(changes: list[Change], replica) -> list[Change]:
         out.append(change)
         if change.op == "node_delete" and change.key:
             owned[change.key] = set()
-        if change.op != "node_upsert" or not change.props or "out_edges" not in change.props:
+        if change.op != "node_upsert" or not change.props or "out_edges" not in change.props or not change.key:
             continue
         key = change.key
         current = owned.get(key)
@@ -111,7 +111,7 @@ class EmbedStats:
             self.affected_sum[i] += n
             self.affected_max[i] = max(self.affected_max[i], n)
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         secs = max(time.monotonic() - self.started, 1e-9)
         fresh = np.asarray(self.freshness_s) if self.freshness_s else None
         return {
@@ -132,151 +132,111 @@ class EmbedStats:
         }
 
 
-class _Rebalance(ConsumerRebalanceListener):
-    def __init__(self, worker: "EmbedWorker"):
-        self.worker = worker
+@dataclass
+class Unpublished:
+    """A batch the engine applied whose vectors the broker has not acknowledged yet."""
 
-    def on_partitions_revoked(self, revoked):
-        self.worker.pending = []
-
-    def on_partitions_assigned(self, assigned):
-        self.worker.position_from_checkpoint(assigned)
+    records: list[KafkaRecord]
+    report: BatchReport
+    source_ms: int | None
 
 
-class EmbedWorker(ConsumerLoop):
+class EmbedStep:
+    """Apply a batch of changes to the engine, publish what moved (module docstring)."""
+
     def __init__(self, settings: Settings, publisher: KafkaPublisher | None = None):
         self.settings = settings
         self.group = settings.embed_group
-        if settings.torch_threads > 0:
-            torch.set_num_threads(settings.torch_threads)
-        self.dir = settings.local_dir("embed")
-        self.engine_path = self.dir / "engine.pt"
-        self.offsets_path = self.dir / "offsets.json"
-        self.text_cache_path = self.dir / "text_cache.safetensors"
         self.stats = EmbedStats()
-        self.engine, self.checkpoint_offsets = self._load_engine()
-        m.MODEL_INFO.info(
-            {"version": self.engine.model_version, "layers": str(self.engine.L), "dim": str(self.engine.out_dim),
-             "device": str(self.engine.device)}
-        )
+        self.opened: Opened = open_checkpoint(settings)
+        self.stats.full_reembed = self.opened.reembedded
         self.publisher = publisher or KafkaPublisher(settings, client_id="kg-embed")
-        self.consumer = make_consumer(settings, self.group, "kg-embed", settings.embed_batch_max_changes)
-        self.consumer.subscribe([settings.topic_changes], listener=_Rebalance(self))
-        self.pending: list = []
-        self.batch_started: float | None = None
-        self.stopping = False
+        self.positions: dict[str, int] = dict(self.opened.offsets)  # "topic:partition" -> next offset applied
+        self.unpublished: Unpublished | None = None
         self.last_checkpoint = time.monotonic()
-        self.positions: dict[TopicPartition, int] = {}
-        self.lag_monitor: LagMonitor | None = None  # started by run()
+        self.text_encoded = self.opened.text.encoded_count
 
-    # --- start-up ---------------------------------------------------------------------
-    def _load_engine(self) -> tuple[IncrementalEngine, dict[str, int]]:
-        s = self.settings
-        text = TextEncoder(s.text_model, device=s.device)
-        if self.text_cache_path.exists():
-            text.load_cache(self.text_cache_path)
-        self.text = text
-        model = GraphEncoder.from_settings(s, in_dim=text.dim)
-        kwargs = dict(
-            fusion=s.fusion, fusion_text_weight=s.fusion_text_weight, featurize=Featurizer(text), text_model_id=text.model_id,
-            **engine_options(s),  # exact (default) or bounded mode, drift guard
-        )
-        if not self.engine_path.exists():
-            return IncrementalEngine(model, s.device, **kwargs), {}
-        meta = json.loads(self.offsets_path.read_text()) if self.offsets_path.exists() else {}
-        # another graph model: layer-wise full re-embed of the replica, with a progress bar
-        engine, reembedded = load_engine(self.engine_path, model, s.device, **kwargs)
-        if reembedded or (meta.get("model_version") and meta["model_version"] != engine.model_version):
-            log.info("model version %s -> %s: full re-embed", meta["model_version"], engine.model_version)
-            self.stats.full_reembed = True
-        log.info("resumed from checkpoint: %d nodes, offsets %s", engine.replica.num_nodes, meta.get("offsets"))
-        return engine, meta.get("offsets", {})
+    @property
+    def engine(self) -> Any:
+        return self.opened.engine
 
-    def position_from_checkpoint(self, assigned) -> None:
-        for tp in assigned:
-            offset = self.checkpoint_offsets.get(f"{tp.topic}:{tp.partition}")
+    # --- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        m.init_labels(self.group, "embed")
+        e = self.engine
+        m.MODEL_INFO.info({"version": e.model_version, "layers": str(e.L), "dim": str(e.out_dim), "device": str(e.device)})
+        if self.opened.reembedded:
+            self.publish_all()
+
+    def on_assigned(self, consumer: KafkaConsumer, partitions: set[TopicPartition]) -> None:
+        for tp in partitions:
+            offset = self.opened.offsets.get(f"{tp.topic}:{tp.partition}")
             if offset is None:
-                self.consumer.seek_to_beginning(tp)
+                consumer.seek_to_beginning(tp)
             else:
-                self.consumer.seek(tp, offset)
-        log.info("assigned %s, resuming from checkpoint offsets %s", sorted(map(str, assigned)), self.checkpoint_offsets)
+                consumer.seek(tp, offset)
+        log.info("resuming %s from checkpoint offsets %s", sorted(map(str, partitions)), self.opened.offsets)
 
-    # --- the loop ---------------------------------------------------------------------
-    def run(self, until_caught_up: bool = False, max_seconds: float | None = None) -> EmbedStats:
-        deadline = time.monotonic() + max_seconds if max_seconds else None
-        self.lag_monitor = start_monitor(self.settings, self.group, [self.settings.topic_changes], role="embed")
-        try:
-            if self.stats.full_reembed:
-                self._publish_all()
-            while not self.stopping:
-                if deadline and time.monotonic() > deadline:
-                    break
-                self._poll_once()
-                if self._batch_ready():
-                    self._process_pending()
-                if until_caught_up and not self.pending and self._caught_up():
-                    break
-            if self.pending:
-                self._process_pending()
+    def on_revoked(self) -> None:
+        if self.unpublished is not None:
+            log.warning("partitions revoked with %d vectors unpublished: back to the last checkpoint",
+                        len(self.unpublished.records))
+            self.unpublished = None
+            self.opened = open_checkpoint(self.settings)
+            self.positions = dict(self.opened.offsets)
+
+    def close(self, finished: bool) -> None:
+        if finished and self.unpublished is None:
             self.checkpoint()
-        finally:
-            self.close()
-        return self.stats
+        else:
+            log.warning("stopping with work unfinished: not checkpointing (the batches since the last checkpoint "
+                        "are applied and published again on restart)")
+        try:
+            self.publisher.close()
+        except Exception:  # closing is best effort
+            log.exception("error while closing the publisher")
 
-    def close(self) -> None:
-        if self.lag_monitor is not None:
-            self.lag_monitor.stop()
-        self.close_quietly(self.consumer.close, self.publisher.close)
+    # --- one micro-batch ----------------------------------------------------------------------
+    def process(self, batch: Batch) -> None:
+        if self.unpublished is None:
+            self.unpublished = self.apply(batch)
+        pending = self.unpublished
+        try:
+            with m.STAGE_SECONDS.labels(self.group, "publish").time():
+                self.publisher.publish(self.settings.topic_embeddings, pending.records)
+        except PublishFailed as exc:
+            raise Backpressure(f"broker did not acknowledge vectors: {exc}", self.settings.backpressure_pause_s) from exc
+        acked = time.time()
+        self.unpublished = None
+        for tp, offset in batch.next_offsets().items():
+            self.positions[f"{tp.topic}:{tp.partition}"] = offset
+        self.account(len(batch), pending.report, pending.source_ms, acked)
+        if time.monotonic() - self.last_checkpoint >= self.settings.embed_checkpoint_every_s:
+            self.checkpoint()
 
-    def _poll_once(self) -> None:
-        room = self.settings.embed_batch_max_changes - len(self.pending)
-        if room <= 0:
-            return
-        timeout_ms = 2000 if not self.consumer.assignment() else 100
-        for records in self.consumer.poll(timeout_ms=timeout_ms, max_records=room).values():
-            self.pending.extend(records)
-        if self.pending and self.batch_started is None:
-            self.batch_started = time.monotonic()
-
-    def _batch_ready(self) -> bool:
-        if not self.pending:
-            return False
-        full = len(self.pending) >= self.settings.embed_batch_max_changes
-        return full or self.stopping or time.monotonic() - (self.batch_started or 0) >= self.settings.embed_batch_max_wait_s
-
-    def _caught_up(self) -> bool:
-        return caught_up(self.consumer)
-
-    # --- one micro-batch --------------------------------------------------------------
-    def _process_pending(self) -> None:
-        records, self.pending, self.batch_started = self.pending, [], None
-        changes = [Change.from_json(r.value) for r in records]
+    def apply(self, batch: Batch) -> Unpublished:
+        changes = [Change.from_json(r.value) for r in batch.records]
         source_ms = min((c.source_ms for c in changes if c.source_ms), default=None)
         t0 = time.perf_counter()
         with m.STAGE_SECONDS.labels(self.group, "embed").time():
             report = self.engine.apply(expand_out_edges(changes, self.engine.replica))
         self.stats.apply_seconds += time.perf_counter() - t0
-        with m.STAGE_SECONDS.labels(self.group, "publish").time():
-            published_ms = int(time.time() * 1000)
-            out = [
-                VectorRecord(key, vec, self.engine.model_version, ts, source_ms, published_ms).to_kafka()
-                for key, vec, ts in zip(report.changed_keys, _numpy(report.vectors), report.changed_ts)
-            ]
-            out += [VectorRecord(key, None, self.engine.model_version).to_kafka() for key in report.deleted_keys]
-            self.publisher.publish(self.settings.topic_embeddings, out)
-        acked = time.time()
-        with m.STAGE_SECONDS.labels(self.group, "commit").time():
-            self._commit(records)
-        self._account(records, report, source_ms, acked)
-        if time.monotonic() - self.last_checkpoint >= self.settings.embed_checkpoint_every_s:
-            self.checkpoint()
+        published_ms = int(time.time() * 1000)
+        version = self.engine.model_version
+        records = [
+            VectorRecord(key, vec, version, ts, source_ms, published_ms).to_kafka()
+            for key, vec, ts in zip(report.changed_keys, _numpy(report.vectors), report.changed_ts, strict=False)
+        ]
+        records += [VectorRecord(key, None, version).to_kafka() for key in report.deleted_keys]
+        return Unpublished(records, report, source_ms)
 
-    def _publish_all(self) -> None:
+    def publish_all(self) -> None:
         """Full re-embed after a model change: every live node's vector with the new version."""
         from tqdm.auto import tqdm
 
-        slots = self.engine.replica.live_slots()
-        keys = [self.engine.replica.keys[int(s)] for s in slots]
+        replica = self.engine.replica
+        slots = replica.live_slots()
+        keys = [replica.keys[int(s)] for s in slots]
         now = int(time.time() * 1000)
         chunk = 10_000
         version = self.engine.model_version
@@ -285,35 +245,22 @@ class EmbedWorker(ConsumerLoop):
                 vectors = _numpy(self.engine.vectors(torch.as_tensor(slots[i:i + chunk], dtype=torch.long)))
                 self.publisher.publish(
                     self.settings.topic_embeddings,
-                    [VectorRecord(k, v, version, None, None, now).to_kafka() for k, v in zip(keys[i:i + chunk], vectors)],
+                    [VectorRecord(k, v, version, None, None, now).to_kafka()
+                     for k, v in zip(keys[i:i + chunk], vectors, strict=True)],
                 )
                 bar.update(len(vectors))
         self.stats.vectors_published += len(keys)
         m.VECTORS_PUBLISHED.labels(self.group, "vector").inc(len(keys))
         self.checkpoint()
 
-    def _commit(self, records) -> None:
-        # the engine has applied these records whether or not the group accepts the commit
-        for r in records:
-            tp = TopicPartition(r.topic, r.partition)
-            self.positions[tp] = max(self.positions.get(tp, 0), r.offset + 1)
-        commit_after(self.consumer, self.group, records)
-
     def checkpoint(self) -> None:
         """Engine state + the changelog offsets it covers + the text cache, atomically."""
-        offsets = dict(self.checkpoint_offsets)
-        offsets.update({f"{tp.topic}:{tp.partition}": off for tp, off in self.positions.items()})
-        self.engine.save(self.engine_path)
-        self.text.save_cache(self.text_cache_path)
-        tmp = self.offsets_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"offsets": offsets, "model_version": self.engine.model_version}))
-        tmp.replace(self.offsets_path)
-        self.checkpoint_offsets = offsets
+        save_checkpoint(self.opened, self.positions)
         self.last_checkpoint = time.monotonic()
 
-    def _account(self, records, report, source_ms, acked: float) -> None:
+    def account(self, n_records: int, report: BatchReport, source_ms: int | None, acked: float) -> None:
         s = self.stats
-        s.changes_in += len(records)
+        s.changes_in += n_records
         s.batches += 1
         s.vectors_published += len(report.changed_keys)
         s.tombstones_published += len(report.deleted_keys)
@@ -321,7 +268,6 @@ class EmbedWorker(ConsumerLoop):
         s.vectors_suppressed += report.vectors_suppressed
         s.full_pass_layers += report.full_layers
         s.observe_affected(report.affected)
-        m.BATCH_EVENTS.labels(self.group).observe(len(records))
         m.VECTORS_PUBLISHED.labels(self.group, "vector").inc(len(report.changed_keys))
         m.VECTORS_PUBLISHED.labels(self.group, "tombstone").inc(len(report.deleted_keys))
         for layer, n in enumerate(report.affected):
@@ -330,25 +276,24 @@ class EmbedWorker(ConsumerLoop):
             m.VECTORS_SUPPRESSED.labels(self.group).inc(report.vectors_suppressed)
         if report.full_layers:
             m.FULL_PASS_LAYERS.labels(self.group).inc(report.full_layers)
+        encoded = self.opened.text.encoded_count
+        if encoded > self.text_encoded:
+            m.TEXT_ENCODED.labels(self.group).inc(encoded - self.text_encoded)
+        self.text_encoded = encoded
         if source_ms is not None and (report.changed_keys or report.deleted_keys):
             fresh = max(0.0, acked - source_ms / 1000)
             s.freshness_s.append(fresh)
             m.FRESHNESS_VECTOR.labels(self.group).observe(fresh)
 
 
-def _numpy(t) -> np.ndarray:
+def _numpy(t: torch.Tensor | np.ndarray | None) -> np.ndarray:
     if t is None:
         return np.zeros((0, 0), dtype=np.float32)
     return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
 
 
-def load_engine_for_audit(settings: Settings) -> IncrementalEngine:
-    """The worker's checkpointed engine (for `kg-streamer verify`)."""
-    path = Path(settings.state_dir) / "embed" / "engine.pt"
-    if not path.exists():
-        raise FileNotFoundError(f"no worker checkpoint at {path}: run `kg-streamer embed` first")
-    text = TextEncoder(settings.text_model, device=settings.device)
-    model = GraphEncoder.from_settings(settings, in_dim=text.dim)
-    return IncrementalEngine.load(path, model, settings.device, fusion=settings.fusion,
-                                  fusion_text_weight=settings.fusion_text_weight, text_model_id=text.model_id,
-                                  **engine_options(settings))
+def embed_consumer(settings: Settings, publisher: KafkaPublisher | None = None) -> BatchingConsumer:
+    """The embedding worker: group ``embed_group`` over kg.changes, one ``EmbedStep``."""
+    step = EmbedStep(settings, publisher)
+    return BatchingConsumer(settings, settings.embed_group, [settings.topic_changes], "kg-embed", [step],
+                            max_batch=settings.embed_batch_max_changes, max_wait_s=settings.embed_batch_max_wait_s)

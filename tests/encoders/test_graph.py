@@ -99,16 +99,3 @@ def test_fusion_concat_and_mean():
         fuse(t, s, "mean")
     with pytest.raises(ValueError):
         fuse(t, s, "concat", 1.5)
-
-
-def test_from_settings(tmp_path):
-    model = GraphEncoder.from_settings(Settings(gnn_layers=3, gnn_hidden=16, gnn_out=8, gnn_seed=7), in_dim=12)
-    assert model.dims == [12, 16, 16, 8] and model.config.seed == 7
-    path = tmp_path / "ckpt.safetensors"
-    model.save(path)
-    again = GraphEncoder.from_settings(Settings(graph_checkpoint=path), in_dim=12)
-    assert again.version == model.version
-    with pytest.raises(ValueError):
-        GraphEncoder.from_settings(Settings(graph_checkpoint=path), in_dim=384)
-    with pytest.raises(ValueError):
-        GraphEncoder.from_settings(Settings(fusion="mean", gnn_out=8), in_dim=12)

@@ -1,6 +1,6 @@
 """ops/grafana: the dashboard is well-formed, provisioned with the Prometheus datasource it
 references, and covers what operators look at. (Its PromQL is run against a live Prometheus in
-tests/streamer/ops/test_live_pipeline.py; Grafana itself cannot be installed here.)"""
+tests/streamer/groups/test_live_pipeline.py; Grafana itself cannot be installed here.)"""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ rather than passing silently.
 
 The statements are linted against Cypher 5 with Neo4j's built-in functions and procedures
 only (APOC and GDS are removed, so using them is an error), and with our labels and
-relationship types (``streamer.events``), so a misspelt one is a warning.
+relationship types (``streamer.contracts.events``), so a misspelt one is a warning.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def _node() -> str:
 
 
 def _default_schema() -> tuple[list[str], list[str]]:
-    from streamer.events import ALL_REL_TYPES, NODE_LABELS
+    from streamer.contracts.events import ALL_REL_TYPES, NODE_LABELS
 
     return list(NODE_LABELS), list(ALL_REL_TYPES)
 
@@ -143,7 +143,7 @@ def lint(
 ) -> list[Problem]:
     """Every diagnostic for ``(name, cypher)`` pairs, in input order.
 
-    ``labels`` / ``relationship_types`` default to ``streamer.events``' allowlists.
+    ``labels`` / ``relationship_types`` default to ``streamer.contracts.events``' allowlists.
     Raises ``CypherLintUnavailable`` when node or the package is missing.
     """
     pairs = [(str(name), str(text)) for name, text in statements]

@@ -179,7 +179,7 @@ def test_parameters_need_no_declaration():
 
 
 def test_labels_come_from_streamer_events_and_lint_mjs_agrees():
-    from streamer.events import ALL_REL_TYPES, NODE_LABELS
+    from streamer.contracts.events import ALL_REL_TYPES, NODE_LABELS
 
     assert lint([("q", "MATCH (:Widget) RETURN 1 AS x")], labels=["Widget"], relationship_types=[]) == []
     script = subprocess.run(
@@ -229,3 +229,14 @@ def test_every_statement_is_valid_neo4j5():
         if not any(re.search(name, p.statement) and re.search(message, p.message) for p in problems)
     ]
     assert not stale, f"ALLOWED_WARNINGS entries that match nothing any more; remove them: {stale}"
+
+
+def test_labels_and_types_outside_the_allowlists_are_refused():
+    from sinks import cypher
+
+    injection = "Product {id: 1}) DETACH DELETE n //"
+    for build in (lambda: cypher.write_vectors(injection), lambda: cypher.relation_upsert(injection, "ALSO_BOUGHT", "Product"),
+                  lambda: cypher.relation_upsert("Product", "KNOWS]->() DETACH DELETE n //", "Product"),
+                  lambda: cypher.interaction_upsert("HAS_BRAND")):
+        with pytest.raises(ValueError, match="allowlist"):
+            build()

@@ -7,7 +7,7 @@
 // stdin:  [{"name": "...", "query": "..."}, ...]
 //    or   {"statements": [...], "labels": [...], "relationshipTypes": [...]}
 //         (labels / relationshipTypes replace the defaults below; tests/sinks/cypher_lint.py
-//          passes streamer.events.NODE_LABELS and ALL_REL_TYPES, so they cannot drift)
+//          passes streamer.contracts.events.NODE_LABELS and ALL_REL_TYPES, so they cannot drift)
 // stdout: [{"name": "...", "diagnostics": [{"severity": "error"|"warning"|"information"|"hint",
 //          "message": "...", "offsets": {"start": n, "end": n},
 //          "range": {"start": {"line", "character"}, "end": {...}}, "source": "neo4j"|"kg-streamer"}]}]
@@ -37,7 +37,7 @@ import {
 
 const CYPHER_VERSION = 'CYPHER 5';
 const PLUGIN_PREFIXES = ['apoc.', 'gds.'];
-// Mirrors streamer/events.py (NODE_LABELS, ALL_REL_TYPES); a test checks they agree.
+// Mirrors streamer/contracts/events.py (NODE_LABELS, ALL_REL_TYPES); a test checks they agree.
 const DEFAULT_LABELS = ['Product', 'User', 'Brand', 'Category', 'Attribute'];
 const DEFAULT_RELATIONSHIP_TYPES = [
   'ALSO_BOUGHT', 'ALSO_VIEWED', 'BOUGHT_TOGETHER', 'SIMILAR_TO', 'SUBSTITUTE_OF',

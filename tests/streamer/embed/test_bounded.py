@@ -14,9 +14,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streamer import changes as C
-from streamer.embed import IncrementalEngine, Replica
-from streamer.embed import synth
+from streamer.contracts import changes as C
+from streamer.embed.engine import IncrementalEngine
+from streamer.embed.replica import Replica
+from streamer.embed.state import load_engine, save_engine
+from devtools import synth
 
 from tests.streamer.embed.test_engine import DEVICES, check_replica, feat, make_model, stream_st, to_changes
 
@@ -161,25 +163,13 @@ def test_a_bounded_state_loaded_into_an_exact_engine_is_rebuilt(tmp_path):
     engine = star(300, mode="bounded", propagate_threshold=1e-2, publish_threshold=1e-2)
     for i in range(20):
         engine.apply([C.node_upsert("Product", str(i), i)], {f"Product:{i}": 2 * feat(500 + i)})
-    engine.save(tmp_path / "e.pt")
-    loaded = IncrementalEngine.load(tmp_path / "e.pt", make_model(2), "cpu")
+    save_engine(engine, tmp_path / "e.pt")
+    loaded, _ = load_engine(tmp_path / "e.pt", make_model(2), "cpu")
     err, over = loaded.verify()
     assert loaded.mode == "exact" and over == 0 and err < 1e-5
-    again = IncrementalEngine.load(tmp_path / "e.pt", make_model(2), "cpu", mode="bounded",
-                                   propagate_threshold=1e-2, publish_threshold=1e-2)
+    again, _ = load_engine(tmp_path / "e.pt", make_model(2), "cpu", mode="bounded",
+                           propagate_threshold=1e-2, publish_threshold=1e-2)
     assert torch.equal(again.h[-1][:301], engine.h[-1][:301])   # bounded -> bounded: kept as is
-
-
-def test_engine_options_from_settings():
-    from streamer.embed.engine import engine_options
-    from streamer.settings import Settings
-
-    assert engine_options(Settings()) == {"mode": "exact", "reanchor_every": 256}
-    opts = engine_options(Settings(embed_mode="bounded", embed_propagate_threshold=1e-3, embed_publish_threshold=2e-3))
-    assert opts == {"mode": "bounded", "reanchor_every": 256, "propagate_threshold": 1e-3, "publish_threshold": 2e-3}
-    engine = IncrementalEngine.from_settings(Settings(gnn_hidden=8, gnn_out=8, device="cpu", embed_mode="bounded",
-                                                      embed_propagate_threshold=1e-3))
-    assert engine.mode == "bounded" and engine.thresholds[1] == 1e-3
 
 
 # ---- batched replica operations --------------------------------------------------------------

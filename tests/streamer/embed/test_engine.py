@@ -20,8 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from encoders.graph import GraphEncoder, GraphEncoderConfig, fuse
-from streamer import changes as C
-from streamer.embed import Featurizer, IncrementalEngine, Replica
+from streamer.contracts import changes as C
+from streamer.embed.engine import IncrementalEngine
+from streamer.embed.replica import Replica
+from streamer.embed.state import Featurizer, load_engine, save_engine
 from streamer.embed.engine import FULL_RATIO
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -217,7 +219,10 @@ def test_full_pass_publishes_what_the_delta_path_publishes(stream):
     """Same stream through a delta-only engine and an always-full engine: after every batch,
     every vector the delta path published is, in the full engine, either published too or
     already within 1e-5 of it (the two paths round differently, so a row can move by rounding
-    in one and not the other), with the same event time when both publish it; tombstones agree."""
+    in one and not the other), with the same event time when both publish it and both moved
+    the same rows at every layer (a row that moved by rounding alone in one path passes its
+    event time on there and not in the other: the hypothesis example of a product whose
+    neighbour multiset came back to the same values); tombstones agree."""
     delta = IncrementalEngine(make_model(2), "cpu", full_ratio=0)
     full = IncrementalEngine(make_model(2), "cpu", full_ratio=1e-9)
     ts = 1
@@ -229,9 +234,10 @@ def test_full_pass_publishes_what_the_delta_path_publishes(stream):
         assert set(rd.deleted_keys) == set(rf.deleted_keys)
         got = dict(zip(rf.changed_keys, rf.vectors))
         ts_f = dict(zip(rf.changed_keys, rf.changed_ts))
+        same_moves = rd.changed == rf.changed
         for k, v, t in zip(rd.changed_keys, rd.vectors, rd.changed_ts):
             assert torch.allclose(got.get(k, full.vector(k)), v, atol=1e-5, rtol=0), k
-            assert k not in ts_f or ts_f[k] == t, k
+            assert k not in ts_f or ts_f[k] == t or not same_moves, k
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -513,8 +519,9 @@ def test_replaying_a_batch_changes_nothing():
 def test_save_load_round_trip(tmp_path, device):
     engine = random_engine(device)
     path = tmp_path / "engine.pt"
-    engine.save(path)
-    loaded = IncrementalEngine.load(path, make_model(2), device)
+    save_engine(engine, path)
+    loaded, reembedded = load_engine(path, make_model(2), device)
+    assert not reembedded
     n = engine.replica.num_slots
     for a, b in zip(engine.h + engine.S, loaded.h + loaded.S):
         assert torch.equal(a[:n], b[:n])
@@ -529,15 +536,20 @@ def test_save_load_round_trip(tmp_path, device):
     assert loaded.verify()[1] == 0
 
 
-def test_load_with_another_model_rebuilds_the_caches(tmp_path):
+def test_load_with_another_model_reembeds(tmp_path):
     engine = random_engine()
-    engine.save(tmp_path / "e.pt")
+    save_engine(engine, tmp_path / "e.pt")
     other = make_model(2, seed=1)
-    loaded = IncrementalEngine.load(tmp_path / "e.pt", other, "cpu")
+    loaded, reembedded = load_engine(tmp_path / "e.pt", other, "cpu", progress=False)
+    assert reembedded
     assert loaded.model.version != engine.model.version
     err, over = loaded.verify()
     assert over == 0 and err < 1e-6
-    assert torch.equal(loaded.h[0][: engine.replica.num_slots], engine.h[0][: engine.replica.num_slots])
+    # product rows keep their (text) features; every other node takes the new model's type row
+    for key, slot in engine.replica.index.items():
+        label = C.split_key(key)[0]
+        want = engine.h[0][slot] if label == "Product" else other.type_features([label])[0]
+        assert torch.equal(loaded.h[0][slot], want), key
 
 
 def test_published_vectors_fuse_text_and_structure():
@@ -606,13 +618,3 @@ def test_event_time_of_each_published_vector_is_the_newest_change_that_reached_i
     got = dict(zip(r.changed_keys, r.changed_ts))
     assert got == {"Product:d": 20, "Product:c": 20, "Product:b": 30, "Product:a": 30, "User:x": 30}
     assert bool((engine._ts == -1).all())          # the scratch is clean between batches
-
-
-def test_from_settings():
-    from streamer.settings import Settings
-
-    engine = IncrementalEngine.from_settings(Settings(gnn_hidden=8, gnn_out=8, device="cpu", fusion_text_weight=0.7))
-    assert engine.dims == [384, 8, 8] and engine.device.type == "cpu"
-    assert engine.fusion == "concat" and engine.out_dim == 392 and engine.featurize is None
-    engine.apply([C.edge_upsert("User:1", "VIEWED", "Product:1", 1)])
-    assert engine.verify()[1] == 0

@@ -13,9 +13,9 @@ import uuid
 import numpy as np
 import pytest
 
-from streamer.embed.audit import last_vectors, verify
-from streamer.embed.worker import EmbedWorker
-from streamer.ingest import IngestConsumer
+from streamer.embed.verify import last_vectors, verify
+from streamer.embed.worker import embed_consumer
+from streamer.ingest.step import ingest_consumer
 from tests.helpers import produce_events, query, sample_events, settings_env
 
 
@@ -25,11 +25,11 @@ def prefix() -> str:
 
 
 def ingest(settings):
-    return IngestConsumer(settings).run(until_caught_up=True, max_seconds=120)
+    return ingest_consumer(settings).run(until_caught_up=True, max_seconds=120)
 
 
 def embed(settings):
-    return EmbedWorker(settings).run(until_caught_up=True, max_seconds=180)
+    return embed_consumer(settings).run(until_caught_up=True, max_seconds=180)
 
 
 def k_hop(settings, key: str, hops: int) -> set[str]:
@@ -104,7 +104,7 @@ def test_kill_9_of_the_worker_then_restart_equals_a_clean_run(settings, prefix, 
     ingest(settings)
     clean = settings.model_copy(update={"state_dir": tmp_path / "clean", "embed_group": settings.embed_group + "-clean",
                                         "topic_embeddings": settings.topic_embeddings + "-clean"})
-    from streamer.topics import ensure_topics
+    from streamer.kafka.topics import ensure_topics
 
     ensure_topics(clean)
     embed(clean)

@@ -1,0 +1,213 @@
+"""The ingest step: input messages -> one graph transaction -> kg.changes (+ kg.dlq).
+
+It runs on the shared ``BatchingConsumer`` (``streamer.kafka.consumer``, which owns poll,
+pause/resume, rebalance and the commit, always the last step). Contract of
+``IngestStep.process(batch)``, which returns only when all of this is durable:
+
+1. **decode** -- each message is validated (``streamer.contracts.events``); an invalid one
+   becomes a dead letter (``streamer.contracts.dead_letters``: original key and value, headers
+   naming source topic, partition, offset, error class and message) and the rest go on.
+2. **write** -- the valid events are coalesced (``streamer.ingest.plan``) and written in ONE
+   graph transaction (``sinks.graph_db``), nodes before relationships, version-guarded.
+   Transient errors are retried with jitter inside the sink. If the DB *refuses* the batch (a
+   non-transient error), the batch is bisected until the refused event is isolated; that
+   event is dead-lettered with stage ``write`` and everything else is written. If the DB does
+   not answer, ``Backpressure`` is raised: the consumer pauses its partitions and brings the
+   same batch again after ``backpressure_pause_s``.
+3. **publish** -- the changes the transaction made current go to ``kg.changes`` (keyed by
+   node) and the dead letters to ``kg.dlq``; both wait for the broker's acknowledgement. A
+   broker that does not acknowledge is backpressure too: the batch comes again, the version
+   guards make the second write a no-op and the "current" reads republish its changes.
+
+Then the consumer commits. A crash anywhere before the commit replays the batch, which the
+version guards make harmless (and the changes are republished, so the embedding worker
+misses nothing).
+
+``ingest_consumer(settings)`` builds the consumer with this step: group ``ingest_group`` over
+the input topics.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter as Tally
+from dataclasses import dataclass, field
+from typing import Any
+
+from kafka.consumer.fetcher import ConsumerRecord
+
+from sinks.graph_db import GraphRejected, GraphSink, GraphUnavailable
+from sinks.kafka_publisher import KafkaPublisher, PublishFailed
+from streamer import metrics as m
+from streamer.contracts.changes import Change
+from streamer.contracts.dead_letters import DeadLetter
+from streamer.contracts.events import Event, InvalidEvent, decode_event
+from streamer.ingest.plan import plan_batch
+from streamer.kafka.consumer import Backpressure, Batch, BatchingConsumer
+from streamer.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Decoded = tuple[ConsumerRecord, Event]
+
+
+@dataclass
+class IngestStats:
+    events_in: int = 0
+    events_applied: int = 0
+    dead_letters: int = 0
+    nodes_written: int = 0
+    relationships_written: int = 0
+    changes_published: int = 0
+    batches: int = 0
+    started: float = field(default_factory=time.monotonic)
+    by_error: Tally[str] = field(default_factory=Tally)
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started
+
+    def summary(self) -> dict[str, Any]:
+        secs = max(self.elapsed_s, 1e-9)
+        return {
+            "events_in": self.events_in,
+            "events_applied": self.events_applied,
+            "dead_letters": self.dead_letters,
+            "dead_letters_by_class": dict(self.by_error),
+            "nodes_written": self.nodes_written,
+            "relationships_written": self.relationships_written,
+            "changes_published": self.changes_published,
+            "batches": self.batches,
+            "seconds": round(secs, 2),
+            "events_per_s": round(self.events_in / secs, 1),
+            "graph_mutations_per_s": round((self.nodes_written + self.relationships_written) / secs, 1),
+        }
+
+
+def dead_letter(record: ConsumerRecord, error_class: str, message: str, stage: str) -> DeadLetter:
+    return DeadLetter(record.topic, record.partition, record.offset, record.key, record.value,
+                      tuple(record.headers or ()), error_class, message, stage)
+
+
+@dataclass
+class Written:
+    changes: list[Change] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
+    nodes: int = 0
+    relationships: int = 0
+
+
+class IngestStep:
+    """Decode, write (bisecting refusals), publish changes and dead letters (module docstring)."""
+
+    def __init__(self, settings: Settings, graph: GraphSink | None = None, publisher: KafkaPublisher | None = None):
+        self.settings = settings
+        self.group = settings.ingest_group
+        self.graph = graph or GraphSink(settings)
+        self.publisher = publisher or KafkaPublisher(settings, client_id="kg-ingest")
+        self.stats = IngestStats()
+
+    def start(self) -> None:
+        m.init_labels(self.group, "ingest")
+        self.graph.ensure_schema()
+
+    def process(self, batch: Batch) -> None:
+        records = batch.records
+        started = time.monotonic()
+        with m.STAGE_SECONDS.labels(self.group, "decode").time():
+            valid, dead = self.decode(records)
+        source_ms = min(r.timestamp for r in records)
+        try:
+            with m.STAGE_SECONDS.labels(self.group, "write").time():
+                written = self.write(valid, source_ms)
+            with m.STAGE_SECONDS.labels(self.group, "publish").time():
+                self.publisher.publish(self.settings.topic_changes,
+                                       ((c.partition_key.encode(), c.to_json(), []) for c in written.changes))
+                max_bytes = self.settings.dlq_max_value_bytes
+                self.publisher.publish(self.settings.topic_dlq, (d.to_kafka(max_bytes) for d in dead + written.dead))
+        except GraphUnavailable as exc:
+            m.GRAPH_ERRORS.labels(self.group, "unavailable").inc()
+            raise Backpressure(f"graph DB unavailable: {exc}", self.settings.backpressure_pause_s) from exc
+        except PublishFailed as exc:
+            raise Backpressure(f"broker did not acknowledge: {exc}", self.settings.backpressure_pause_s) from exc
+        self.account(records, valid, dead + written.dead, written, started)
+
+    def on_revoked(self) -> None:
+        pass
+
+    def on_assigned(self, consumer: Any, partitions: Any) -> None:
+        pass
+
+    def close(self, finished: bool) -> None:
+        for close in (self.publisher.close, self.graph.close):
+            try:
+                close()
+            except Exception:  # closing is best effort
+                log.exception("error while closing")
+
+    # --- decode -------------------------------------------------------------------------------
+    def decode(self, records: list[ConsumerRecord]) -> tuple[list[Decoded], list[DeadLetter]]:
+        valid: list[Decoded] = []
+        dead: list[DeadLetter] = []
+        for record in records:
+            try:
+                valid.append((record, decode_event(record.value, self.settings.max_event_bytes)))
+            except InvalidEvent as exc:
+                dead.append(dead_letter(record, exc.error_class, exc.message, "decode"))
+        return valid, dead
+
+    # --- write --------------------------------------------------------------------------------
+    def write(self, valid: list[Decoded], source_ms: int) -> Written:
+        """Write the events; bisect on refusal so one bad event cannot block the batch."""
+        if not valid:
+            return Written()
+        try:
+            result = self.graph.write(plan_batch([event for _, event in valid]), source_ms)
+        except GraphRejected as exc:
+            m.GRAPH_ERRORS.labels(self.group, "rejected").inc()
+            if len(valid) == 1:
+                record = valid[0][0]
+                log.error("graph refused %s[%d]@%d: %s", record.topic, record.partition, record.offset, exc.message)
+                return Written(dead=[dead_letter(record, f"GraphRejected:{exc.error_class}", exc.message, "write")])
+            mid = len(valid) // 2
+            first, second = self.write(valid[:mid], source_ms), self.write(valid[mid:], source_ms)
+            return Written(first.changes + second.changes, first.dead + second.dead,
+                           first.nodes + second.nodes, first.relationships + second.relationships)
+        if result.attempts > 1:
+            m.GRAPH_RETRIES.labels(self.group).inc(result.attempts - 1)
+        return Written(result.changes, [], result.nodes_written, result.relationships_written)
+
+    # --- accounting ---------------------------------------------------------------------------
+    def account(self, records: list[ConsumerRecord], valid: list[Decoded], dead: list[DeadLetter],
+                written: Written, started: float) -> None:
+        s = self.stats
+        s.events_in += len(records)
+        s.batches += 1
+        s.events_applied += len(valid) - len(written.dead)
+        s.dead_letters += len(dead)
+        s.nodes_written += written.nodes
+        s.relationships_written += written.relationships
+        s.changes_published += len(written.changes)
+        m.GRAPH_WRITES.labels(self.group, "node").inc(written.nodes)
+        m.GRAPH_WRITES.labels(self.group, "relationship").inc(written.relationships)
+        m.CHANGES_PUBLISHED.labels(self.group).inc(len(written.changes))
+        for d in dead:
+            s.by_error[d.error_class] += 1
+            m.EVENTS_DLQ.labels(self.group, d.topic, d.error_class).inc()
+            log.warning("dead-lettered %s[%d]@%d (%s): %s", d.topic, d.partition, d.offset, d.error_class, d.message[:500])
+        refused = {(d.topic, d.partition, d.offset) for d in written.dead}
+        now = time.time()
+        for record, event in valid:
+            if (record.topic, record.partition, record.offset) not in refused:
+                m.EVENTS_APPLIED.labels(self.group, record.topic, event.type).inc()
+                m.FRESHNESS_GRAPH.labels(self.group).observe(max(0.0, now - record.timestamp / 1000))
+        log.debug("batch of %d in %.3fs", len(records), time.monotonic() - started)
+
+
+def ingest_consumer(settings: Settings, graph: GraphSink | None = None,
+                    publisher: KafkaPublisher | None = None) -> BatchingConsumer:
+    """The ingest consumer: group ``ingest_group`` over the input topics, one ``IngestStep``."""
+    step = IngestStep(settings, graph, publisher)
+    return BatchingConsumer(settings, settings.ingest_group, settings.input_topics, "kg-ingest", [step],
+                            max_batch=settings.batch_max_events, max_wait_s=settings.batch_max_wait_s)

@@ -1,0 +1,397 @@
+"""The batching consumer both stages run on: poll, process, commit last, rebalance, backpressure.
+
+``BatchingConsumer(settings, group, topics, client_id, steps, max_batch, max_wait_s)`` is a
+kafka-python group member (auto-commit off) that runs a chain of **steps** over batches of
+records and ends every chain with ``CommitOffsets``. Ingest (``streamer.ingest.step``) and the
+embedding worker (``streamer.embed.worker``) are each one step on it.
+
+Lifecycle (one thread; kafka-python heartbeats from its own thread):
+
+1. **start** -- every step's ``start()`` (graph schema, a full re-embed ...).
+2. **poll** -- ``consumer.poll`` adds records to the batch in hand until it holds
+   ``max_batch`` records or its oldest has waited ``max_wait_s`` (or the loop is stopping).
+3. **process** -- the batch goes through the steps in order. A step's ``process(batch)``
+   returns only when its work is durable (written, acknowledged); the next step sees only a
+   batch every earlier step finished. The last step is always ``CommitOffsets``: the offsets
+   after the batch's last record per partition, with the commit time in the offset metadata
+   (``commit_metadata``; ``kg-streamer status`` reads the last commit age from it).
+4. **backpressure** -- a step that cannot finish because infrastructure is down (graph DB,
+   broker) raises ``Backpressure(reason, retry_after_s)``. The consumer pauses every assigned
+   partition, keeps the batch, keeps polling (paused partitions return nothing and the group
+   membership stays alive: it never sleeps in the poll loop) and runs the chain again on the
+   same batch after ``retry_after_s``; once it goes through, the partitions are resumed. Steps
+   are idempotent, so running one again on the same batch is harmless. One message never
+   raises ``Backpressure``: a step dead-letters what it cannot use.
+5. **rebalance** (eager protocol; callbacks run inside ``poll``) -- on revoke the batch in hand
+   is dropped uncommitted (the next owner reads it again from the committed offsets) and the
+   backpressure state is cleared; on assign, partitions that came back to this member are
+   rewound to the dropped batch's first offsets (kafka-python keeps a kept partition's
+   position, past the dropped records, so without the rewind they would be skipped and a
+   later commit would pass over them), every assigned partition is resumed (kafka-python keeps
+   the paused flag of a partition that comes back), and the steps' ``on_assigned`` run (the
+   embedding worker seeks to its checkpoint there).
+6. **refused commit** -- a commit the group refuses because it rebalanced
+   (``CommitFailedError``, ``RebalanceInProgressError``) is logged, and the batch's partitions
+   this member still holds are rewound to the batch's first offsets: the work is durable and
+   idempotent, so whoever owns a partition next replays it, and ``caught_up`` cannot call a
+   partition whose last batch is uncommitted done.
+7. **stop** -- SIGTERM/SIGINT set the stop flag: the batch in hand is finished through commit
+   (or, while backpressure holds it, abandoned uncommitted), every step's ``close(finished)``
+   runs (``finished`` is False when a batch was abandoned), then the clients close.
+
+``--until-caught-up`` stops once no batch is in hand and every assigned partition's position
+has reached its high watermark (``caught_up``; Tansu's ``end_offsets()`` is wrong, and the
+highwater is what the last fetch saw).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from kafka import ConsumerRebalanceListener, KafkaConsumer
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import CommitFailedError, RebalanceInProgressError
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from streamer import metrics as m
+from streamer.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Backpressure(Exception):
+    """Infrastructure cannot take the batch now: pause, keep it, try again after ``retry_after_s``."""
+
+    def __init__(self, reason: str, retry_after_s: float):
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class Batch:
+    """The records in hand, in poll order (per partition in offset order)."""
+
+    records: list[ConsumerRecord] = field(default_factory=list)
+    opened: float = 0.0  # monotonic time of the first record
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def first_offsets(self) -> dict[TopicPartition, int]:
+        return first_offsets(self.records)
+
+    def next_offsets(self) -> dict[TopicPartition, int]:
+        """Per partition, the offset after the batch's last record (what a commit stores)."""
+        nxt: dict[TopicPartition, int] = {}
+        for r in self.records:
+            tp = TopicPartition(r.topic, r.partition)
+            nxt[tp] = max(nxt.get(tp, 0), r.offset + 1)
+        return nxt
+
+
+class Step(Protocol):
+    """One stage's work on a batch.
+
+    * ``start()`` -- once, before the first poll.
+    * ``process(batch)`` -- do the batch's work and return only when it is durable; raise
+      ``Backpressure`` when infrastructure is unavailable (the same batch comes again later).
+      Never raise for one bad message: dead-letter it. Any other exception is a bug: it stops
+      the consumer with nothing committed.
+    * ``on_revoked()`` -- a rebalance took the partitions; the batch in hand is dropped.
+    * ``on_assigned(consumer, partitions)`` -- after a rebalance assigned ``partitions``.
+    * ``close(finished)`` -- once, at the end; ``finished`` is False when a batch in hand was
+      abandoned (backpressure at shutdown).
+    * ``stats`` -- what the step did, with a ``summary()`` dict.
+    """
+
+    stats: Any
+
+    def start(self) -> None: ...
+
+    def process(self, batch: Batch) -> None: ...
+
+    def on_revoked(self) -> None: ...
+
+    def on_assigned(self, consumer: KafkaConsumer, partitions: set[TopicPartition]) -> None: ...
+
+    def close(self, finished: bool) -> None: ...
+
+
+# --- commit metadata: written by every commit, read by `kg-streamer status` ------------------
+def commit_metadata(now: float | None = None, by: str | None = None) -> str:
+    """The offset-commit metadata kg-streamer writes: the commit's wall-clock time (unix ms)."""
+    meta: dict[str, object] = {"ts": int((time.time() if now is None else now) * 1000)}
+    if by:
+        meta["by"] = by
+    return json.dumps(meta, separators=(",", ":"))
+
+
+def parse_commit_metadata(metadata: str | None) -> float | None:
+    """The commit time (unix seconds) from ``commit_metadata()`` text, or None."""
+    if not metadata:
+        return None
+    try:
+        value = json.loads(metadata)
+        return float(value["ts"]) / 1000 if isinstance(value, dict) and "ts" in value else None
+    except (ValueError, TypeError):
+        return None
+
+
+# --- small consumer helpers -------------------------------------------------------------------
+def make_consumer(settings: Settings, group: str, client_id: str, max_poll_records: int) -> KafkaConsumer:
+    """A group member with auto-commit off and the session settings."""
+    return KafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers,
+        group_id=group,
+        client_id=client_id,
+        enable_auto_commit=False,
+        auto_offset_reset=settings.auto_offset_reset,
+        session_timeout_ms=settings.session_timeout_ms,
+        heartbeat_interval_ms=settings.heartbeat_interval_ms,
+        max_poll_interval_ms=settings.max_poll_interval_ms,
+        max_poll_records=max_poll_records,
+        group_instance_id=settings.group_instance_id,
+    )
+
+
+def caught_up(consumer: KafkaConsumer) -> bool:
+    """Lag 0 on every assigned partition, from ``highwater()``."""
+    assigned = consumer.assignment()
+    if not assigned:
+        return False
+    for tp in assigned:
+        highwater = consumer.highwater(tp)
+        if highwater is None or consumer.position(tp) < highwater:
+            return False
+    return True
+
+
+def first_offsets(records: Sequence[ConsumerRecord]) -> dict[TopicPartition, int]:
+    """The lowest offset among ``records``, per partition."""
+    first: dict[TopicPartition, int] = {}
+    for r in records:
+        tp = TopicPartition(r.topic, r.partition)
+        first[tp] = min(first.get(tp, r.offset), r.offset)
+    return first
+
+
+def rewind(consumer: KafkaConsumer, first: dict[TopicPartition, int]) -> None:
+    """Seek the partitions of ``first`` that this member holds back to those offsets (the first
+    of records it dropped uncommitted); the others are read from the committed offsets by
+    their new owner."""
+    held = consumer.assignment()
+    for tp, offset in first.items():
+        if tp in held:
+            consumer.seek(tp, offset)
+
+
+def commit_after(consumer: KafkaConsumer, group: str, records: Sequence[ConsumerRecord]) -> dict[TopicPartition, int]:
+    """Commit the offset after the last of ``records`` per partition; returns what was committed
+    ({} when the group rebalanced and refused the commit: the partitions are rewound)."""
+    metadata = commit_metadata()
+    offsets = {tp: OffsetAndMetadata(nxt, metadata, -1) for tp, nxt in Batch(list(records)).next_offsets().items()}
+    if not offsets:
+        return {}
+    try:
+        consumer.commit(offsets)
+    except (CommitFailedError, RebalanceInProgressError) as exc:
+        log.warning("%s: commit refused after a rebalance (%s); the batch will be replayed", group, exc)
+        rewind(consumer, first_offsets(records))
+        return {}
+    now = time.time()
+    for tp, meta in offsets.items():
+        m.COMMITTED_OFFSET.labels(group, tp.topic, str(tp.partition)).set(meta.offset)
+        m.LAST_COMMIT_TIMESTAMP.labels(group, tp.topic, str(tp.partition)).set(now)
+    return {tp: meta.offset for tp, meta in offsets.items()}
+
+
+class CommitOffsets:
+    """The terminal step: commits the batch every earlier step finished (``commit_after``)."""
+
+    def __init__(self, consumer: KafkaConsumer, group: str):
+        self.consumer = consumer
+        self.group = group
+        self.stats = None
+
+    def start(self) -> None:
+        pass
+
+    def process(self, batch: Batch) -> None:
+        commit_after(self.consumer, self.group, batch.records)
+
+    def on_revoked(self) -> None:
+        pass
+
+    def on_assigned(self, consumer: KafkaConsumer, partitions: set[TopicPartition]) -> None:
+        pass
+
+    def close(self, finished: bool) -> None:
+        pass
+
+
+# --- the consumer -----------------------------------------------------------------------------
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, owner: BatchingConsumer):
+        self.owner = owner
+
+    def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self.owner.drop_batch()
+
+    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.owner.assigned(set(assigned))
+
+
+class BatchingConsumer:
+    """Polls batches from ``topics`` as member of ``group`` and runs ``steps`` + ``CommitOffsets``
+    over each (module docstring). ``run()`` returns the first step's stats."""
+
+    def __init__(self, settings: Settings, group: str, topics: Sequence[str], client_id: str,
+                 steps: Sequence[Step], max_batch: int, max_wait_s: float,
+                 retry_after_s: float | None = None, on_close: Sequence[Callable[[], object]] = ()):
+        self.settings = settings
+        self.group = group
+        self.topics = list(topics)
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.consumer = make_consumer(settings, group, client_id, max_batch)
+        self.steps: list[Step] = [*steps, CommitOffsets(self.consumer, group)]
+        self.on_close = list(on_close)
+        self.batch = Batch()
+        self.held_since: float | None = None  # set while backpressure holds the batch
+        self.retry_at = 0.0
+        self.dropped: dict[TopicPartition, int] = {}  # first offsets of a batch dropped on revoke
+        self.stopping = False
+        self.consumer.subscribe(self.topics, listener=_Rebalance(self))
+
+    @property
+    def step(self) -> Any:
+        """The first step (the stage's own)."""
+        return self.steps[0]
+
+    @property
+    def stats(self) -> Any:
+        return self.steps[0].stats
+
+    @property
+    def pending(self) -> list[ConsumerRecord]:
+        """The records in hand (not yet committed)."""
+        return self.batch.records
+
+    # --- control ------------------------------------------------------------------------------
+    def stop(self, *_args: object) -> None:
+        self.stopping = True
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    def run(self, until_caught_up: bool = False, max_seconds: float | None = None) -> Any:
+        deadline = time.monotonic() + max_seconds if max_seconds else None
+        finished = False  # stays False when a bug propagates: the steps must not save half-done work
+        try:
+            for step in self.steps:
+                step.start()
+            while not self.stopping and not (deadline and time.monotonic() > deadline):
+                self.poll_once()
+                if self.batch_ready():
+                    self.process_batch()
+                if until_caught_up and not self.batch.records and caught_up(self.consumer):
+                    break
+            if self.batch.records and self.held_since is None:
+                self.process_batch()  # shutdown: finish the batch in hand
+            finished = not self.batch.records
+            if not finished:
+                log.warning("%s: stopping with %d records held by backpressure (not committed; replayed on restart)",
+                            self.group, len(self.batch.records))
+        finally:
+            self._close(finished)
+        return self.stats
+
+    def _close(self, finished: bool) -> None:
+        for close in [*(lambda s=s: s.close(finished) for s in self.steps), self.consumer.close, *self.on_close]:
+            try:
+                close()
+            except Exception:  # closing is best effort
+                log.exception("error while closing")
+
+    # --- poll ---------------------------------------------------------------------------------
+    def poll_once(self) -> None:
+        room = self.max_batch - len(self.batch)
+        if self.held_since is not None or room <= 0:
+            self.consumer.poll(timeout_ms=100, max_records=1)  # paused or full: keeps membership
+            return
+        timeout_ms = 2000 if not self.consumer.assignment() else 100
+        polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=room)
+        for tp, records in polled.items():
+            m.EVENTS_CONSUMED.labels(self.group, tp.topic).inc(len(records))
+            if not self.batch.records:
+                self.batch.opened = time.monotonic()
+            self.batch.records.extend(records)
+
+    def batch_ready(self) -> bool:
+        if not self.batch.records:
+            return False
+        if self.held_since is not None:
+            return time.monotonic() >= self.retry_at
+        full = len(self.batch) >= self.max_batch
+        return full or self.stopping or time.monotonic() - self.batch.opened >= self.max_wait_s
+
+    # --- process ------------------------------------------------------------------------------
+    def process_batch(self) -> bool:
+        """Run the chain over the batch in hand; False when backpressure holds it."""
+        batch = self.batch
+        try:
+            for step in self.steps:
+                step.process(batch)
+        except Backpressure as exc:
+            self._hold(exc)
+            return False
+        self._release()
+        m.BATCH_EVENTS.labels(self.group).observe(len(batch))
+        self.batch = Batch()
+        return True
+
+    def _hold(self, exc: Backpressure) -> None:
+        if self.held_since is None:
+            self.held_since = time.monotonic()
+            self.consumer.pause(*self.consumer.assignment())
+            m.BACKPRESSURE.labels(self.group).set(1)
+            log.warning("%s: %s; pausing partitions, retrying every %.1fs", self.group, exc.reason, exc.retry_after_s)
+        self.retry_at = time.monotonic() + exc.retry_after_s
+
+    def _release(self) -> None:
+        if self.held_since is not None:
+            log.info("%s: going on after %.1fs of backpressure, resuming", self.group, time.monotonic() - self.held_since)
+            self.consumer.resume(*self.consumer.paused())
+            self.held_since = None
+            m.BACKPRESSURE.labels(self.group).set(0)
+
+    # --- rebalance ----------------------------------------------------------------------------
+    def drop_batch(self) -> None:
+        if self.batch.records:
+            log.info("%s: partitions revoked: dropping %d uncommitted messages", self.group, len(self.batch))
+            for tp, offset in self.batch.first_offsets().items():
+                self.dropped[tp] = min(offset, self.dropped.get(tp, offset))
+        self.batch = Batch()
+        if self.held_since is not None:
+            self.held_since = None
+            m.BACKPRESSURE.labels(self.group).set(0)
+        for step in self.steps:
+            step.on_revoked()
+
+    def assigned(self, partitions: set[TopicPartition]) -> None:
+        log.info("%s: assigned %s", self.group, sorted(f"{tp.topic}[{tp.partition}]" for tp in partitions))
+        if self.dropped:
+            rewind(self.consumer, self.dropped)  # only the partitions that came back
+        self.dropped = {}
+        if self.consumer.paused():
+            self.consumer.resume(*self.consumer.paused())
+        for step in self.steps:
+            step.on_assigned(self.consumer, partitions)

@@ -1,0 +1,40 @@
+"""``streamer.embed.state``: building an engine from settings, saving and loading it."""
+
+from __future__ import annotations
+
+import pytest
+
+from encoders.graph import GraphEncoder
+from streamer.contracts import changes as C
+from streamer.embed.state import build_engine, engine_options, graph_model
+from streamer.settings import Settings
+
+
+def test_graph_model_from_settings(tmp_path):
+    model = graph_model(Settings(gnn_layers=3, gnn_hidden=16, gnn_out=8, gnn_seed=7), in_dim=12)
+    assert model.dims == [12, 16, 16, 8] and model.config.seed == 7
+    path = tmp_path / "ckpt.safetensors"
+    model.save(path)
+    again = graph_model(Settings(graph_checkpoint=path), in_dim=12)
+    assert again.version == model.version
+    with pytest.raises(ValueError):
+        graph_model(Settings(graph_checkpoint=path), in_dim=384)
+    with pytest.raises(ValueError):
+        graph_model(Settings(fusion="mean", gnn_out=8), in_dim=12)
+
+
+def test_engine_options_from_settings():
+    assert engine_options(Settings()) == {"mode": "exact", "reanchor_every": 256}
+    opts = engine_options(Settings(embed_mode="bounded", embed_propagate_threshold=1e-3, embed_publish_threshold=2e-3))
+    assert opts == {"mode": "bounded", "reanchor_every": 256, "propagate_threshold": 1e-3, "publish_threshold": 2e-3}
+    engine = build_engine(Settings(gnn_hidden=8, gnn_out=8, device="cpu", embed_mode="bounded",
+                                  embed_propagate_threshold=1e-3))
+    assert engine.mode == "bounded" and engine.thresholds[1] == 1e-3
+
+
+def test_build_engine_from_settings():
+    engine = build_engine(Settings(gnn_hidden=8, gnn_out=8, device="cpu", fusion_text_weight=0.7))
+    assert engine.dims == [384, 8, 8] and engine.device.type == "cpu"
+    assert engine.fusion == "concat" and engine.out_dim == 392 and engine.featurize is None
+    engine.apply([C.edge_upsert("User:1", "VIEWED", "Product:1", 1)])
+    assert engine.verify()[1] == 0

@@ -1,0 +1,115 @@
+"""``streamer.kafka.consumer`` against BOTH embedded brokers: ``caught_up`` and ``commit_after``.
+
+The case that matters is a commit the group refuses because a rebalance began after the batch
+was polled. The batch is durable but uncommitted; ``commit_after`` must rewind the partitions so
+that ``caught_up`` (what ``--until-caught-up`` stops on) does not call them done before the
+replay is committed. A second member joining the group is what starts the rebalance, as in
+production; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from kafka import KafkaConsumer
+from kafka.structs import TopicPartition
+
+from streamer.kafka.consumer import caught_up, commit_after, make_consumer
+from tests.conftest import wait_for
+from tests.helpers import produce
+
+
+def _poll_all(consumer: KafkaConsumer, expect: int, timeout_s: float = 30.0) -> list:
+    records: list = []
+    deadline = time.monotonic() + timeout_s
+    while len(records) < expect and time.monotonic() < deadline:
+        for batch in consumer.poll(timeout_ms=200).values():
+            records.extend(batch)
+    assert len(records) == expect, f"polled {len(records)} of {expect}"
+    return records
+
+
+def _produce(settings, n: int) -> str:
+    """``n`` small messages on the products topic (3 partitions); returns the topic."""
+    produce(settings, ((settings.topic_products, f"k{i}".encode(), b"{}") for i in range(n)))
+    return settings.topic_products
+
+
+def _bounds(records) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
+    """Per partition: the first offset among ``records`` and the offset after the last."""
+    first: dict[TopicPartition, int] = {}
+    end: dict[TopicPartition, int] = {}
+    for r in records:
+        tp = TopicPartition(r.topic, r.partition)
+        first[tp] = min(first.get(tp, r.offset), r.offset)
+        end[tp] = max(end.get(tp, 0), r.offset + 1)
+    return first, end
+
+
+def _committed(settings, group: str, tps: list[TopicPartition]) -> dict[TopicPartition, int | None]:
+    reader = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=group, enable_auto_commit=False)
+    try:
+        return {tp: reader.committed(tp) for tp in tps}
+    finally:
+        reader.close()
+
+
+def test_caught_up_and_commit_after(settings, broker_kind):
+    n = 9
+    topic = _produce(settings, n)
+    group = settings.ingest_group
+    consumer = make_consumer(settings, group, "t-consumer", 100)
+    try:
+        consumer.subscribe([topic])
+        assert not caught_up(consumer), "no assignment yet"
+        records = _poll_all(consumer, n)
+        assert caught_up(consumer)
+        _, ends = _bounds(records)
+        assert commit_after(consumer, group, records) == ends
+    finally:
+        consumer.close()
+    assert _committed(settings, group, list(ends)) == ends
+
+
+# Tansu keeps accepting the commits of a member that does not poll while a newcomer waits to
+# join (measured: 60 s of accepted commits, the newcomer unassigned), so the refusal can only be
+# staged on noida-db. Both refuse commits from a polling member during a rebalance
+# (../shared/reference/environment.md); the ingest tests cover that path on both.
+@pytest.mark.parametrize("broker_kind", ["noida"])
+def test_refused_commit_rewinds_so_caught_up_waits_for_the_replay(settings, broker_kind):
+    n = 12
+    topic = _produce(settings, n)
+    group = settings.ingest_group
+    first = make_consumer(settings, group, "t-first", 100)
+    second = make_consumer(settings, group, "t-second", 100)
+    stop = threading.Event()
+    joiner = None
+    try:
+        first.subscribe([topic])
+        records = _poll_all(first, n)
+        assert caught_up(first)
+        starts, _ = _bounds(records)
+
+        # a second member joins: the group starts rebalancing while `first` holds its batch
+        def join() -> None:
+            second.subscribe([topic])
+            while not stop.is_set():
+                second.poll(timeout_ms=100)
+
+        joiner = threading.Thread(target=join, daemon=True)
+        joiner.start()
+        # `first` does not poll, so it cannot rejoin; once its heartbeat learns of the rebalance
+        # the commit is refused (until then each attempt commits the same offsets again)
+        wait_for(lambda: commit_after(first, group, records) == {}, timeout_s=60, interval_s=0.1,
+                 what="the group to refuse the commit")
+        # the batch is rewound: not caught up, and the positions are back at the batch's start
+        assert not caught_up(first)
+        assert {tp: first.position(tp) for tp in starts} == starts
+    finally:
+        stop.set()
+        if joiner is not None:
+            joiner.join(timeout=10)
+        first.close()
+        second.close()

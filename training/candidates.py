@@ -1,0 +1,219 @@
+"""Candidate retrieval from the current vectors: similar products, recommendations, text search.
+
+Where the vectors come from (``VectorIndex.load(settings, source)``):
+
+* ``checkpoint``: the worker's checkpointed engine (``<state_dir>/embed/engine.pt``): the
+  published vector of every live node is ``fuse(h0, hL)`` of its cached rows, recomputed
+  here with the fusion settings (exactly what the worker published up to that checkpoint);
+  a user's interactions come from the replica.
+* ``topic``: the last record per key on ``kg.embeddings`` (what any consumer sees); a user's
+  interactions come from the graph DB.
+* ``auto`` (default): the checkpoint when there is one, else the topic.
+
+Scores are dot products of unit vectors (cosine). With ``concat`` fusion the score of two
+products is ``w * cos(text) + (1 - w) * cos(structure)``.
+
+* ``similar(key)``: products nearest a node's vector (the node itself left out).
+* ``recommend(user)``: products nearest the user's vector, without those the user already
+  interacted with through ``exclude_rels`` (default PURCHASED and RATED: already bought).
+* ``search(text)``: the query through the text encoder, then ``fuse(q, align(q))`` when the
+  graph model (``KGS_GRAPH_CHECKPOINT``) has an alignment head (``kg-streamer train --align``),
+  else ``fuse(q, 0)``, whose ranking is the text-only cosine.
+
+``write_back`` stores the vectors on the graph nodes (``n.embedding``, ``n.embedding_version``,
+``n.embedding_dim``) for graph-side similarity, in batches of parameterised ``UNWIND`` writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from encoders.graph import fuse
+from streamer.contracts.changes import split_key
+
+log = logging.getLogger(__name__)
+
+BOUGHT_RELS: tuple[str, ...] = ("PURCHASED", "RATED")
+Source = Literal["auto", "checkpoint", "topic"]
+
+
+@dataclass
+class Candidate:
+    key: str
+    score: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "id": split_key(self.key)[1], "score": round(self.score, 6)}
+
+
+@dataclass
+class VectorIndex:
+    keys: list[str]
+    vectors: Tensor                                  # [n, dim] float32, unit rows
+    versions: list[str]
+    source: str
+    settings: Any = None
+    replica: Any = None                              # checkpoint source: for interactions
+    index: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.index:
+            self.index = {k: i for i, k in enumerate(self.keys)}
+        self.labels = np.asarray([split_key(k)[0] for k in self.keys], dtype=object)
+        self.products = np.flatnonzero(self.labels == "Product")
+
+    # ---- loading -----------------------------------------------------------------------
+    @classmethod
+    def load(cls, settings: Any, source: Source = "auto") -> "VectorIndex":
+        engine_path = Path(settings.state_dir) / "embed" / "engine.pt"
+        if source == "checkpoint" or (source == "auto" and engine_path.exists()):
+            return cls.from_checkpoint(settings, engine_path)
+        return cls.from_topic(settings)
+
+    @classmethod
+    def from_checkpoint(cls, settings: Any, path: Path | None = None) -> "VectorIndex":
+        from streamer.embed.replica import Replica
+
+        path = path or Path(settings.state_dir) / "embed" / "engine.pt"
+        if not path.exists():
+            raise FileNotFoundError(f"no worker checkpoint at {path}: run `kg-streamer embed` first or use --source topic")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        rep = Replica.from_state_dict(state["replica"])
+        live = torch.as_tensor(rep.live_slots(), dtype=torch.long)
+        vec = fuse(state["h"][0][live].float(), state["h"][-1][live].float(), settings.fusion, settings.fusion_text_weight)
+        offsets = path.with_name("offsets.json")
+        version = state.get("model_version", "")
+        if offsets.exists():
+            version = json.loads(offsets.read_text()).get("model_version", version)
+        keys = [rep.keys[int(s)] for s in live]
+        return cls(keys, vec, [version] * len(keys), f"checkpoint {path}", settings, rep)
+
+    @classmethod
+    def from_topic(cls, settings: Any) -> "VectorIndex":
+        from streamer.embed.verify import last_vectors
+
+        last = last_vectors(settings)
+        items = sorted((k, r) for k, r in last.items() if r.vector is not None)
+        if not items:
+            raise ValueError(f"no vectors on {settings.topic_embeddings}")
+        dims = Counter(len(r.vector) for _, r in items)
+        dim = dims.most_common(1)[0][0]
+        items = [(k, r) for k, r in items if len(r.vector) == dim]
+        vec = torch.as_tensor(np.stack([r.vector for _, r in items]), dtype=torch.float32)
+        return cls([k for k, _ in items], F.normalize(vec, dim=1), [r.model_version for _, r in items],
+                   f"topic {settings.topic_embeddings}", settings)
+
+    # ---- facts -------------------------------------------------------------------------
+    def version_summary(self) -> dict[str, int]:
+        return dict(Counter(self.versions).most_common())
+
+    def interacted(self, user_key: str, rels: Iterable[str] = BOUGHT_RELS) -> set[str]:
+        """Product keys the user has an edge of one of ``rels`` to."""
+        rels = set(rels)
+        if self.replica is not None:
+            rep = self.replica
+            v = rep.index.get(user_key)
+            if v is None:
+                return set()
+            s, n = int(rep.start[v]), int(rep.length[v])
+            out = set()
+            for w, c in zip(rep.nbr[s:s + n], rep.code[s:s + n]):
+                if c % 2 == 0 and rep.rels[c // 2] in rels:
+                    out.add(rep.keys[int(w)])
+            return out
+        return _interacted_from_graph(self.settings, split_key(user_key)[1], rels)
+
+    # ---- ranking -----------------------------------------------------------------------
+    def _top(self, query: Tensor, k: int, exclude: set[str]) -> list[Candidate]:
+        rows = self.products
+        if exclude:
+            drop = np.asarray([self.index.get(key, -1) for key in exclude])
+            rows = rows[~np.isin(rows, drop)]
+        if not len(rows):
+            return []
+        scores = self.vectors[torch.as_tensor(rows, dtype=torch.long)] @ query
+        kk = min(k, len(rows))
+        top = torch.topk(scores, kk)
+        return [Candidate(self.keys[int(rows[i])], float(s)) for s, i in zip(top.values, top.indices)]
+
+    def vector(self, key: str) -> Tensor:
+        i = self.index.get(key)
+        if i is None:
+            raise KeyError(f"{key}: no vector (unknown node, deleted, or not embedded yet)")
+        return self.vectors[i]
+
+    def similar(self, key: str, k: int = 20) -> list[Candidate]:
+        return self._top(self.vector(key), k, {key})
+
+    def recommend(self, user: str, k: int = 20, exclude_rels: Sequence[str] = BOUGHT_RELS) -> tuple[list[Candidate], int]:
+        """(candidates, how many interacted products were left out)."""
+        key = user if user.startswith("User:") else f"User:{user}"
+        bought = self.interacted(key, exclude_rels)
+        return self._top(self.vector(key), k, bought), len(bought)
+
+    def search(self, text: str, k: int = 20, text_encoder: Any = None, model: Any = None) -> tuple[list[Candidate], bool]:
+        """(candidates, aligned): the query vector of ``text`` against product vectors."""
+        q = query_vector(text, self.settings, self.vectors.shape[1], text_encoder, model)
+        return self._top(q[0], k, set()), q[1]
+
+
+def query_vector(text: str, settings: Any, dim: int, text_encoder: Any = None, model: Any = None) -> tuple[Tensor, bool]:
+    """(vector, aligned) of a text query in published-vector space."""
+    from encoders.graph import GraphEncoder
+    from encoders.text import TextEncoder
+
+    text_encoder = text_encoder or TextEncoder(settings.text_model, device="cpu")
+    t = text_encoder.encode([text]).float()
+    if model is None and settings.graph_checkpoint:
+        model = GraphEncoder.load(settings.graph_checkpoint)
+    aligned = model is not None and model.has_align
+    if aligned:
+        with torch.no_grad():
+            s = model.align_text(t)
+    else:
+        s = torch.zeros(1, dim - t.shape[1] if settings.fusion == "concat" else t.shape[1])
+    q = fuse(t, s, settings.fusion, settings.fusion_text_weight)[0]
+    if q.shape[0] != dim:
+        raise ValueError(f"query vector has {q.shape[0]} dims, the vectors {dim}: check the fusion settings")
+    return q, aligned
+
+
+def _interacted_from_graph(settings: Any, user_id: str, rels: set[str]) -> set[str]:
+    from sinks import cypher
+    from sinks.graph_db import open_driver
+
+    with open_driver(settings) as driver:
+        rows, _, _ = driver.execute_query(cypher.USER_PRODUCTS, id=user_id, database_=settings.bolt_database)
+    return {f"Product:{r['id']}" for r in rows if r["rel"] in rels}
+
+
+def write_back(index: VectorIndex, settings: Any, labels: Sequence[str] = ("Product",), batch: int = 1000) -> dict[str, int]:
+    """Set ``embedding`` / ``embedding_version`` / ``embedding_dim`` on the graph's nodes."""
+    from sinks import cypher
+    from sinks.graph_db import open_driver
+
+    written: dict[str, int] = {}
+    with open_driver(settings) as driver:
+        for label in labels:
+            statement = cypher.write_vectors(label)
+            rows = np.flatnonzero(index.labels == label)
+            total = 0
+            for lo in range(0, len(rows), batch):
+                chunk = rows[lo:lo + batch]
+                payload = [{"id": split_key(index.keys[int(i)])[1], "version": index.versions[int(i)],
+                            "vector": [float(x) for x in index.vectors[int(i)].tolist()]} for i in chunk]
+                records, _, _ = driver.execute_query(statement, rows=payload, database_=settings.bolt_database)
+                total += int(records[0]["written"]) if records else 0
+            written[label] = total
+    return written

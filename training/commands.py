@@ -1,0 +1,205 @@
+"""Sub-commands of the model lifecycle (issue 6), registered into ``kg-streamer``::
+
+    kg-streamer train [--source replica|graph] [--out FILE] [--align 0.1] ...
+    kg-streamer evaluate [--datasets online_retail,amazon_magazine] [--report FILE] [--quality-json FILE]
+    kg-streamer similar --node Product:X [--k 20] [--source auto|checkpoint|topic]
+    kg-streamer recommend --user U [--k 20] [--source ...]
+    kg-streamer search --text "..." [--k 20] [--source ...]
+    kg-streamer write-vectors [--labels Product,User] [--source ...]
+
+``train`` prints the checkpoint path and its version; start the worker with
+``KGS_GRAPH_CHECKPOINT=<path>`` to re-embed everything with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def _train_config(args: argparse.Namespace, settings: Any):
+    from training.train import TrainConfig
+
+    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, negatives=args.negatives, lr=args.lr,
+                       temperature=args.temperature, loss=args.loss, patience=args.patience,
+                       val_fraction=args.val_fraction, align_weight=args.align, supervision=args.supervision,
+                       seed=settings.gnn_seed if args.seed is None else args.seed,
+                       max_steps_per_epoch=args.max_steps_per_epoch, fusion=settings.fusion,
+                       fusion_text_weight=settings.fusion_text_weight,
+                       device=args.device or settings.device, progress=not args.no_progress)
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    from training.train import TrainConfig
+
+    d = TrainConfig()
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="positive pairs per step")
+    p.add_argument("--negatives", type=int, default=d.negatives, help="uniformly sampled negative products per step")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--loss", choices=["softmax", "bpr"], default=d.loss)
+    p.add_argument("--patience", type=int, default=d.patience, help="epochs without a better validation recall@20")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    p.add_argument("--supervision", choices=["auto", "temporal", "random", "both"], default=d.supervision,
+                   help="temporal windows (predict the next products from the past), random hold-out, or both; "
+                        "auto: temporal, plus random when few users come back (docs/quality.md)")
+    p.add_argument("--align", type=float, default=0.0, help="weight of the text-graph alignment loss (0: no head)")
+    p.add_argument("--seed", type=int, default=None, help="default: KGS_GNN_SEED")
+    p.add_argument("--max-steps-per-epoch", type=int, default=None)
+    p.add_argument("--device", default=None, help="default: KGS_DEVICE (auto: CUDA when present)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def cmd_train(args: argparse.Namespace, settings: Any) -> int:
+    from encoders.graph import GraphEncoder, GraphEncoderConfig
+    from encoders.text import TextEncoder
+    from training import graph as graph_mod
+    from training.train import published_version, save, train
+
+    if settings.torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    engine_path = Path(settings.state_dir) / "embed" / "engine.pt"
+    source = args.source or ("replica" if engine_path.exists() else "graph")
+    text = TextEncoder(settings.text_model, device=settings.device)
+    if source == "replica":
+        data = graph_mod.from_engine_state(engine_path)
+    else:
+        cache = Path(settings.state_dir) / "embed" / "text_cache.safetensors"
+        if cache.exists():
+            text.load_cache(cache)
+        data = graph_mod.from_graph_db(settings, text)
+    cfg = _train_config(args, settings)
+    init = GraphEncoder.load(args.init) if args.init else None
+    model_cfg = GraphEncoderConfig(in_dim=text.dim, hidden=settings.gnn_hidden, out=settings.gnn_out,
+                                   layers=settings.gnn_layers, seed=cfg.seed)
+    result = train(data, cfg, model_cfg, init)
+    version = result.model.version
+    out = Path(args.out) if args.out else settings.local_dir("model") / f"graph-{version}.safetensors"
+    published = published_version(result.model, text.model_id, settings.fusion, settings.fusion_text_weight)
+    ckpt, metrics = save(result, out, {"source": source, "published_model_version": published,
+                                       "text_model": text.model_id, "fusion": settings.fusion,
+                                       "fusion_text_weight": settings.fusion_text_weight})
+    print(json.dumps({"checkpoint": str(ckpt), "metrics": str(metrics), "version": version,
+                      "published_model_version": published, "best_epoch": result.best_epoch,
+                      "best_val": result.best_val, "init_val": result.init_val,
+                      "seconds": round(result.seconds, 1), "peak_rss_mb": round(result.peak_rss_bytes / 2**20, 1),
+                      "device": result.device, "source": source,
+                      "use": f"KGS_GRAPH_CHECKPOINT={ckpt} kg-streamer embed"}, indent=2))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace, settings: Any) -> int:
+    from training import evaluate
+
+    names = [n.strip() for n in args.datasets.split(",") if n.strip()]
+    paths = {}
+    for spec in args.path or []:
+        name, _, path = spec.partition("=")
+        paths[name] = Path(path)
+    report = evaluate.run(names, settings, _train_config(args, settings), args.align, Path(args.report) if args.report else None,
+                          paths)
+    if args.quality_json:
+        Path(args.quality_json).write_text(json.dumps(evaluate.quality_json(report), indent=2) + "\n")
+    print(evaluate.markdown_table(report))
+    return 0
+
+
+def _print_candidates(kind: str, query: str, index, cands, **extra: Any) -> None:
+    print(json.dumps({kind: query, "source": index.source, "model_versions": index.version_summary(), **extra,
+                      "results": [c.as_dict() for c in cands]}, indent=2))
+
+
+def cmd_similar(args: argparse.Namespace, settings: Any) -> int:
+    from training.candidates import VectorIndex
+
+    index = VectorIndex.load(settings, args.source)
+    _print_candidates("node", args.node, index, index.similar(args.node, args.k))
+    return 0
+
+
+def cmd_recommend(args: argparse.Namespace, settings: Any) -> int:
+    from training.candidates import VectorIndex
+
+    index = VectorIndex.load(settings, args.source)
+    rels = [r.strip().upper() for r in args.exclude_rels.split(",") if r.strip()]
+    cands, excluded = index.recommend(args.user, args.k, rels)
+    _print_candidates("user", args.user, index, cands, excluded=excluded, excluded_rels=rels)
+    return 0
+
+
+def cmd_search(args: argparse.Namespace, settings: Any) -> int:
+    from training.candidates import VectorIndex
+
+    index = VectorIndex.load(settings, args.source)
+    cands, aligned = index.search(args.text, args.k)
+    _print_candidates("text", args.text, index, cands, aligned=aligned)
+    return 0
+
+
+def cmd_write_vectors(args: argparse.Namespace, settings: Any) -> int:
+    from training.candidates import VectorIndex, write_back
+
+    index = VectorIndex.load(settings, args.source)
+    labels = [x.strip() for x in args.labels.split(",") if x.strip()]
+    written = write_back(index, settings, labels, args.batch)
+    print(json.dumps({"source": index.source, "model_versions": index.version_summary(), "written": written}, indent=2))
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("train", help="train the graph encoder by link prediction; writes a checkpoint + metrics")
+    p.add_argument("--source", choices=["replica", "graph"], default=None,
+                   help="the worker's checkpointed replica (default when there is one) or the graph DB")
+    p.add_argument("--out", default=None, help="checkpoint file (default <state_dir>/model/graph-<version>.safetensors)")
+    p.add_argument("--init", default=None, help="start from this checkpoint instead of the seeded init")
+    _add_train_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="temporal evaluation on the real data sets (recall@20 / NDCG@20)")
+    p.add_argument("--datasets", default="online_retail,amazon_magazine")
+    p.add_argument("--path", action="append", help="NAME=PATH to read a data set from elsewhere")
+    p.add_argument("--report", default=None, help="write the full JSON report here")
+    p.add_argument("--quality-json", default=None, help="write {dataset: {method: metrics}} here")
+    _add_train_options(p)
+    p.set_defaults(func=cmd_evaluate, align=0.1)
+
+    sources = ["auto", "checkpoint", "topic"]
+    p = sub.add_parser("similar", help="products nearest a node's vector")
+    p.add_argument("--node", required=True, help="node key, e.g. Product:85123A")
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--source", choices=sources, default="auto")
+    p.set_defaults(func=cmd_similar)
+
+    p = sub.add_parser("recommend", help="products for a user, without those already bought")
+    p.add_argument("--user", required=True, help="user id (or User:<id>)")
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--source", choices=sources, default="auto")
+    p.add_argument("--exclude-rels", default="PURCHASED,RATED", help="interactions that count as already bought")
+    p.set_defaults(func=cmd_recommend)
+
+    p = sub.add_parser("search", help="products for a text query (text encoder, aligned when the model can)")
+    p.add_argument("--text", required=True)
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--source", choices=sources, default="auto")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("write-vectors", help="store the current vectors on the graph nodes (n.embedding)")
+    p.add_argument("--labels", default="Product")
+    p.add_argument("--source", choices=sources, default="auto")
+    p.add_argument("--batch", type=int, default=1000)
+    p.set_defaults(func=cmd_write_vectors)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from streamer.cli import main
+
+    sys.exit(main())
