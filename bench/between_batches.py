@@ -28,8 +28,8 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import incremental as inc  # noqa: E402
+import incremental as inc
 
 
 def main() -> int:
@@ -54,8 +54,15 @@ def main() -> int:
     bench = inc.Bench(args)
     ds = inc.retail_dataset(Path(args.retail), args.retail_split, args.dim)
     engine = inc.IncrementalEngine(bench.model(args.dim), torch.device("cpu"), reanchor_every=args.reanchor_every)
-    engine.bulk_load(ds["keys"], ds["src"], ds["dst"], ds["rel"], features=ds["features"],
-                     rel_names=ds["rel_names"], feature_rows=ds["feature_rows"])
+    engine.bulk_load(
+        ds["keys"],
+        ds["src"],
+        ds["dst"],
+        ds["rel"],
+        features=ds["features"],
+        rel_names=ds["rel_names"],
+        feature_rows=ds["feature_rows"],
+    )
     stream, B, L = ds["stream"], a.batch_size, engine.L
     khop = inc.KHopBaseline(engine)
     big = torch.randn(8_000_000)
@@ -75,7 +82,7 @@ def main() -> int:
         "spin_20ms": spin,
         "khop": lambda: khop.run(last_affected[0]),
     }
-    for _ in range(5):                                   # warm-up
+    for _ in range(5):  # warm-up
         ch, f = stream.next(B)
         last_affected[0] = engine.apply(ch, f, with_vectors=False).affected_rows[L].numpy()
     times: dict[str, list[float]] = {k: [] for k in variants}
@@ -91,8 +98,13 @@ def main() -> int:
     err, over = engine.verify(method="layers")
     base = float(np.median(times["none"]))
     out = {
-        "dataset": "retail", "device": "cpu", "batch_size": B, "torch_threads": torch.get_num_threads(),
-        "batches_per_variant": len(times["none"]), "max_abs_err": err, "rows_over_1e-5": over,
+        "dataset": "retail",
+        "device": "cpu",
+        "batch_size": B,
+        "torch_threads": torch.get_num_threads(),
+        "batches_per_variant": len(times["none"]),
+        "max_abs_err": err,
+        "rows_over_1e-5": over,
         "ms_median": {k: round(1000 * float(np.median(v)), 3) for k, v in times.items()},
         "ratio_to_none": {k: round(float(np.median(v)) / base, 2) for k, v in times.items()},
     }

@@ -65,21 +65,22 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from encoders.graph import GraphEncoder, GraphEncoderConfig  # noqa: E402
-from encoders.text import resolve_device  # noqa: E402
-from streamer.contracts import changes as C  # noqa: E402
-from devtools import synth  # noqa: E402
-from streamer.embed.engine import IncrementalEngine  # noqa: E402
-from streamer.embed.replica import Replica  # noqa: E402
+from devtools import synth
+from encoders.graph import GraphEncoder, GraphEncoderConfig
+from encoders.text import resolve_device
+from streamer.contracts import changes as C
+from streamer.embed.engine import IncrementalEngine
+from streamer.embed.replica import Replica
 
 DEFAULT_RETAIL = Path(__file__).resolve().parents[2] / "shared" / "data" / "online_retail" / "online_retail.csv.gz"
 REPS = {1: 30, 10: 20, 100: 10, 1000: 5, 10000: 3}
@@ -101,7 +102,7 @@ class Timer:
         out = fn()
         if self.cuda:
             torch.cuda.synchronize()
-        self.cpu = time.process_time() - c            # CPU seconds of this process (contention check)
+        self.cpu = time.process_time() - c  # CPU seconds of this process (contention check)
         return time.perf_counter() - t, out
 
 
@@ -112,7 +113,7 @@ class KHopBaseline:
     def __init__(self, engine: IncrementalEngine, batch_size: int = 1024, max_messages: int = 1 << 27):
         self.e = engine
         self.batch_size = batch_size
-        self.max_messages = max_messages            # above this, a layer aggregates in edge chunks
+        self.max_messages = max_messages  # above this, a layer aggregates in edge chunks
         self.local = np.full(0, -1, dtype=np.int64)
 
     @torch.no_grad()
@@ -125,15 +126,15 @@ class KHopBaseline:
         nodes = [seeds]
         local[seeds] = np.arange(len(seeds))
         count = len(seeds)
-        cum = [count]                                   # nodes of hops 0..k
+        cum = [count]  # nodes of hops 0..k
         frontier = seeds
-        hop_edges = []                                  # per hop: (dst local, src global)
+        hop_edges = []  # per hop: (dst local, src global)
         for _ in range(self.e.L):
             seg, w = rep.gather(frontier)
             hop_edges.append((local[frontier][seg], w))
-            fresh = w[local[w] < 0]                     # neighbours not sampled yet
+            fresh = w[local[w] < 0]  # neighbours not sampled yet
             if len(fresh):
-                ar = np.arange(len(fresh))              # dedupe without a sort (scratch array)
+                ar = np.arange(len(fresh))  # dedupe without a sort (scratch array)
                 self.pos[fresh] = ar
                 fresh = fresh[self.pos[fresh] == ar]
                 local[fresh] = count + np.arange(len(fresh))
@@ -154,22 +155,26 @@ class KHopBaseline:
         if len(src) * x.shape[1] <= self.max_messages:
             out = conv((x, x[:n_dst]), torch.stack([src, dst]), size=(x.shape[0], n_dst))
             return out.relu() if layer < e.L - 1 else out
-        agg = torch.zeros(n_dst, x.shape[1], device=x.device)     # same math, edge chunks (memory)
+        agg = torch.zeros(n_dst, x.shape[1], device=x.device)  # same math, edge chunks (memory)
         step = max(1, self.max_messages // x.shape[1])
         for lo in range(0, len(src), step):
-            agg.index_add_(0, dst[lo:lo + step], x[src[lo:lo + step]])
+            agg.index_add_(0, dst[lo : lo + step], x[src[lo : lo + step]])
         deg = torch.bincount(dst, minlength=n_dst).clamp_(min=1).to(x.dtype)
         return e.model.dense(layer, agg / deg.unsqueeze(1) if e.mean else agg, x[:n_dst])
 
     @torch.no_grad()
-    def run(self, seeds: np.ndarray, budget_s: float | None = None, rng: np.random.Generator | None = None,
-            ) -> tuple[float, np.ndarray, torch.Tensor | None, float]:
+    def run(
+        self,
+        seeds: np.ndarray,
+        budget_s: float | None = None,
+        rng: np.random.Generator | None = None,
+    ) -> tuple[float, np.ndarray, torch.Tensor | None, float]:
         """(seconds, seeds done, their layer-L outputs, fraction measured); seconds is
         extrapolated to all seeds when the budget ran out."""
         e, dev = self.e, self.e.device
         if not len(seeds):
             return 0.0, seeds, None, 1.0
-        chunks = [seeds[i:i + self.batch_size] for i in range(0, len(seeds), self.batch_size)]
+        chunks = [seeds[i : i + self.batch_size] for i in range(0, len(seeds), self.batch_size)]
         order = (rng or np.random.default_rng(0)).permutation(len(chunks))
         timer = Timer(dev)
         spent, done, outs = 0.0, [], []
@@ -181,12 +186,12 @@ class KHopBaseline:
                 nodes, cum, edges = self._subgraph(chunk)
                 x = e.h[0][torch.from_numpy(nodes).to(dev)]
                 for layer in range(e.L):
-                    hops = e.L - 1 - layer                      # destinations: hops 0..hops
+                    hops = e.L - 1 - layer  # destinations: hops 0..hops
                     n_dst = cum[hops]
                     dst = np.concatenate([edges[k][0] for k in range(hops + 1)])
                     src = np.concatenate([edges[k][1] for k in range(hops + 1)])
                     x = self._layer(layer, x, n_dst, torch.from_numpy(src).to(dev), torch.from_numpy(dst).to(dev))
-                return x[:len(chunk)]
+                return x[: len(chunk)]
 
             dt, out = timer(one)
             spent += dt
@@ -208,8 +213,8 @@ class ListStream:
 
     def next(self, n: int) -> tuple[list[C.Change], dict[str, torch.Tensor]]:
         if self.pos + n > len(self.items):
-            self.pos = 0                                      # replays are no-ops or re-changes
-        part = self.items[self.pos:self.pos + n]
+            self.pos = 0  # replays are no-ops or re-changes
+        part = self.items[self.pos : self.pos + n]
         self.pos += n
         feats = {ch.key: x for ch, x in part if x is not None and ch.key is not None}
         return [ch for ch, _ in part], feats
@@ -253,18 +258,42 @@ def retail_dataset(path: Path, split: float, dim: int) -> dict[str, Any]:
             stream.append((ch, _unit(f"{ev['id']}|{ev.get('title') or ''}", dim)))
         else:
             stream.append((C.edge_upsert(f"User:{ev['user_id']}", "PURCHASED", f"Product:{ev['product_id']}", ts), None))
-    return {"keys": keys, "src": P + uv[:, 0], "dst": uv[:, 1], "rel": "PURCHASED", "rel_names": None,
-            "features": feats, "feature_rows": np.arange(P), "stream": ListStream(stream), "graph": None,
-            "info": {"events": len(events), "initial_events": n0, "stream_events": len(stream), "products": P,
-                     "users": len(users), "typed_edges": len(uv)}}
+    return {
+        "keys": keys,
+        "src": P + uv[:, 0],
+        "dst": uv[:, 1],
+        "rel": "PURCHASED",
+        "rel_names": None,
+        "features": feats,
+        "feature_rows": np.arange(P),
+        "stream": ListStream(stream),
+        "graph": None,
+        "info": {
+            "events": len(events),
+            "initial_events": n0,
+            "stream_events": len(stream),
+            "products": P,
+            "users": len(users),
+            "typed_edges": len(uv),
+        },
+    }
 
 
 def synth_dataset(preset: str, seed: int) -> dict[str, Any]:
     cfg = synth.PRESETS[preset].scaled(seed=seed)
     g = synth.generate(cfg)
-    return {"keys": g.keys, "src": g.src, "dst": g.dst, "rel": g.rel.astype(np.int64), "rel_names": list(synth.REL_NAMES),
-            "features": g.product_features(), "feature_rows": np.arange(g.n_products),
-            "stream": synth.UpdateStream(g, seed=seed + 1), "graph": g, "info": g.stats()}
+    return {
+        "keys": g.keys,
+        "src": g.src,
+        "dst": g.dst,
+        "rel": g.rel.astype(np.int64),
+        "rel_names": list(synth.REL_NAMES),
+        "features": g.product_features(),
+        "feature_rows": np.arange(g.n_products),
+        "stream": synth.UpdateStream(g, seed=seed + 1),
+        "graph": g,
+        "info": g.stats(),
+    }
 
 
 # ---- the benchmark -----------------------------------------------------------------------------
@@ -272,18 +301,20 @@ def memory_info(engine: IncrementalEngine) -> dict[str, Any]:
     rep = engine.replica
     nb = rep.nbytes()
     n, e = max(rep.num_nodes, 1), max(rep.num_edges, 1)
-    cache = sum(t[:rep.num_slots].element_size() * t[:rep.num_slots].nelement() for t in engine.h + engine.S)
+    cache = sum(t[: rep.num_slots].element_size() * t[: rep.num_slots].nelement() for t in engine.h + engine.S)
     used = 10 * rep.top
-    return {"replica_bytes_per_edge_used": round(used / e, 2), "replica_bytes_per_edge_alloc": round(nb["half_edge_arrays"] / e, 2),
-            "replica_bytes_per_node_arrays": round(nb["node_arrays"] / max(rep.num_slots, 1), 2),
-            "cache_bytes_per_node": round(cache / n, 1)}
+    return {
+        "replica_bytes_per_edge_used": round(used / e, 2),
+        "replica_bytes_per_edge_alloc": round(nb["half_edge_arrays"] / e, 2),
+        "replica_bytes_per_node_arrays": round(nb["node_arrays"] / max(rep.num_slots, 1), 2),
+        "cache_bytes_per_node": round(cache / n, 1),
+    }
 
 
 def snapshot(engine: IncrementalEngine) -> dict[str, Any]:
     """A copy of the engine's state (replica and caches) to ``restore`` later."""
     state = engine.state_dict()
-    state["replica"] = {k: (v.copy() if isinstance(v, np.ndarray) else copy.deepcopy(v))
-                        for k, v in state["replica"].items()}
+    state["replica"] = {k: (v.copy() if isinstance(v, np.ndarray) else copy.deepcopy(v)) for k, v in state["replica"].items()}
     state["h"] = [t.clone() for t in state["h"]]
     state["S"] = [t.clone() for t in state["S"]]
     state["count"] = [t.clone() for t in state["count"]]
@@ -316,9 +347,14 @@ class Bench:
                 self.kept = json.loads(self.out.read_text())
             except (ValueError, OSError):
                 self.kept = []
-        self.host = {"host": platform.node(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                     "torch": torch.__version__, "python": platform.python_version(),
-                     "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None}
+        self.host = {
+            "host": platform.node(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
+        }
 
     def over_budget(self) -> bool:
         return self.args.time_budget_s is not None and time.monotonic() - self.started > self.args.time_budget_s
@@ -356,31 +392,56 @@ class Bench:
         else:
             raise SystemExit(f"unknown dataset {name!r}")
         build_s = time.perf_counter() - t0
-        engine = IncrementalEngine(self.model(a.dim), self.device, reanchor_every=a.reanchor_every,
-                                   agg_dtype=getattr(torch, a.agg_dtype), full_ratio=a.full_ratio)
-        load_s, _ = self.timer(lambda: engine.bulk_load(ds["keys"], ds["src"], ds["dst"], ds["rel"],
-                                                        features=ds["features"], rel_names=ds["rel_names"],
-                                                        feature_rows=ds["feature_rows"]))
+        engine = IncrementalEngine(
+            self.model(a.dim),
+            self.device,
+            reanchor_every=a.reanchor_every,
+            agg_dtype=getattr(torch, a.agg_dtype),
+            full_ratio=a.full_ratio,
+        )
+        load_s, _ = self.timer(
+            lambda: engine.bulk_load(
+                ds["keys"],
+                ds["src"],
+                ds["dst"],
+                ds["rel"],
+                features=ds["features"],
+                rel_names=ds["rel_names"],
+                feature_rows=ds["feature_rows"],
+            )
+        )
         del ds["features"]
         log(f"dataset {name}: built in {build_s:.1f}s, loaded in {load_s:.1f}s: {ds['info']}")
-        adj = engine.adjacency(torch.float32)             # (c) sums in float32, like PyG
+        adj = engine.adjacency(torch.float32)  # (c) sums in float32, like PyG
         fulls, full_cpu = [], []
         full: list[torch.Tensor] = []
         for _ in range(a.full_reps):
-            dt, full = self.timer(lambda: engine.full_layers(adj))
+            dt, full = self.timer(lambda adj=adj: engine.full_layers(adj))
             fulls.append(dt)
             full_cpu.append(self.timer.cpu)
         full_s = min(fulls)
         self.full_cpu_s = min(full_cpu)
         live = engine._t(engine.replica.live_slots())
-        err0 = max(float((full[l][live] - engine.h[l][live]).abs().max()) for l in range(1, engine.L + 1))
+        err0 = max(float((full[k][live] - engine.h[k][live]).abs().max()) for k in range(1, engine.L + 1))
         del full, adj
-        self.emit({"kind": "dataset", "dataset": name, "nodes": engine.replica.num_nodes,
-                   "typed_edges": engine.replica.num_edges, "directed_edges": 2 * engine.replica.num_edges,
-                   "build_s": round(build_s, 2), "load_s": round(load_s, 2), "full_ms": round(1000 * full_s, 2),
-                   "cpu_ms_full": round(1000 * self.full_cpu_s, 2),
-                   "full_runs_ms": [round(1000 * x, 2) for x in fulls], "rebuild_vs_full_err": err0,
-                   **memory_info(engine), "info": ds["info"], "run": self.host})
+        self.emit(
+            {
+                "kind": "dataset",
+                "dataset": name,
+                "nodes": engine.replica.num_nodes,
+                "typed_edges": engine.replica.num_edges,
+                "directed_edges": 2 * engine.replica.num_edges,
+                "build_s": round(build_s, 2),
+                "load_s": round(load_s, 2),
+                "full_ms": round(1000 * full_s, 2),
+                "cpu_ms_full": round(1000 * self.full_cpu_s, 2),
+                "full_runs_ms": [round(1000 * x, 2) for x in fulls],
+                "rebuild_vs_full_err": err0,
+                **memory_info(engine),
+                "info": ds["info"],
+                "run": self.host,
+            }
+        )
         khop = KHopBaseline(engine, batch_size=a.khop_batch)
         rng = np.random.default_rng(a.seed)
         reps = QUICK_REPS if a.quick else REPS
@@ -394,15 +455,24 @@ class Bench:
         if ds["graph"] is not None and a.hubs and not self.over_budget():
             self.hubs(name, engine, ds["graph"])
 
-    def batch_series(self, name: str, engine: IncrementalEngine, stream: Any, khop: KHopBaseline, B: int,
-                     reps: int, full_s: float, rng: np.random.Generator) -> None:
+    def batch_series(
+        self,
+        name: str,
+        engine: IncrementalEngine,
+        stream: Any,
+        khop: KHopBaseline,
+        B: int,
+        reps: int,
+        full_s: float,
+        rng: np.random.Generator,
+    ) -> None:
         a, L = self.args, engine.L
-        if B <= 100:                                          # warm-up (allocator, caches)
+        if B <= 100:  # warm-up (allocator, caches)
             ch, f = stream.next(B)
             engine.apply(ch, f, with_vectors=False)
         batches = [stream.next(B) for _ in range(reps)]
         iso: list[float] = []
-        if self.isolate(engine):                              # (a) alone first, on the same batches
+        if self.isolate(engine):  # (a) alone first, on the same batches
             snap = snapshot(engine)
             for ch, f in batches:
                 dt, _ = self.timer(lambda: engine.apply(ch, f, with_vectors=False))
@@ -429,26 +499,41 @@ class Bench:
                 errs.append(float((out - engine.h[L][engine._t(done)]).abs().max()))
         verify_s, (err_full, over) = self.timer(lambda: engine.verify(method="layers"))
         a_med, b_med = float(np.median(ta)), float(np.median(tb))
-        self.emit({
-            "kind": "batch", "dataset": name, "batch_size": B, "reps": len(ta), "stream": "mixed",
-            "ms_incremental": round(1000 * a_med, 3), "ms_incremental_p90": round(1000 * float(np.percentile(ta, 90)), 3),
-            "cpu_ms_incremental": round(1000 * float(np.median(cpu)), 3),
-            "cpu_ms_khop": round(1000 * float(np.median(cpub)), 3), "cpu_ms_full": round(1000 * self.full_cpu_s, 3),
-            "cpu_speedup_vs_khop": round(float(np.median(cpub)) / max(float(np.median(cpu)), 1e-9), 2),
-            "cpu_speedup_vs_full": round(self.full_cpu_s / max(float(np.median(cpu)), 1e-9), 2),
-            "ms_khop": round(1000 * b_med, 3), "ms_full": round(1000 * full_s, 3),
-            "speedup_vs_khop": round(b_med / a_med, 2), "speedup_vs_full": round(full_s / a_med, 2),
-            "updates_per_s": round(B / a_med, 1),
-            "max_abs_err": err_full, "max_abs_err_vs_khop": max(errs) if errs else None,
-            "max_abs_err_full": err_full, "rows_over_1e-5": over, "verify_s": round(verify_s, 2),
-            "khop_measured_fraction": round(float(np.min(fracs)), 4),
-            "affected_per_layer_median": [int(x) for x in np.median(np.asarray(aff), axis=0)],
-            "affected_per_layer_max": [int(x) for x in np.max(np.asarray(aff), axis=0)],
-            "published_median": int(np.median(pub)), "delta_messages_median": int(np.median(msgs)),
-            "full_ratio": engine.full_ratio, "full_layers": fl,
-            "ms_incremental_isolated": round(1000 * float(np.median(iso)), 3) if iso else None,
-            "speedup_vs_khop_isolated": round(b_med / float(np.median(iso)), 2) if iso else None,
-        })
+        self.emit(
+            {
+                "kind": "batch",
+                "dataset": name,
+                "batch_size": B,
+                "reps": len(ta),
+                "stream": "mixed",
+                "ms_incremental": round(1000 * a_med, 3),
+                "ms_incremental_p90": round(1000 * float(np.percentile(ta, 90)), 3),
+                "cpu_ms_incremental": round(1000 * float(np.median(cpu)), 3),
+                "cpu_ms_khop": round(1000 * float(np.median(cpub)), 3),
+                "cpu_ms_full": round(1000 * self.full_cpu_s, 3),
+                "cpu_speedup_vs_khop": round(float(np.median(cpub)) / max(float(np.median(cpu)), 1e-9), 2),
+                "cpu_speedup_vs_full": round(self.full_cpu_s / max(float(np.median(cpu)), 1e-9), 2),
+                "ms_khop": round(1000 * b_med, 3),
+                "ms_full": round(1000 * full_s, 3),
+                "speedup_vs_khop": round(b_med / a_med, 2),
+                "speedup_vs_full": round(full_s / a_med, 2),
+                "updates_per_s": round(B / a_med, 1),
+                "max_abs_err": err_full,
+                "max_abs_err_vs_khop": max(errs) if errs else None,
+                "max_abs_err_full": err_full,
+                "rows_over_1e-5": over,
+                "verify_s": round(verify_s, 2),
+                "khop_measured_fraction": round(float(np.min(fracs)), 4),
+                "affected_per_layer_median": [int(x) for x in np.median(np.asarray(aff), axis=0)],
+                "affected_per_layer_max": [int(x) for x in np.max(np.asarray(aff), axis=0)],
+                "published_median": int(np.median(pub)),
+                "delta_messages_median": int(np.median(msgs)),
+                "full_ratio": engine.full_ratio,
+                "full_layers": fl,
+                "ms_incremental_isolated": round(1000 * float(np.median(iso)), 3) if iso else None,
+                "speedup_vs_khop_isolated": round(b_med / float(np.median(iso)), 2) if iso else None,
+            }
+        )
 
     def isolate(self, engine: IncrementalEngine) -> bool:
         """Whether to time (a) in its own pass too: its caches are copied to host memory and
@@ -470,13 +555,24 @@ class Bench:
                 ta.append(dt)
                 fl.append(report.full_layers)
             med = float(np.median(ta))
-            self.emit({"kind": "full_ratio_sweep", "dataset": name, "batch_size": B, "full_ratio": ratio,
-                       "reps": len(ta), "ms_incremental": round(1000 * med, 3), "ms_full": round(1000 * full_s, 3),
-                       "speedup_vs_full": round(full_s / med, 2), "full_layers": fl})
+            self.emit(
+                {
+                    "kind": "full_ratio_sweep",
+                    "dataset": name,
+                    "batch_size": B,
+                    "full_ratio": ratio,
+                    "reps": len(ta),
+                    "ms_incremental": round(1000 * med, 3),
+                    "ms_full": round(1000 * full_s, 3),
+                    "speedup_vs_full": round(full_s / med, 2),
+                    "full_layers": fl,
+                }
+            )
         engine.full_ratio = default
         err, over = engine.verify(method="layers")
-        self.emit({"kind": "full_ratio_sweep_check", "dataset": name, "batch_size": B, "max_abs_err": err,
-                   "rows_over_1e-5": over})
+        self.emit(
+            {"kind": "full_ratio_sweep_check", "dataset": name, "batch_size": B, "max_abs_err": err, "rows_over_1e-5": over}
+        )
 
     def hubs(self, name: str, engine: IncrementalEngine, g: synth.SynthGraph) -> None:
         a = self.args
@@ -487,9 +583,11 @@ class Bench:
         cat_slot = rep.index[cat_key]
         # products still in the category after the update stream ran (it deletes some)
         members = [k for k in members if k in rep.index and rep.has_edge(rep.index[k], "IN_CATEGORY", cat_slot)]
-        cases = [("product_in_largest_category", members[0]),
-                 ("largest_category_node", cat_key),
-                 ("most_active_user", g.keys[g.most_active_user()])]
+        cases = [
+            ("product_in_largest_category", members[0]),
+            ("largest_category_node", cat_key),
+            ("most_active_user", g.keys[g.most_active_user()]),
+        ]
         ts = 2_000_000_000_000
         for case, key in cases:
             if self.over_budget():
@@ -506,16 +604,33 @@ class Bench:
                 dt, rep = self.timer(lambda: engine.apply([C.node_upsert(label, nid, ts)], {key: new}, with_vectors=False))
                 cpu_s = self.timer.cpu
                 vs, (err, over) = self.timer(lambda: engine.verify(method="layers"))
-                self.emit({"kind": "hub", "dataset": name, "case": case, "key": key, "degree": deg, "mode": mode,
-                           "ms": round(1000 * dt, 3), "cpu_ms": round(1000 * cpu_s, 3), "affected_per_layer": rep.affected, "changed_per_layer": rep.changed,
-                           "vectors_published": len(rep.changed_rows), "vectors_suppressed": rep.vectors_suppressed,
-                           "suppressed_per_layer": rep.suppressed, "max_residual_per_layer": rep.max_residual,
-                           "delta_messages": rep.delta_messages, "max_abs_err": err, "rows_over_bound": over,
-                           "error_bound": rep.error_bound, "propagate_threshold": eps if mode == "bounded" else 0.0,
-                           "publish_threshold": tau if mode == "bounded" else 0.0})
-                ts += 1                                       # put the old features back, exactly
+                self.emit(
+                    {
+                        "kind": "hub",
+                        "dataset": name,
+                        "case": case,
+                        "key": key,
+                        "degree": deg,
+                        "mode": mode,
+                        "ms": round(1000 * dt, 3),
+                        "cpu_ms": round(1000 * cpu_s, 3),
+                        "affected_per_layer": rep.affected,
+                        "changed_per_layer": rep.changed,
+                        "vectors_published": len(rep.changed_rows),
+                        "vectors_suppressed": rep.vectors_suppressed,
+                        "suppressed_per_layer": rep.suppressed,
+                        "max_residual_per_layer": rep.max_residual,
+                        "delta_messages": rep.delta_messages,
+                        "max_abs_err": err,
+                        "rows_over_bound": over,
+                        "error_bound": rep.error_bound,
+                        "propagate_threshold": eps if mode == "bounded" else 0.0,
+                        "publish_threshold": tau if mode == "bounded" else 0.0,
+                    }
+                )
+                ts += 1  # put the old features back, exactly
                 if mode == "bounded":
-                    engine.configure("exact")                 # rebuild(): exact again
+                    engine.configure("exact")  # rebuild(): exact again
                 engine.apply([C.node_upsert(label, nid, ts)], {key: old}, with_vectors=False)
         # a burst of feature changes inside the largest category, one per batch
         rng = np.random.default_rng(a.seed + 7)
@@ -529,21 +644,33 @@ class Bench:
                 ts += 1
                 key = members[int(p)]
                 x = _unit(f"burst|{mode}|{i}|{key}", engine.dims[0])
-                dt, rep = self.timer(lambda: engine.apply([C.node_upsert("Product", key.split(":", 1)[1], ts)], {key: x},
-                                                          with_vectors=False))
+                dt, rep = self.timer(
+                    lambda: engine.apply([C.node_upsert("Product", key.split(":", 1)[1], ts)], {key: x}, with_vectors=False)
+                )
                 total += dt
                 total_cpu += self.timer.cpu
                 pub += len(rep.changed_rows)
                 sup += rep.vectors_suppressed
             err, over = engine.verify(method="layers")
-            self.emit({"kind": "hub_burst", "dataset": name, "case": f"{a.burst} feature changes in the largest category",
-                       "category_size": int(len(members)), "mode": mode, "ms_total": round(1000 * total, 2),
-                       "ms_per_update": round(1000 * total / a.burst, 3),
-                       "cpu_ms_per_update": round(1000 * total_cpu / a.burst, 3), "vectors_published": pub,
-                       "vectors_suppressed": sup, "max_abs_err": err, "rows_over_bound": over,
-                       "error_bound": engine.error_bound,
-                       "propagate_threshold": eps if mode == "bounded" else 0.0,
-                       "publish_threshold": tau if mode == "bounded" else 0.0})
+            self.emit(
+                {
+                    "kind": "hub_burst",
+                    "dataset": name,
+                    "case": f"{a.burst} feature changes in the largest category",
+                    "category_size": int(len(members)),
+                    "mode": mode,
+                    "ms_total": round(1000 * total, 2),
+                    "ms_per_update": round(1000 * total / a.burst, 3),
+                    "cpu_ms_per_update": round(1000 * total_cpu / a.burst, 3),
+                    "vectors_published": pub,
+                    "vectors_suppressed": sup,
+                    "max_abs_err": err,
+                    "rows_over_bound": over,
+                    "error_bound": engine.error_bound,
+                    "propagate_threshold": eps if mode == "bounded" else 0.0,
+                    "publish_threshold": tau if mode == "bounded" else 0.0,
+                }
+            )
             if mode == "bounded":
                 engine.configure("exact")
 
@@ -559,21 +686,41 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--out", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--full-ratio", type=float, default=None,
-                   help="switch a layer to a full pass at this messages/half-edges ratio (default: the "
-                        "engine's per-device default; 0: never)")
-    p.add_argument("--isolate-max-gb", type=float, default=4.0,
-                   help="also time (a) in a pass of its own over the same batches (InkStream times each "
-                        "method in its own run) when the engine's caches are at most this many GB; 0: never")
-    p.add_argument("--sweep-full-ratio", type=lambda v: [float(x) for x in v.split(",") if x], default=[],
-                   help="after each batch size, time (a) alone under each of these full_ratio values")
+    p.add_argument(
+        "--full-ratio",
+        type=float,
+        default=None,
+        help="switch a layer to a full pass at this messages/half-edges ratio (default: the "
+        "engine's per-device default; 0: never)",
+    )
+    p.add_argument(
+        "--isolate-max-gb",
+        type=float,
+        default=4.0,
+        help="also time (a) in a pass of its own over the same batches (InkStream times each "
+        "method in its own run) when the engine's caches are at most this many GB; 0: never",
+    )
+    p.add_argument(
+        "--sweep-full-ratio",
+        type=lambda v: [float(x) for x in v.split(",") if x],
+        default=[],
+        help="after each batch size, time (a) alone under each of these full_ratio values",
+    )
     p.add_argument("--reanchor-every", type=int, default=256)
-    p.add_argument("--agg-dtype", choices=["float64", "float32"], default="float64",
-                   help="the engine's neighbour sums (float32: the engine before the products-scale run)")
+    p.add_argument(
+        "--agg-dtype",
+        choices=["float64", "float32"],
+        default="float64",
+        help="the engine's neighbour sums (float32: the engine before the products-scale run)",
+    )
     p.add_argument("--khop-batch", type=int, default=1024, help="seeds per NeighborLoader mini-batch")
-    p.add_argument("--khop-budget-s", type=float, default=40.0,
-                   help="per batch-size series (split over its batches): measure the k-hop baseline this "
-                        "long, then extrapolate (at least one seed mini-batch per batch is always measured)")
+    p.add_argument(
+        "--khop-budget-s",
+        type=float,
+        default=40.0,
+        help="per batch-size series (split over its batches): measure the k-hop baseline this "
+        "long, then extrapolate (at least one seed mini-batch per batch is always measured)",
+    )
     p.add_argument("--full-reps", type=int, default=2)
     p.add_argument("--hubs", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--burst", type=int, default=50)
@@ -585,8 +732,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--time-budget-s", type=float, default=None, help="stop starting new work after this long")
     p.add_argument("--output", default=str(Path(__file__).resolve().parent / "results" / "incremental.json"))
     p.add_argument("--fresh", action="store_true", help="do not keep rows of earlier runs in --output")
-    p.add_argument("--import-rows", default=None,
-                   help="merge the rows of another run's JSON (e.g. the GPU run's) into --output, then exit")
+    p.add_argument(
+        "--import-rows", default=None, help="merge the rows of another run's JSON (e.g. the GPU run's) into --output, then exit"
+    )
     args = p.parse_args(argv)
     if args.datasets is None:
         args.datasets = "retail,synth:small" if args.quick else "retail,synth:1m"

@@ -56,15 +56,15 @@ from typing import Any
 
 from prometheus_client import REGISTRY
 
-from sinks.graph_db import GraphSink
-from streamer.contracts.events import decode_event
-from streamer.ingest.step import ingest_consumer
 from devtools.datasets import LoadReport, online_retail
 from devtools.datasets.produce import encode, load_online_retail
 from devtools.local_services import LocalServices, ServiceError
+from sinks.graph_db import GraphSink
+from streamer.contracts.events import decode_event
 from streamer.ingest.plan import plan_batch
-from streamer.settings import Settings
+from streamer.ingest.step import ingest_consumer
 from streamer.kafka.topics import ensure_topics
+from streamer.settings import Settings
 
 DEFAULT_DATA = Path("/work/shared/data/online_retail/online_retail.csv.gz")
 STAGES = ("decode", "write", "publish", "commit")
@@ -247,7 +247,7 @@ class Bench:
         for services in reversed(self.started):
             try:
                 services.down()
-            except Exception:  # noqa: BLE001 - stop everything we can
+            except Exception:
                 log.exception("stopping services in %s", services.dir)
         if not self.keep:
             shutil.rmtree(self.root, ignore_errors=True)
@@ -320,8 +320,13 @@ def baseline(bench: Bench, path: Path, args: argparse.Namespace, warm: list[byte
     finally:
         sink.close()
         bench.stop_graph(graph)
-    out["one_per_tx"] = {"events": n, "seconds": round(secs, 2), "events_per_s": rate(n, secs),
-                         "graph_mutations_per_s": rate(muts, secs), "mutations": muts}
+    out["one_per_tx"] = {
+        "events": n,
+        "seconds": round(secs, 2),
+        "events_per_s": rate(n, secs),
+        "graph_mutations_per_s": rate(muts, secs),
+        "mutations": muts,
+    }
 
     graph, settings = fresh_warm_graph(bench, warm)
     sink = GraphSink(settings)
@@ -331,8 +336,14 @@ def baseline(bench: Bench, path: Path, args: argparse.Namespace, warm: list[byte
     finally:
         sink.close()
         bench.stop_graph(graph)
-    out["batched"] = {"events": n2, "batch_size": batch, "seconds": round(secs2, 2), "events_per_s": rate(n2, secs2),
-                      "graph_mutations_per_s": rate(muts2, secs2), "mutations": muts2}
+    out["batched"] = {
+        "events": n2,
+        "batch_size": batch,
+        "seconds": round(secs2, 2),
+        "events_per_s": rate(n2, secs2),
+        "graph_mutations_per_s": rate(muts2, secs2),
+        "mutations": muts2,
+    }
     out["batched_speedup_same_events"] = round(out["batched"]["events_per_s"] / max(out["one_per_tx"]["events_per_s"], 1e-9), 1)
     return out
 
@@ -368,16 +379,24 @@ def ingest_run(bench: Bench, batch: int, tag: str, warm: list[bytes], profile: b
     mutations = stats.nodes_written + stats.relationships_written
     stages = stage_totals(group)
     staged = sum(s.get("seconds", 0.0) for s in stages.values())
-    breakdown = {st: {"seconds": round(stages.get(st, {}).get("seconds", 0.0), 2),
-                      "share": round(stages.get(st, {}).get("seconds", 0.0) / secs, 3)} for st in STAGES}
+    breakdown = {
+        st: {
+            "seconds": round(stages.get(st, {}).get("seconds", 0.0), 2),
+            "share": round(stages.get(st, {}).get("seconds", 0.0) / secs, 3),
+        }
+        for st in STAGES
+    }
     breakdown["poll_and_other"] = {"seconds": round(secs - staged, 2), "share": round((secs - staged) / secs, 3)}
 
     def cpu(i: int) -> dict[str, Any] | None:
         if cpu0[i] is None or cpu1[i] is None:
             return None
         used = cpu1[i] - cpu0[i]
-        return {"cpu_seconds": round(used, 1), "cores_busy": round(used / secs, 2),
-                "cpu_us_per_event": round(used / max(stats.events_in, 1) * 1e6, 1)}
+        return {
+            "cpu_seconds": round(used, 1),
+            "cores_busy": round(used / secs, 2),
+            "cpu_us_per_event": round(used / max(stats.events_in, 1) * 1e6, 1),
+        }
 
     result: dict[str, Any] = {
         "batch_size": batch,
@@ -437,8 +456,12 @@ def main(argv: list[str] | None = None) -> int:
     defaults = Settings(_env_file=None)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("data", nargs="?", type=Path, default=DEFAULT_DATA, help=f"Online Retail CSV (default {DEFAULT_DATA})")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_max_events,
-                        help="events per ingest batch (default settings.batch_max_events = %(default)s)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=defaults.batch_max_events,
+        help="events per ingest batch (default settings.batch_max_events = %(default)s)",
+    )
     parser.add_argument("--batch-sizes", type=str, default=None, help="sweep, e.g. 250,1000,5000 (overrides --batch-size)")
     parser.add_argument("--broker", choices=("tansu", "noida"), default=defaults.local_broker)
     parser.add_argument("--limit", type=int, default=None, help="replay only the first N events (default: all)")
@@ -507,11 +530,14 @@ def main(argv: list[str] | None = None) -> int:
         # The headline is the run at --batch-size (the settings default) when the sweep has it, else
         # the first run: not the best of a sweep, which on a noisy machine would flatter.
         head = next((r for r in runs if r["batch_size"] == args.batch_size), runs[0])
-        result["headline"] = {k: head[k] for k in ("batch_size", "events", "seconds", "events_per_s", "graph_mutations_per_s",
-                                                    "changes_published", "dlq")}
+        result["headline"] = {
+            k: head[k]
+            for k in ("batch_size", "events", "seconds", "events_per_s", "graph_mutations_per_s", "changes_published", "dlq")
+        }
         result["headline"]["speedup_vs_one_per_tx"] = head.get("speedup_vs_one_per_tx")
         result["headline"]["cpu_us_per_event"] = {
-            k: (head["cpu"][k] or {}).get("cpu_us_per_event") for k in ("ingest_process", "graph_db_jvm", "broker")}
+            k: (head["cpu"][k] or {}).get("cpu_us_per_event") for k in ("ingest_process", "graph_db_jvm", "broker")
+        }
         if args.profile:
             result["profiled_run"] = ingest_run(bench, batch_sizes[0], f"profile-{batch_sizes[0]}", warm, profile=True)
         result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]

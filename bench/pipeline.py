@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.ingest import free_port, machine  # noqa: E402  (same machine record as the ingest bench)
+from bench.ingest import free_port, machine
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "online_retail" / "online_retail.csv.gz"
 
@@ -36,19 +36,24 @@ def main() -> int:
     parser.add_argument("--torch-threads", type=int, default=1)
     args = parser.parse_args()
 
+    from devtools.datasets.produce import load_online_retail
+    from devtools.local_services import LocalServices
     from streamer.embed.verify import verify
     from streamer.embed.worker import embed_consumer
     from streamer.ingest.step import ingest_consumer
-    from devtools.datasets.produce import load_online_retail
-    from devtools.local_services import LocalServices
-    from streamer.settings import Settings
     from streamer.kafka.topics import ensure_topics
+    from streamer.settings import Settings
 
     state = Path(tempfile.mkdtemp(prefix="kgs-replay-"))
     settings = Settings(
-        _env_file=None, state_dir=state, local_broker=args.broker,
-        bootstrap_servers=f"127.0.0.1:{free_port()}", bolt_uri=f"bolt://127.0.0.1:{free_port()}",
-        arcadedb_http_port=free_port(), metrics_addr="", torch_threads=args.torch_threads,
+        _env_file=None,
+        state_dir=state,
+        local_broker=args.broker,
+        bootstrap_servers=f"127.0.0.1:{free_port()}",
+        bolt_uri=f"bolt://127.0.0.1:{free_port()}",
+        arcadedb_http_port=free_port(),
+        metrics_addr="",
+        torch_threads=args.torch_threads,
     )
     services = LocalServices(settings)
     out: dict = {"data": args.data, "limit": args.limit, "broker": args.broker, "machine": machine()}

@@ -27,12 +27,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 # Training configurations the evaluation chooses from, by validation recall@20.
-BASE = {"epochs": 60, "patience": 5, "batch_size": 4096, "negatives": 1024}   # = TrainConfig's defaults
+BASE = {"epochs": 60, "patience": 5, "batch_size": 4096, "negatives": 1024}  # = TrainConfig's defaults
 SWEEP = [
-    {},                                   # TrainConfig's defaults: lr 3e-3, temperature 0.05, auto supervision
+    {},  # TrainConfig's defaults: lr 3e-3, temperature 0.05, auto supervision
     {"lr": 1e-2},
     {"temperature": 0.1},
-    {"batch_size": 1024},                 # more, smaller steps
+    {"batch_size": 1024},  # more, smaller steps
 ]
 ALIGN_WEIGHT = 0.1
 START, END = "<!-- quality-table:start -->", "<!-- quality-table:end -->"
@@ -53,11 +53,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--state-dir", default=str(ROOT / ".kgs"))
     ap.add_argument("--report", default=None, help="full JSON report (default <state-dir>/model/quality_report.json)")
     ap.add_argument("--budget-s", type=float, default=None, help="stop trying further configs after this")
-    ap.add_argument("--determinism", action="store_true",
-                    help="also train the first data set twice for a few steps and compare the versions")
-    ap.add_argument("--write-docs", nargs="?", const="main", choices=["main", "cpu"], default=None,
-                    help="main: rewrite docs/quality.json and the main table of docs/quality.md; cpu: only the "
-                         "table of the CPU run")
+    ap.add_argument(
+        "--determinism", action="store_true", help="also train the first data set twice for a few steps and compare the versions"
+    )
+    ap.add_argument(
+        "--write-docs",
+        nargs="?",
+        const="main",
+        choices=["main", "cpu"],
+        default=None,
+        help="main: rewrite docs/quality.json and the main table of docs/quality.md; cpu: only the table of the CPU run",
+    )
     ap.add_argument("--from-report", default=None, help="no run: take the results from this saved report")
     args = ap.parse_args(argv)
 
@@ -65,13 +71,19 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
+    from streamer.settings import Settings
     from training import evaluate
     from training.train import TrainConfig
-    from streamer.settings import Settings
 
     settings = Settings(_env_file=None, state_dir=Path(args.state_dir), device=args.device)
-    base = TrainConfig(**BASE, fusion=settings.fusion, fusion_text_weight=settings.fusion_text_weight,
-                       device=args.device, progress=False, seed=settings.gnn_seed)
+    base = TrainConfig(
+        **BASE,
+        fusion=settings.fusion,
+        fusion_text_weight=settings.fusion_text_weight,
+        device=args.device,
+        progress=False,
+        seed=settings.gnn_seed,
+    )
     if args.epochs:
         base = replace(base, epochs=args.epochs)
     if args.max_steps_per_epoch:
@@ -87,10 +99,17 @@ def main(argv: list[str] | None = None) -> int:
         report = json.loads(Path(args.from_report).read_text())
     else:
         t0 = time.perf_counter()
-        report = evaluate.run(names, settings, configs, args.align, report_path, paths,
-                              text_cache=Path(args.text_cache) if args.text_cache else None,
-                              eval_device="cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu",
-                              budget_s=args.budget_s)
+        report = evaluate.run(
+            names,
+            settings,
+            configs,
+            args.align,
+            report_path,
+            paths,
+            text_cache=Path(args.text_cache) if args.text_cache else None,
+            eval_device="cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu",
+            budget_s=args.budget_s,
+        )
         if args.determinism:
             report["determinism"] = determinism(names[0], paths.get(names[0]), settings, base, args.text_cache)
             print(json.dumps(report["determinism"]))
@@ -132,8 +151,9 @@ def determinism(name: str, path, settings, base, text_cache) -> dict:
     t_split = int(np.quantile(log.interaction_times(), spec["split_quantile"], method="lower"))
     graph = from_events(log, text, t_split)
     cfg = replace(base, epochs=2, max_steps_per_epoch=5)
-    mc = GraphEncoderConfig(in_dim=text.dim, hidden=settings.gnn_hidden, out=settings.gnn_out,
-                            layers=settings.gnn_layers, seed=settings.gnn_seed)
+    mc = GraphEncoderConfig(
+        in_dim=text.dim, hidden=settings.gnn_hidden, out=settings.gnn_out, layers=settings.gnn_layers, seed=settings.gnn_seed
+    )
     versions = [train(graph, cfg, mc).model.version for _ in range(2)]
     return {"dataset": name, "device": str(cfg.device), "versions": versions, "identical": versions[0] == versions[1]}
 

@@ -28,9 +28,11 @@ def _num(x: float | None, digits: int = 3) -> str:
 
 
 def batch_table(rows: list[dict[str, Any]]) -> str:
-    out = ["| batch | (a) ms | (a) alone ms | (b) k-hop ms | a/b | a/b, (a) alone | c/a | updates/s "
-           "| batches with a full pass | \\|A_1\\|, \\|A_2\\| median | max err (rows > 1e-5) |",
-           "|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|"]
+    out = [
+        "| batch | (a) ms | (a) alone ms | (b) k-hop ms | a/b | a/b, (a) alone | c/a | updates/s "
+        "| batches with a full pass | \\|A_1\\|, \\|A_2\\| median | max err (rows > 1e-5) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|",
+    ]
     for r in sorted(rows, key=lambda r: r["batch_size"]):
         aff = r.get("affected_per_layer_median") or []
         fl = r.get("full_layers") or []
@@ -40,7 +42,8 @@ def batch_table(rows: list[dict[str, Any]]) -> str:
             f"| {_num(r.get('speedup_vs_khop_isolated'))}{'×' if r.get('speedup_vs_khop_isolated') else ''} "
             f"| {_num(r['speedup_vs_full'])}× | {r['updates_per_s']:,.0f} "
             f"| {sum(1 for x in fl if x)} of {len(fl)} | {', '.join(f'{x:,}' for x in aff[1:])} "
-            f"| {r['max_abs_err']:.1e} ({r['rows_over_1e-5']}) |")
+            f"| {r['max_abs_err']:.1e} ({r['rows_over_1e-5']}) |"
+        )
     return "\n".join(out)
 
 
@@ -49,29 +52,38 @@ def sweep_table(rows: list[dict[str, Any]]) -> str:
     by_b: dict[int, dict[float, dict[str, Any]]] = defaultdict(dict)
     for r in rows:
         by_b[r["batch_size"]][r["full_ratio"]] = r
-    out = ["| batch | " + " | ".join(f"full_ratio {x:g}" for x in ratios) + " |",
-           "|---:|" + "---:|" * len(ratios)]
+    out = ["| batch | " + " | ".join(f"full_ratio {x:g}" for x in ratios) + " |", "|---:|" + "---:|" * len(ratios)]
     for b in sorted(by_b):
         cells = []
         for x in ratios:
             r = by_b[b].get(x)
-            cells.append("–" if r is None else f"{_num(r['ms_incremental'])} ms ({sum(1 for x in r['full_layers'] if x)}/{len(r['full_layers'])})")
+            cells.append(
+                "–"
+                if r is None
+                else f"{_num(r['ms_incremental'])} ms ({sum(1 for x in r['full_layers'] if x)}/{len(r['full_layers'])})"
+            )
         out.append(f"| {b:,} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
 def hub_table(rows: list[dict[str, Any]]) -> str:
-    out = ["| case (degree) | mode | ms | \\|A_1\\|, \\|A_2\\| | vectors published | held back | max err |",
-           "|---|---|---:|---|---:|---:|---:|"]
+    out = [
+        "| case (degree) | mode | ms | \\|A_1\\|, \\|A_2\\| | vectors published | held back | max err |",
+        "|---|---|---:|---|---:|---:|---:|",
+    ]
     for r in rows:
         if r["kind"] == "hub":
             aff = r.get("affected_per_layer") or []
-            out.append(f"| {r['case']} ({r['degree']:,}) | {r['mode']} | {_num(r['ms'])} "
-                       f"| {', '.join(f'{x:,}' for x in aff[1:])} | {r['vectors_published']:,} "
-                       f"| {r['vectors_suppressed']:,} | {r['max_abs_err']:.1e} |")
+            out.append(
+                f"| {r['case']} ({r['degree']:,}) | {r['mode']} | {_num(r['ms'])} "
+                f"| {', '.join(f'{x:,}' for x in aff[1:])} | {r['vectors_published']:,} "
+                f"| {r['vectors_suppressed']:,} | {r['max_abs_err']:.1e} |"
+            )
         else:
-            out.append(f"| {r['case']} | {r['mode']} | {_num(r['ms_per_update'])} / update | "
-                       f"| {r['vectors_published']:,} | {r['vectors_suppressed']:,} | {r['max_abs_err']:.1e} |")
+            out.append(
+                f"| {r['case']} | {r['mode']} | {_num(r['ms_per_update'])} / update | "
+                f"| {r['vectors_published']:,} | {r['vectors_suppressed']:,} | {r['max_abs_err']:.1e} |"
+            )
     return "\n".join(out)
 
 
@@ -86,8 +98,10 @@ def main(argv: list[str]) -> int:
         gpu = (ds.get("run") or {}).get("gpu") or device
         print(f"### {dataset}, {gpu}\n")
         if ds:
-            print(f"{ds.get('nodes', 0):,} nodes, {ds.get('directed_edges', 0):,} directed edges; "
-                  f"(c) full pass = {_num(ds.get('full_ms'))} ms; sums {ds.get('sums')}\n")
+            print(
+                f"{ds.get('nodes', 0):,} nodes, {ds.get('directed_edges', 0):,} directed edges; "
+                f"(c) full pass = {_num(ds.get('full_ms'))} ms; sums {ds.get('sums')}\n"
+            )
         if kinds.get("batch"):
             print(batch_table(kinds["batch"]) + "\n")
         if kinds.get("full_ratio_sweep"):

@@ -84,17 +84,23 @@ def run_demo(settings: Settings, sample_dir: Path, limit: int | None = None, ver
     out.write_text(json.dumps(report, indent=2, default=str))
     _step(6, "summary")
     ing, emb = report["ingest"], report["embed"]
-    print("\n".join([
-        f"  events in            {ing['events_in']:,} ({ing['events_per_s']:,} events/s), "
-        f"{ing['dead_letters']:,} to the dead-letter topic",
-        f"  written              {ing['nodes_written']:,} nodes, {ing['relationships_written']:,} relationships",
-        f"  graph now            {nodes:,} nodes, {relationships:,} relationships",
-        f"  vectors published    {emb['vectors_published']:,} ({emb['rows_recomputed']:,} rows recomputed)",
-        f"  freshness            p50 {emb['freshness_p50_s']} s, p99 {emb['freshness_p99_s']} s "
-        "(a backfill: from when each input entered Kafka)",
-        f"  verify               {'OK' if rows_over == 0 else 'FAILED'} (max abs err {max_err:.1e} "
-        "against a full recompute)",
-        f"  took                 {report['seconds_total']} s; Bolt {settings.bolt_uri}, Kafka {settings.bootstrap_servers}",
-        f"  full report          {out}",
-    ]), flush=True)
+    print(
+        "\n".join(
+            [
+                f"  events in            {ing['events_in']:,} ({ing['events_per_s']:,} events/s), "
+                f"{ing['dead_letters']:,} to the dead-letter topic",
+                f"  written              {ing['nodes_written']:,} nodes, {ing['relationships_written']:,} relationships",
+                f"  graph now            {nodes:,} nodes, {relationships:,} relationships",
+                f"  vectors published    {emb['vectors_published']:,} ({emb['rows_recomputed']:,} rows recomputed)",
+                f"  freshness            p50 {emb['freshness_p50_s']} s, p99 {emb['freshness_p99_s']} s "
+                "(a backfill: from when each input entered Kafka)",
+                f"  verify               {'OK' if rows_over == 0 else 'FAILED'} (max abs err {max_err:.1e} "
+                "against a full recompute)",
+                f"  took                 {report['seconds_total']} s; Bolt {settings.bolt_uri}, "
+                f"Kafka {settings.bootstrap_servers}",
+                f"  full report          {out}",
+            ]
+        ),
+        flush=True,
+    )
     return 0 if rows_over == 0 else 1

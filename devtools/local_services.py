@@ -136,9 +136,7 @@ class LocalServices:
         self.dir = (Path(settings.state_dir) / "services").resolve()
 
     # ------------------------------------------------------------------ public API
-    def up(
-        self, names: tuple[ServiceName, ...] = SERVICE_NAMES, timeout_s: float = 120.0
-    ) -> dict[str, float]:
+    def up(self, names: tuple[ServiceName, ...] = SERVICE_NAMES, timeout_s: float = 120.0) -> dict[str, float]:
         """Start what is not running, wait until all of ``names`` answer.
 
         Returns the seconds each service took to become ready (0-ish when it was already up).
@@ -183,7 +181,11 @@ class LocalServices:
                 except Exception:  # noqa: BLE001 - status reports, it does not raise
                     ready = False
             out[name] = ServiceState(
-                kind=spec.kind, running=running, pid=pid, address=spec.address, ready=ready,
+                kind=spec.kind,
+                running=running,
+                pid=pid,
+                address=spec.address,
+                ready=ready,
                 log=str(self._log_path(name)),
             )
         return out
@@ -203,13 +205,31 @@ class LocalServices:
         bootstrap = f"{host}:{port}"
         probe = functools.partial(probe_broker, bootstrap)
         if kind == "noida":
-            argv = [noida_binary(), "start", "--data-dir", str(workdir), "--host", host,
-                    "--only", "kafka", "--kafka-port", str(port)]
+            argv = [
+                noida_binary(),
+                "start",
+                "--data-dir",
+                str(workdir),
+                "--host",
+                host,
+                "--only",
+                "kafka",
+                "--kafka-port",
+                str(port),
+            ]
             stop = signal.SIGINT  # noida-db ignores SIGTERM
         elif kind == "tansu":
             url = f"tcp://{host}:{port}"
-            argv = [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-                    "--storage-engine", "memory://tansu/"]
+            argv = [
+                tansu_binary(),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ]
             stop = signal.SIGTERM
         else:
             raise ServiceError(f"unknown local broker {kind!r} (noida or tansu)")
@@ -219,8 +239,21 @@ class LocalServices:
         s = self.settings
         host, port = parse_host_port(s.bolt_uri, 7687)
         workdir = self.dir / "arcadedb"
-        argv = [sys.executable, "-m", "devtools.arcadedb_server", "--root", str(workdir), "--host", host,
-                "--bolt-port", str(port), "--http-port", str(s.arcadedb_http_port), "--database", s.bolt_database]
+        argv = [
+            sys.executable,
+            "-m",
+            "devtools.arcadedb_server",
+            "--root",
+            str(workdir),
+            "--host",
+            host,
+            "--bolt-port",
+            str(port),
+            "--http-port",
+            str(s.arcadedb_http_port),
+            "--database",
+            s.bolt_database,
+        ]
         package_root = str(Path(__file__).resolve().parent.parent)
         env = {
             "KGS_BOLT_PASSWORD": s.bolt_password.get_secret_value(),
@@ -228,8 +261,9 @@ class LocalServices:
         }
         uri = f"bolt://{host}:{port}"
         probe = functools.partial(probe_graph, s.model_copy(update={"bolt_uri": uri}))
-        return _Spec("graph", "arcadedb", argv, workdir, uri,
-                     [(host, port), (host, s.arcadedb_http_port)], signal.SIGTERM, probe, env)
+        return _Spec(
+            "graph", "arcadedb", argv, workdir, uri, [(host, port), (host, s.arcadedb_http_port)], signal.SIGTERM, probe, env
+        )
 
     # ------------------------------------------------------------------ processes
     def _pid_path(self, name: str) -> Path:
@@ -270,7 +304,8 @@ class LocalServices:
         if pid is not None and kind != spec.kind:
             raise ServiceError(
                 f"a {kind} {spec.name} is already running from {self.dir} (pid {pid}); "
-                f"run `kg-streamer services down` before switching to {spec.kind}")
+                f"run `kg-streamer services down` before switching to {spec.kind}"
+            )
         return pid
 
     def _start(self, spec: _Spec) -> None:
@@ -278,16 +313,20 @@ class LocalServices:
             if _port_open(host, port):
                 raise ServiceError(
                     f"cannot start {spec.name} ({spec.kind}): {host}:{port} is already in use by a process "
-                    f"that was not started from {self.dir}; stop it or choose other ports (KGS_* settings)")
+                    f"that was not started from {self.dir}; stop it or choose other ports (KGS_* settings)"
+                )
         spec.workdir.mkdir(parents=True, exist_ok=True)
         log_path = self._log_path(spec.name)
         with open(log_path, "ab") as log_file:
-            log_file.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {spec.kind}: "
-                           f"{' '.join(spec.argv)}\n".encode())
+            log_file.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {spec.kind}: {' '.join(spec.argv)}\n".encode())
             log_file.flush()
             proc = subprocess.Popen(
-                spec.argv, cwd=spec.workdir, env={**os.environ, **spec.env},
-                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                spec.argv,
+                cwd=spec.workdir,
+                env={**os.environ, **spec.env},
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         _CHILDREN[proc.pid] = proc
@@ -304,14 +343,16 @@ class LocalServices:
             if remaining <= 0:
                 raise ServiceError(
                     f"{spec.name} ({spec.kind}) on {spec.address} did not answer in time "
-                    f"(last error: {error!r})\n{self._tail(spec.name)}")
+                    f"(last error: {error!r})\n{self._tail(spec.name)}"
+                )
             try:
                 spec.probe(min(remaining, 10.0))
                 return
             except NotReady as exc:
                 raise ServiceError(
                     f"{spec.name} ({spec.kind}) on {spec.address}: {exc}; use that password "
-                    f"(KGS_BOLT_PASSWORD) or delete {spec.workdir} to start over (deletes its data)") from exc
+                    f"(KGS_BOLT_PASSWORD) or delete {spec.workdir} to start over (deletes its data)"
+                ) from exc
             except Exception as exc:  # noqa: BLE001 - not up yet: retry until the deadline
                 error = exc
             time.sleep(min(_POLL_S, max(0.0, deadline - time.monotonic())))
@@ -338,7 +379,7 @@ class LocalServices:
             text = self._log_path(name).read_text(errors="replace")
         except FileNotFoundError:
             return "(no log)"
-        section = text[text.rfind("\n=== "):] if "\n=== " in text else text
+        section = text[text.rfind("\n=== ") :] if "\n=== " in text else text
         tail = section.strip().splitlines()[-lines:]
         return f"--- last lines of {self._log_path(name)} ---\n" + "\n".join(tail)
 
@@ -361,8 +402,7 @@ def probe_broker(bootstrap: str, timeout_s: float) -> None:
     common = {"bootstrap_servers": bootstrap, "request_timeout_ms": timeout_ms + 1000}
     admin = KafkaAdminClient(**common, client_id="kgs-health")
     try:  # explicit 1-partition topic: real Kafka may have auto-create off
-        admin.create_topics({HEALTH_TOPIC: {"num_partitions": 1, "replication_factor": 1}},
-                            raise_errors=False)
+        admin.create_topics({HEALTH_TOPIC: {"num_partitions": 1, "replication_factor": 1}}, raise_errors=False)
     finally:
         admin.close()
     nonce = uuid.uuid4().hex.encode()
@@ -402,7 +442,8 @@ def probe_graph(settings: Settings, timeout_s: float) -> None:
         except AuthError as exc:
             raise NotReady(
                 f"Bolt refused user {settings.bolt_user!r}: the graph DB in this state dir was created with another "
-                f"password ({exc.code})") from exc
+                f"password ({exc.code})"
+            ) from exc
     if value != 1:
         raise RuntimeError(f"RETURN 1 gave {value!r}")
 
@@ -461,10 +502,8 @@ def _alive(pid: int) -> bool:
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
     """Signal the server's process group (it leads its own session), so helpers stop too."""
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _wait_exit(pid: int, timeout_s: float) -> bool:

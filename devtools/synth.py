@@ -76,18 +76,42 @@ class SynthConfig:
     feature_dim: int = 384
     seed: int = 0
 
-    def scaled(self, **kw: Any) -> "SynthConfig":
+    def scaled(self, **kw: Any) -> SynthConfig:
         return replace(self, **kw)
 
 
 PRESETS: dict[str, SynthConfig] = {
     "tiny": SynthConfig(),
-    "small": SynthConfig(products=40_000, users=70_000, categories=400, largest_category=8_000,
-                         top_categories=10, brands=2_000, interactions_per_user=12.0, max_activity=5_000),
-    "1m": SynthConfig(products=500_000, users=500_000, categories=1_000, largest_category=100_000,
-                      top_categories=20, brands=10_000, interactions_per_user=16.0, max_activity=20_000),
-    "products": SynthConfig(products=1_000_000, users=1_478_000, categories=2_000, largest_category=122_451,
-                            top_categories=20, brands=20_000, interactions_per_user=51.0, max_activity=50_000),
+    "small": SynthConfig(
+        products=40_000,
+        users=70_000,
+        categories=400,
+        largest_category=8_000,
+        top_categories=10,
+        brands=2_000,
+        interactions_per_user=12.0,
+        max_activity=5_000,
+    ),
+    "1m": SynthConfig(
+        products=500_000,
+        users=500_000,
+        categories=1_000,
+        largest_category=100_000,
+        top_categories=20,
+        brands=10_000,
+        interactions_per_user=16.0,
+        max_activity=20_000,
+    ),
+    "products": SynthConfig(
+        products=1_000_000,
+        users=1_478_000,
+        categories=2_000,
+        largest_category=122_451,
+        top_categories=20,
+        brands=20_000,
+        interactions_per_user=51.0,
+        max_activity=50_000,
+    ),
 }
 
 
@@ -102,7 +126,7 @@ def zipf_exponent_for(n_items: int, total: int, largest: int) -> float:
     lo, hi = 0.0, 8.0
     for _ in range(100):
         mid = (lo + hi) / 2
-        share = 1.0 / np.sum(ranks ** -mid)
+        share = 1.0 / np.sum(ranks**-mid)
         lo, hi = (mid, hi) if share < target else (lo, mid)
     return (lo + hi) / 2
 
@@ -112,7 +136,7 @@ def zipf_sizes(n_items: int, total: int, s: float, rng: np.random.Generator) -> 
     w = np.arange(1, n_items + 1, dtype=np.float64) ** -s
     raw = w / w.sum() * (total - n_items)
     sizes = np.floor(raw).astype(np.int64) + 1
-    short = total - int(sizes.sum())        # hand out the rounding remainder by largest fraction
+    short = total - int(sizes.sum())  # hand out the rounding remainder by largest fraction
     if short > 0:
         sizes[np.argsort(-(raw - np.floor(raw)), kind="stable")[:short]] += 1
     return sizes
@@ -133,18 +157,18 @@ def zipf_ranks(n: int, s: float, u: np.ndarray) -> np.ndarray:
 class SynthGraph:
     config: SynthConfig
     keys: list[str]
-    src: np.ndarray                 # int64 node indices into keys
+    src: np.ndarray  # int64 node indices into keys
     dst: np.ndarray
-    rel: np.ndarray                 # int8 ids into REL_NAMES
+    rel: np.ndarray  # int8 ids into REL_NAMES
     n_products: int
     n_leaf: int
     n_top: int
     n_brands: int
     n_users: int
-    category_of: np.ndarray         # leaf-category index per product
+    category_of: np.ndarray  # leaf-category index per product
     brand_of: np.ndarray
-    popularity_perm: np.ndarray     # product of each popularity rank
-    category_cdf: np.ndarray        # category sizes as a cdf (new products land by size)
+    popularity_perm: np.ndarray  # product of each popularity rank
+    category_cdf: np.ndarray  # category sizes as a cdf (new products land by size)
     zipf_s: float
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -179,18 +203,28 @@ class SynthGraph:
 
     def stats(self) -> dict[str, Any]:
         deg = np.bincount(np.concatenate([self.src, self.dst]), minlength=self.num_nodes)
-        users = deg[self.user0:]
-        prods = deg[:self.n_products]
+        users = deg[self.user0 :]
+        prods = deg[: self.n_products]
         cat_sizes = np.bincount(self.category_of, minlength=self.n_leaf)
-        return {"nodes": self.num_nodes, "typed_edges": int(len(self.src)),
-                "directed_edges": int(2 * len(self.src)), "products": self.n_products,
-                "users": self.n_users, "leaf_categories": self.n_leaf, "top_categories": self.n_top,
-                "brands": self.n_brands, "category_zipf_s": round(self.zipf_s, 4),
-                "largest_category": int(cat_sizes.max()), "median_category": int(np.median(cat_sizes)),
-                "max_user_degree": int(users.max()) if len(users) else 0,
-                "mean_user_degree": round(float(users.mean()), 2) if len(users) else 0.0,
-                "max_product_degree": int(prods.max()), "max_degree": int(deg.max()),
-                "mean_degree": round(float(deg.mean()), 2), **self.info}
+        return {
+            "nodes": self.num_nodes,
+            "typed_edges": int(len(self.src)),
+            "directed_edges": int(2 * len(self.src)),
+            "products": self.n_products,
+            "users": self.n_users,
+            "leaf_categories": self.n_leaf,
+            "top_categories": self.n_top,
+            "brands": self.n_brands,
+            "category_zipf_s": round(self.zipf_s, 4),
+            "largest_category": int(cat_sizes.max()),
+            "median_category": int(np.median(cat_sizes)),
+            "max_user_degree": int(users.max()) if len(users) else 0,
+            "mean_user_degree": round(float(users.mean()), 2) if len(users) else 0.0,
+            "max_product_degree": int(prods.max()),
+            "max_degree": int(deg.max()),
+            "mean_degree": round(float(deg.mean()), 2),
+            **self.info,
+        }
 
     # hub picks for the benchmark
     def largest_category(self) -> int:
@@ -212,7 +246,7 @@ def generate(config: SynthConfig | str) -> SynthGraph:
     cfg = PRESETS[config] if isinstance(config, str) else config
     rng = np.random.default_rng(cfg.seed)
     P, U, NC, NT, NB = cfg.products, cfg.users, cfg.categories, cfg.top_categories, cfg.brands
-    s = zipf_exponent_for(NC, P - NC, cfg.largest_category - 1)     # zipf_sizes adds 1 to each
+    s = zipf_exponent_for(NC, P - NC, cfg.largest_category - 1)  # zipf_sizes adds 1 to each
     sizes = zipf_sizes(NC, P, s, rng)
     category_of = rng.permutation(np.repeat(np.arange(NC, dtype=np.int64), sizes))
     brand_sizes = zipf_sizes(NB, P, cfg.brand_zipf, rng)
@@ -220,9 +254,13 @@ def generate(config: SynthConfig | str) -> SynthGraph:
     leaf0, top0 = P, P + NC
     brand0 = top0 + NT
     user0 = brand0 + NB
-    keys = ([f"Product:p{i}" for i in range(P)] + [f"Category:c{i}" for i in range(NC)]
-            + [f"Category:t{i}" for i in range(NT)] + [f"Brand:b{i}" for i in range(NB)]
-            + [f"User:u{i}" for i in range(U)])
+    keys = (
+        [f"Product:p{i}" for i in range(P)]
+        + [f"Category:c{i}" for i in range(NC)]
+        + [f"Category:t{i}" for i in range(NT)]
+        + [f"Brand:b{i}" for i in range(NB)]
+        + [f"User:u{i}" for i in range(U)]
+    )
     # user activity: Pareto tail, mean interactions_per_user before the cap
     a = cfg.activity_alpha
     x_min = cfg.interactions_per_user * (a - 1) / a if a > 1 else 1.0
@@ -238,32 +276,33 @@ def generate(config: SynthConfig | str) -> SynthGraph:
     action = np.where((pair // P) % 2 == 1, PURCHASED, VIEWED).astype(np.int8)
     pids = np.arange(P, dtype=np.int64)
     src = np.concatenate([pids, leaf0 + np.arange(NC, dtype=np.int64), pids, user0 + users])
-    dst = np.concatenate([leaf0 + category_of, top0 + np.arange(NC, dtype=np.int64) % NT,
-                          brand0 + brand_of, prods])
-    rel = np.concatenate([np.full(P, IN_CATEGORY, np.int8), np.full(NC, PARENT, np.int8),
-                          np.full(P, HAS_BRAND, np.int8), action])
+    dst = np.concatenate([leaf0 + category_of, top0 + np.arange(NC, dtype=np.int64) % NT, brand0 + brand_of, prods])
+    rel = np.concatenate([np.full(P, IN_CATEGORY, np.int8), np.full(NC, PARENT, np.int8), np.full(P, HAS_BRAND, np.int8), action])
     cat_cdf = np.cumsum(sizes) / P
-    return SynthGraph(cfg, keys, src, dst, rel, P, NC, NT, NB, U, category_of, brand_of, perm,
-                      cat_cdf, s, {"interactions_drawn": total})
+    return SynthGraph(
+        cfg, keys, src, dst, rel, P, NC, NT, NB, U, category_of, brand_of, perm, cat_cdf, s, {"interactions_drawn": total}
+    )
 
 
 # ---- update streams ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StreamMix:
     """Relative weights of the event types of a mixed update stream."""
+
     interaction_add: float = 0.70
     interaction_delete: float = 0.10
     feature_update: float = 0.12
     product_add: float = 0.06
     product_delete: float = 0.02
-    new_user_share: float = 0.05     # of interaction adds, by a user never seen before
+    new_user_share: float = 0.05  # of interaction adds, by a user never seen before
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
 
 
-INTERACTIONS_ONLY = StreamMix(interaction_add=0.5, interaction_delete=0.5, feature_update=0.0,
-                              product_add=0.0, product_delete=0.0, new_user_share=0.0)
+INTERACTIONS_ONLY = StreamMix(
+    interaction_add=0.5, interaction_delete=0.5, feature_update=0.0, product_add=0.0, product_delete=0.0, new_user_share=0.0
+)
 
 
 class UpdateStream:
@@ -280,13 +319,14 @@ class UpdateStream:
         self.ts = t0
         self.next_product = graph.n_products
         self.next_user = graph.n_users
-        w = np.asarray([mix.interaction_add, mix.interaction_delete, mix.feature_update, mix.product_add,
-                        mix.product_delete], dtype=np.float64)
+        w = np.asarray(
+            [mix.interaction_add, mix.interaction_delete, mix.feature_update, mix.product_add, mix.product_delete],
+            dtype=np.float64,
+        )
         self.cdf = np.cumsum(w) / w.sum()
         self.is_inter = np.flatnonzero(graph.src >= graph.user0)
         self.feature_seed = int(self.rng.integers(1 << 31))
-        self.counts = {k: 0 for k in ("interaction_add", "interaction_delete", "feature_update", "product_add",
-                                      "product_delete")}
+        self.counts = {k: 0 for k in ("interaction_add", "interaction_delete", "feature_update", "product_add", "product_delete")}
 
     def _features(self, n: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.feature_seed)
@@ -354,10 +394,22 @@ class UpdateStream:
 
 def describe(config: SynthConfig) -> dict[str, Any]:
     d = asdict(config)
-    d["category_zipf_s"] = round(zipf_exponent_for(config.categories, config.products - config.categories,
-                                                   config.largest_category - 1), 4)
+    d["category_zipf_s"] = round(
+        zipf_exponent_for(config.categories, config.products - config.categories, config.largest_category - 1), 4
+    )
     return d
 
 
-__all__ = ["INTERACTIONS_ONLY", "PRESETS", "REL_NAMES", "StreamMix", "SynthConfig", "SynthGraph", "UpdateStream",
-           "describe", "generate", "zipf_exponent_for", "zipf_sizes"]
+__all__ = [
+    "INTERACTIONS_ONLY",
+    "PRESETS",
+    "REL_NAMES",
+    "StreamMix",
+    "SynthConfig",
+    "SynthGraph",
+    "UpdateStream",
+    "describe",
+    "generate",
+    "zipf_exponent_for",
+    "zipf_sizes",
+]

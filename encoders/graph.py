@@ -72,11 +72,11 @@ class GraphEncoderConfig:
     def to_json(self) -> str:
         doc = asdict(self)
         if not doc["align"]:
-            del doc["align"]   # configs without the head keep the JSON (and version) they always had
+            del doc["align"]  # configs without the head keep the JSON (and version) they always had
         return json.dumps(doc, sort_keys=True)
 
     @staticmethod
-    def from_json(raw: str) -> "GraphEncoderConfig":
+    def from_json(raw: str) -> GraphEncoderConfig:
         doc: dict[str, Any] = json.loads(raw)
         doc["node_types"] = tuple(doc["node_types"])
         return GraphEncoderConfig(**doc)
@@ -93,8 +93,7 @@ class GraphEncoder(nn.Module):
         dims = config.dims()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            self.convs = nn.ModuleList(
-                SAGEConv(dims[i], dims[i + 1], aggr=config.aggr) for i in range(config.layers))
+            self.convs = nn.ModuleList(SAGEConv(dims[i], dims[i + 1], aggr=config.aggr) for i in range(config.layers))
             emb = torch.randn(len(config.node_types) + 1, config.in_dim)
         self.type_embedding = nn.Embedding.from_pretrained(F.normalize(emb, dim=1), freeze=True)
         if config.align:
@@ -119,8 +118,7 @@ class GraphEncoder(nn.Module):
     @torch.no_grad()
     def type_features(self, labels: Sequence[str]) -> Tensor:
         """Node-type embeddings [len(labels), in_dim] (float32, on the model's device)."""
-        idx = torch.tensor([self.type_index(x) for x in labels], dtype=torch.long,
-                           device=self.type_embedding.weight.device)
+        idx = torch.tensor([self.type_index(x) for x in labels], dtype=torch.long, device=self.type_embedding.weight.device)
         return self.type_embedding(idx).float()
 
     # ---- forward -----------------------------------------------------------------------
@@ -182,7 +180,7 @@ class GraphEncoder(nn.Module):
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "GraphEncoder":
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> GraphEncoder:
         from safetensors import safe_open
         from safetensors.torch import load_file
 
@@ -197,8 +195,10 @@ def check_fusion(mode: str, text_dim: int, struct_dim: int) -> None:
     if mode not in ("concat", "mean"):
         raise ValueError(f"fusion must be 'concat' or 'mean', not {mode!r}")
     if mode == "mean" and text_dim != struct_dim:
-        raise ValueError(f"fusion='mean' needs gnn_out == text dim ({struct_dim} != {text_dim}); "
-                         f"set KGS_GNN_OUT={text_dim} or use fusion='concat'")
+        raise ValueError(
+            f"fusion='mean' needs gnn_out == text dim ({struct_dim} != {text_dim}); "
+            f"set KGS_GNN_OUT={text_dim} or use fusion='concat'"
+        )
 
 
 def fused_dim(mode: str, text_dim: int, struct_dim: int) -> int:

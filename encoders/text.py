@@ -159,8 +159,7 @@ class TextEncoder:
         digests = torch.frombuffer(bytearray(b"".join(keys)), dtype=torch.uint8).reshape(len(keys), 32)
         vectors = torch.stack(list(self._cache.values())) if keys else torch.zeros(0, self.dim)
         tmp = path.with_name(path.name + ".tmp")
-        save_file({"keys": digests.contiguous(), "vectors": vectors.contiguous()}, str(tmp),
-                  metadata={"model_id": self.model_id})
+        save_file({"keys": digests.contiguous(), "vectors": vectors.contiguous()}, str(tmp), metadata={"model_id": self.model_id})
         tmp.replace(path)
 
     def load_cache(self, path: str | Path) -> int:
@@ -179,8 +178,9 @@ class TextEncoder:
     # ---- encoding ----------------------------------------------------------------------
     @torch.inference_mode()
     def _run(self, texts: Sequence[str]) -> torch.Tensor:
-        batch = self.tokenizer(list(texts), padding=True, truncation=True,
-                               max_length=self.max_length, return_tensors="pt").to(self.device)
+        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt").to(
+            self.device
+        )
         tokens = self.model(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(tokens.dtype)
         pooled = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
@@ -203,7 +203,7 @@ class TextEncoder:
         if todo:
             items = sorted(todo.items(), key=lambda kv: len(kv[1]))
             for i in range(0, len(items), self.batch_size):
-                chunk = items[i:i + self.batch_size]
+                chunk = items[i : i + self.batch_size]
                 vecs = self._run([t for _, t in chunk])
                 for (k, _), v in zip(chunk, vecs):
                     found[k] = v.clone()

@@ -98,9 +98,7 @@ def main() -> None:
     cut_online_retail(
         args.source / "online_retail" / "online_retail.csv.gz", args.out / "online_retail_sample.csv.gz", args.retail_until
     )
-    cut_amazon(
-        args.source / "amazon_magazine_2018", args.out / "amazon_magazine", args.amazon_products, args.amazon_titled
-    )
+    cut_amazon(args.source / "amazon_magazine_2018", args.out / "amazon_magazine", args.amazon_products, args.amazon_titled)
 
 
 if __name__ == "__main__":

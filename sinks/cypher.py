@@ -45,10 +45,7 @@ def _rel(rel: str) -> str:
 # --- schema -----------------------------------------------------------------------------
 def schema_statements() -> list[str]:
     """One uniqueness constraint per label (this also gives Neo4j and ArcadeDB an index on id)."""
-    return [
-        f"CREATE CONSTRAINT {label.lower()}_id IF NOT EXISTS FOR (n:{label}) REQUIRE n.id IS UNIQUE"
-        for label in NODE_LABELS
-    ]
+    return [f"CREATE CONSTRAINT {label.lower()}_id IF NOT EXISTS FOR (n:{label}) REQUIRE n.id IS UNIQUE" for label in NODE_LABELS]
 
 
 # --- products ---------------------------------------------------------------------------
@@ -206,9 +203,22 @@ def all_statements() -> list[tuple[str, str]]:
     """(name, text) of every statement the project can send: the linter's input."""
     out = [(f"schema[{i}]", s) for i, s in enumerate(schema_statements())]
     for name in (
-        "PRODUCT_UPSERT", "PRODUCT_DROP_STALE_EDGES", "PRODUCT_BRANDS", "CATEGORY_NODES", "CATEGORY_PARENTS",
-        "PRODUCT_CATEGORIES", "PRODUCT_ATTRIBUTES", "PRODUCT_DELETE", "PRODUCT_DETACH", "PRODUCT_CURRENT",
-        "COUNT_NODES", "COUNT_RELATIONSHIPS", "PING", "SNAPSHOT_PRODUCTS", "SNAPSHOT_RELATIONSHIPS", "USER_PRODUCTS",
+        "PRODUCT_UPSERT",
+        "PRODUCT_DROP_STALE_EDGES",
+        "PRODUCT_BRANDS",
+        "CATEGORY_NODES",
+        "CATEGORY_PARENTS",
+        "PRODUCT_CATEGORIES",
+        "PRODUCT_ATTRIBUTES",
+        "PRODUCT_DELETE",
+        "PRODUCT_DETACH",
+        "PRODUCT_CURRENT",
+        "COUNT_NODES",
+        "COUNT_RELATIONSHIPS",
+        "PING",
+        "SNAPSHOT_PRODUCTS",
+        "SNAPSHOT_RELATIONSHIPS",
+        "USER_PRODUCTS",
     ):
         out.append((name, globals()[name]))
     for rel in ACTION_TYPES.values():

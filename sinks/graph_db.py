@@ -67,7 +67,7 @@ class GraphRejected(Exception):
 @dataclass
 class WriteResult:
     changes: list[ch.Change] = field(default_factory=list)
-    nodes_written: int = 0          # product rows applied (upserts + tombstones)
+    nodes_written: int = 0  # product rows applied (upserts + tombstones)
     relationships_written: int = 0  # interaction and relation rows applied
     attempts: int = 1
 
@@ -180,11 +180,15 @@ class GraphSink:
             if applied:
                 fresh = [r for r in batch.product_upserts if r["id"] in applied]
                 tx.run(cypher.PRODUCT_DROP_STALE_EDGES, rows=[{"id": r["id"], "owned": r["owned"]} for r in fresh]).consume()
-                self._run_rows(tx, cypher.PRODUCT_BRANDS, [{"product_id": r["id"], "id": b} for r in fresh for b in r["brand_ids"]])
+                self._run_rows(
+                    tx, cypher.PRODUCT_BRANDS, [{"product_id": r["id"], "id": b} for r in fresh for b in r["brand_ids"]]
+                )
                 categories = {c["id"]: c for r in fresh for c in r["categories_path"]}
                 self._run_rows(tx, cypher.CATEGORY_NODES, sorted(categories.values(), key=lambda c: c["id"]))
                 self._run_rows(tx, cypher.CATEGORY_PARENTS, _parent_rows(fresh))
-                self._run_rows(tx, cypher.PRODUCT_CATEGORIES, [{"product_id": r["id"], "id": c} for r in fresh for c in r["leaf_category"]])
+                self._run_rows(
+                    tx, cypher.PRODUCT_CATEGORIES, [{"product_id": r["id"], "id": c} for r in fresh for c in r["leaf_category"]]
+                )
                 self._run_rows(
                     tx, cypher.PRODUCT_ATTRIBUTES, [{"product_id": r["id"], **a} for r in fresh for a in r["attribute_nodes"]]
                 )
@@ -197,10 +201,14 @@ class GraphSink:
                 applied.update(deleted)
         # A row this transaction applied is current (one row per product after coalescing);
         # only the others need the read that tells a replay of the stored state from a stale event.
-        others = [{"id": r["id"], "ts": r["ts"], "version": r["version"], "deleted": False}
-                  for r in batch.product_upserts if r["id"] not in applied]
-        others += [{"id": r["id"], "ts": r["ts"], "version": r["version"], "deleted": True}
-                   for r in deletes if r["id"] not in applied]
+        others = [
+            {"id": r["id"], "ts": r["ts"], "version": r["version"], "deleted": False}
+            for r in batch.product_upserts
+            if r["id"] not in applied
+        ]
+        others += [
+            {"id": r["id"], "ts": r["ts"], "version": r["version"], "deleted": True} for r in deletes if r["id"] not in applied
+        ]
         current = set(applied)
         if others:
             current |= {rec["id"] for rec in tx.run(cypher.PRODUCT_CURRENT, rows=others)}
@@ -208,7 +216,9 @@ class GraphSink:
             if row["id"] in current:
                 result.changes.append(_product_change(row))
                 for parent in _parent_rows([row]):
-                    result.changes.append(ch.edge_upsert(f"Category:{parent['child']}", "PARENT", f"Category:{parent['parent']}", row["ts"]))
+                    result.changes.append(
+                        ch.edge_upsert(f"Category:{parent['child']}", "PARENT", f"Category:{parent['parent']}", row["ts"])
+                    )
         for row in deletes:
             if row["id"] in current:
                 result.changes.append(ch.node_delete("Product", row["id"], row["ts"]))
@@ -230,13 +240,17 @@ class GraphSink:
             if deletes:
                 tx.run(cypher.relation_delete(src_label, rel, dst_label), rows=deletes).consume()
             by_key = {(r["src"], r["dst"]): r for r in rows}
-            for rec in tx.run(cypher.relation_current(src_label, rel, dst_label), rows=[{k: r[k] for k in ("src", "dst", "ts")} for r in rows]):
+            for rec in tx.run(
+                cypher.relation_current(src_label, rel, dst_label), rows=[{k: r[k] for k in ("src", "dst", "ts")} for r in rows]
+            ):
                 row = by_key[(rec["src"], rec["dst"])]
                 if rec["deleted"] != (row["op"] == "delete"):
                     continue
                 result.relationships_written += 1
                 make = ch.edge_delete if rec["deleted"] else ch.edge_upsert
-                result.changes.append(make(ch.node_key(src_label, row["src"]), rel, ch.node_key(dst_label, row["dst"]), row["ts"]))
+                result.changes.append(
+                    make(ch.node_key(src_label, row["src"]), rel, ch.node_key(dst_label, row["dst"]), row["ts"])
+                )
 
     @staticmethod
     def _run_rows(tx, statement: str, rows: list[dict]) -> None:

@@ -8,7 +8,7 @@ at most one request per connection is in flight.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from kafka import KafkaProducer
 
@@ -42,7 +42,7 @@ class KafkaPublisher:
         for future in futures:
             try:
                 future.get(timeout=0)
-            except Exception as exc:  # noqa: BLE001 - any unacknowledged record fails the batch
+            except Exception as exc:
                 raise PublishFailed(f"{topic}: {exc}") from exc
         return len(futures)
 

@@ -129,7 +129,9 @@ def cmd_demo(args, settings: Settings) -> int:
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; with ``command`` given, only the module that owns it is imported."""
-    parser = argparse.ArgumentParser(prog="kg-streamer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="kg-streamer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="let third-party logs through (kafka, neo4j ...)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -142,8 +144,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("load", help="replay a real data set into the input topics")
     p.add_argument("dataset", choices=["online-retail", "amazon"])
-    p.add_argument("path", nargs="?", default=None,
-                   help="online_retail.csv.gz file, or the Amazon directory (default: under KGS_DATA_DIR)")
+    p.add_argument(
+        "path", nargs="?", default=None, help="online_retail.csv.gz file, or the Amazon directory (default: under KGS_DATA_DIR)"
+    )
     p.add_argument("--limit", type=int, default=None, help="stop after N events")
     p.add_argument("--rate", type=float, default=None, help="events per second (default: as fast as possible)")
     p.set_defaults(func=cmd_load)

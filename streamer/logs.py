@@ -18,8 +18,9 @@ def setup_logging(level: str = "INFO", verbose: bool = False) -> None:
     own_level = getattr(logging, level.upper(), logging.INFO)
     loud = verbose or own_level <= logging.DEBUG
     root_level = logging.DEBUG if verbose and own_level > logging.DEBUG else own_level
-    logging.basicConfig(level=root_level if loud else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.basicConfig(
+        level=root_level if loud else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
     for name in OWN:
         logging.getLogger(name).setLevel(root_level if loud else own_level)
     for name in THIRD_PARTY:

@@ -22,13 +22,13 @@ EVENTS_APPLIED = Counter(
 EVENTS_DLQ = Counter(
     "kgs_events_dlq_total", "Input messages sent to the dead-letter topic, by error class.", ["group", "topic", "error_class"]
 )
-GRAPH_WRITES = Counter(
-    "kgs_graph_writes_total", "Graph entities written, by kind (node or relationship).", ["group", "kind"]
-)
+GRAPH_WRITES = Counter("kgs_graph_writes_total", "Graph entities written, by kind (node or relationship).", ["group", "kind"])
 CHANGES_PUBLISHED = Counter("kgs_changes_published_total", "Change records acknowledged on kg.changes.", ["group"])
 GRAPH_RETRIES = Counter("kgs_graph_retries_total", "Graph transactions retried after a transient error.", ["group"])
 GRAPH_ERRORS = Counter(
-    "kgs_graph_errors_total", "Graph transactions that failed, by outcome (transient, unavailable, rejected).", ["group", "outcome"]
+    "kgs_graph_errors_total",
+    "Graph transactions that failed, by outcome (transient, unavailable, rejected).",
+    ["group", "outcome"],
 )
 BACKPRESSURE = Gauge("kgs_backpressure_paused", "1 while the consumer has paused its partitions for backpressure.", ["group"])
 
@@ -49,7 +49,9 @@ LAG_SECONDS = Gauge(
     ["group", "topic", "partition"],
 )
 LAST_COMMIT_TIMESTAMP = Gauge(
-    "kgs_consumer_last_commit_timestamp_seconds", "Unix time of the group's last successful commit.", ["group", "topic", "partition"]
+    "kgs_consumer_last_commit_timestamp_seconds",
+    "Unix time of the group's last successful commit.",
+    ["group", "topic", "partition"],
 )
 # The lag gauges below (and LAG_MESSAGES / LAG_SECONDS above) are set by streamer/groups/lag.py from
 # the broker: every long-running consumer samples its own group, `kg-streamer lag-exporter`
@@ -62,27 +64,41 @@ COMMIT_STALENESS = Gauge(
 )
 GROUP_MEMBERS = Gauge("kgs_consumer_group_members", "Live members of the consumer group (DescribeGroups).", ["group"])
 TOPIC_END_OFFSET = Gauge(
-    "kgs_topic_end_offset", "Log end offset (high watermark from a fetch) of a partition the monitored groups read.", ["topic", "partition"]
+    "kgs_topic_end_offset",
+    "Log end offset (high watermark from a fetch) of a partition the monitored groups read.",
+    ["topic", "partition"],
 )
-TOPIC_START_OFFSET = Gauge("kgs_topic_start_offset", "Log start offset (oldest retained message) of a partition.", ["topic", "partition"])
+TOPIC_START_OFFSET = Gauge(
+    "kgs_topic_start_offset", "Log start offset (oldest retained message) of a partition.", ["topic", "partition"]
+)
 LAG_SAMPLE_TIMESTAMP = Gauge(
     "kgs_lag_last_sample_timestamp_seconds", "Unix time of the lag monitor's last successful sample of the group.", ["group"]
 )
-LAG_SAMPLE_ERRORS = Counter("kgs_lag_sample_errors_total", "Lag samples of the group that failed (broker unreachable, timeouts).", ["group"])
+LAG_SAMPLE_ERRORS = Counter(
+    "kgs_lag_sample_errors_total", "Lag samples of the group that failed (broker unreachable, timeouts).", ["group"]
+)
 
 # --- freshness --------------------------------------------------------------------------
 FRESHNESS_GRAPH = Histogram(
-    "kgs_freshness_graph_seconds", "Input message timestamp (entry into Kafka) to graph transaction committed.", ["group"], buckets=_FRESHNESS
+    "kgs_freshness_graph_seconds",
+    "Input message timestamp (entry into Kafka) to graph transaction committed.",
+    ["group"],
+    buckets=_FRESHNESS,
 )
 FRESHNESS_VECTOR = Histogram(
-    "kgs_freshness_vector_seconds", "Input message timestamp (entry into Kafka) to refreshed vector acknowledged on kg.embeddings.", ["group"], buckets=_FRESHNESS
+    "kgs_freshness_vector_seconds",
+    "Input message timestamp (entry into Kafka) to refreshed vector acknowledged on kg.embeddings.",
+    ["group"],
+    buckets=_FRESHNESS,
 )
 
 # --- embedding worker -------------------------------------------------------------------
 AFFECTED_NODES = Histogram(
     "kgs_affected_nodes", "Nodes recomputed per micro-batch, by GNN layer.", ["group", "layer"], buckets=_BATCH_SIZES
 )
-VECTORS_PUBLISHED = Counter("kgs_vectors_published_total", "Vectors (and tombstones) acknowledged on kg.embeddings.", ["group", "kind"])
+VECTORS_PUBLISHED = Counter(
+    "kgs_vectors_published_total", "Vectors (and tombstones) acknowledged on kg.embeddings.", ["group", "kind"]
+)
 VECTORS_SUPPRESSED = Counter(
     "kgs_vectors_suppressed_total", "Refreshed vectors not published because their change was under the threshold.", ["group"]
 )

@@ -30,8 +30,10 @@ class Settings(BaseSettings):
 
     # --- where local state lives (embedded services, worker checkpoints, caches) ---
     state_dir: Path = Path(".kgs")
-    data_dir: Path = Field(default_factory=default_data_dir, description="the full public data sets "
-                           "(online_retail/, amazon_magazine_2018/) for `load`, benches and tests")
+    data_dir: Path = Field(
+        default_factory=default_data_dir,
+        description="the full public data sets (online_retail/, amazon_magazine_2018/) for `load`, benches and tests",
+    )
 
     # --- Kafka ---
     bootstrap_servers: str = "127.0.0.1:19092"
@@ -48,9 +50,7 @@ class Settings(BaseSettings):
     topic_embeddings: str = "kg.embeddings"
     topic_dlq: str = "kg.dlq"
     input_partitions: int = 3
-    changes_partitions: int = Field(
-        1, description="kg.changes is the graph's changelog; one partition keeps it totally ordered."
-    )
+    changes_partitions: int = Field(1, description="kg.changes is the graph's changelog; one partition keeps it totally ordered.")
     ingest_group: str = "kg-ingest"
     embed_group: str = "kg-embed"
     session_timeout_ms: int = 10_000
@@ -76,8 +76,10 @@ class Settings(BaseSettings):
     batch_max_wait_s: float = 0.5
     max_event_bytes: int = 256 * 1024
     dlq_max_value_bytes: int = Field(
-        900_000, description="a dead letter's value is cut to this size (original size and SHA-256 in its "
-        "headers), so that it fits the broker's default 1 MB message limit with its headers")
+        900_000,
+        description="a dead letter's value is cut to this size (original size and SHA-256 in its "
+        "headers), so that it fits the broker's default 1 MB message limit with its headers",
+    )
     graph_retry_attempts: int = 5
     graph_retry_base_s: float = 0.2
     graph_retry_max_s: float = 5.0
@@ -94,7 +96,11 @@ class Settings(BaseSettings):
     fusion_text_weight: float = 0.5
     device: str = Field("auto", description="'auto' (cuda when present), 'cpu', 'cuda', 'cuda:1' ...")
     torch_threads: int = 0
-    embed_batch_max_changes: int = Field(20_000, description="micro-batch cap; only reached while catching up (a bigger batch publishes each moved vector once instead of once per batch)")
+    embed_batch_max_changes: int = Field(
+        20_000,
+        description="micro-batch cap; only reached while catching up (a bigger batch publishes each moved vector "
+        "once instead of once per batch)",
+    )
     embed_batch_max_wait_s: float = 0.2
     embed_checkpoint_every_s: float = Field(30.0, description="how often the worker checkpoints its replica and caches")
 
@@ -110,9 +116,12 @@ class Settings(BaseSettings):
     embed_publish_threshold: float = Field(1e-4, ge=0, description="bounded mode: publish threshold on h_L")
     embed_reanchor_every: int = Field(256, ge=1, description="recompute a sum from its neighbours after this many deltas")
     embed_full_ratio: float | None = Field(
-        None, ge=0, description="exact mode: a layer whose delta messages reach this fraction of the graph's "
+        None,
+        ge=0,
+        description="exact mode: a layer whose delta messages reach this fraction of the graph's "
         "half-edges runs as a full pass instead (docs/engine.md 'Large batches'); unset: the device default "
-        "(CPU 0.1, CUDA 0.02); 0: never")
+        "(CPU 0.1, CUDA 0.02); 0: never",
+    )
 
     # --- observability ---
     metrics_addr: str = Field("127.0.0.1:9464", description="host:port for /metrics; empty disables")

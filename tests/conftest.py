@@ -86,8 +86,7 @@ def service_settings(state_dir: Path, **overrides: Any) -> Settings:
     return Settings(_env_file=None, **{**values, **overrides})
 
 
-def start_services(state_dir: Path, names: tuple[ServiceName, ...], attempts: int = 3,
-                   **overrides: Any) -> LocalServices:
+def start_services(state_dir: Path, names: tuple[ServiceName, ...], attempts: int = 3, **overrides: Any) -> LocalServices:
     """Start ``names`` in ``state_dir``; retry on fresh ports if a port was taken meanwhile."""
     for attempt in range(attempts):
         services = LocalServices(service_settings(state_dir, **overrides))
@@ -144,8 +143,9 @@ def _stop_all(session_dir: Path) -> None:
             LocalServices(Settings(_env_file=None, state_dir=state_dir)).down()
 
 
-def _session_service(root: Path, state: str, names: tuple[ServiceName, ...], package: str,
-                     **overrides: Any) -> Iterator[LocalServices]:
+def _session_service(
+    root: Path, state: str, names: tuple[ServiceName, ...], package: str, **overrides: Any
+) -> Iterator[LocalServices]:
     pytest.importorskip(package)  # the [local] extra
     services = start_services(root / state, names, **overrides)
     try:

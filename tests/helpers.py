@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
 from neo4j import GraphDatabase
@@ -80,7 +81,8 @@ def graph_snapshot(settings: Settings, prefix: str) -> dict[str, Any]:
         ).data()
         rels = session.run(
             "MATCH (a)-[r]->(b) WHERE a.id STARTS WITH $p OR b.id STARTS WITH $p "
-            "RETURN labels(a)[0] AS a_label, a.id AS a, type(r) AS rel, labels(b)[0] AS b_label, b.id AS b, properties(r) AS props",
+            "RETURN labels(a)[0] AS a_label, a.id AS a, type(r) AS rel, labels(b)[0] AS b_label, b.id AS b, "
+            "properties(r) AS props",
             p=prefix,
         ).data()
     driver.close()

@@ -17,6 +17,7 @@ count the connections it took and the ones it forwarded to the server.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from typing import Literal
@@ -39,7 +40,7 @@ class TcpProxy:
         self._mode: CutMode | None = None  # None: forwarding
 
     # --- control ----------------------------------------------------------------------
-    def start(self) -> "TcpProxy":
+    def start(self) -> TcpProxy:
         self._listen()
         return self
 
@@ -67,7 +68,7 @@ class TcpProxy:
     def close(self) -> None:
         self.cut("refuse")
 
-    def __enter__(self) -> "TcpProxy":
+    def __enter__(self) -> TcpProxy:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -102,7 +103,7 @@ class TcpProxy:
         while not stop.is_set():
             try:
                 client, _ = listener.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -149,7 +150,5 @@ def _hard_close(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in recv() on it
     except OSError:
         pass
-    try:
+    with contextlib.suppress(OSError):
         sock.close()
-    except OSError:
-        pass

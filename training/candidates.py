@@ -60,11 +60,11 @@ class Candidate:
 @dataclass
 class VectorIndex:
     keys: list[str]
-    vectors: Tensor                                  # [n, dim] float32, unit rows
+    vectors: Tensor  # [n, dim] float32, unit rows
     versions: list[str]
     source: str
     settings: Any = None
-    replica: Any = None                              # checkpoint source: for interactions
+    replica: Any = None  # checkpoint source: for interactions
     index: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -75,14 +75,14 @@ class VectorIndex:
 
     # ---- loading -----------------------------------------------------------------------
     @classmethod
-    def load(cls, settings: Any, source: Source = "auto") -> "VectorIndex":
+    def load(cls, settings: Any, source: Source = "auto") -> VectorIndex:
         engine_path = Path(settings.state_dir) / "embed" / "engine.pt"
         if source == "checkpoint" or (source == "auto" and engine_path.exists()):
             return cls.from_checkpoint(settings, engine_path)
         return cls.from_topic(settings)
 
     @classmethod
-    def from_checkpoint(cls, settings: Any, path: Path | None = None) -> "VectorIndex":
+    def from_checkpoint(cls, settings: Any, path: Path | None = None) -> VectorIndex:
         from streamer.embed.replica import Replica
 
         path = path or Path(settings.state_dir) / "embed" / "engine.pt"
@@ -100,7 +100,7 @@ class VectorIndex:
         return cls(keys, vec, [version] * len(keys), f"checkpoint {path}", settings, rep)
 
     @classmethod
-    def from_topic(cls, settings: Any) -> "VectorIndex":
+    def from_topic(cls, settings: Any) -> VectorIndex:
         from streamer.embed.verify import last_vectors
 
         last = last_vectors(settings)
@@ -111,8 +111,13 @@ class VectorIndex:
         dim = dims.most_common(1)[0][0]
         items = [(k, r) for k, r in items if len(r.vector) == dim]
         vec = torch.as_tensor(np.stack([r.vector for _, r in items]), dtype=torch.float32)
-        return cls([k for k, _ in items], F.normalize(vec, dim=1), [r.model_version for _, r in items],
-                   f"topic {settings.topic_embeddings}", settings)
+        return cls(
+            [k for k, _ in items],
+            F.normalize(vec, dim=1),
+            [r.model_version for _, r in items],
+            f"topic {settings.topic_embeddings}",
+            settings,
+        )
 
     # ---- facts -------------------------------------------------------------------------
     def version_summary(self) -> dict[str, int]:
@@ -128,7 +133,7 @@ class VectorIndex:
                 return set()
             s, n = int(rep.start[v]), int(rep.length[v])
             out = set()
-            for w, c in zip(rep.nbr[s:s + n], rep.code[s:s + n]):
+            for w, c in zip(rep.nbr[s : s + n], rep.code[s : s + n]):
                 if c % 2 == 0 and rep.rels[c // 2] in rels:
                     out.add(rep.keys[int(w)])
             return out
@@ -210,9 +215,15 @@ def write_back(index: VectorIndex, settings: Any, labels: Sequence[str] = ("Prod
             rows = np.flatnonzero(index.labels == label)
             total = 0
             for lo in range(0, len(rows), batch):
-                chunk = rows[lo:lo + batch]
-                payload = [{"id": split_key(index.keys[int(i)])[1], "version": index.versions[int(i)],
-                            "vector": [float(x) for x in index.vectors[int(i)].tolist()]} for i in chunk]
+                chunk = rows[lo : lo + batch]
+                payload = [
+                    {
+                        "id": split_key(index.keys[int(i)])[1],
+                        "version": index.versions[int(i)],
+                        "vector": [float(x) for x in index.vectors[int(i)].tolist()],
+                    }
+                    for i in chunk
+                ]
                 records, _, _ = driver.execute_query(statement, rows=payload, database_=settings.bolt_database)
                 total += int(records[0]["written"]) if records else 0
             written[label] = total

@@ -26,13 +26,24 @@ log = logging.getLogger(__name__)
 def _train_config(args: argparse.Namespace, settings: Any):
     from training.train import TrainConfig
 
-    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, negatives=args.negatives, lr=args.lr,
-                       temperature=args.temperature, loss=args.loss, patience=args.patience,
-                       val_fraction=args.val_fraction, align_weight=args.align, supervision=args.supervision,
-                       seed=settings.gnn_seed if args.seed is None else args.seed,
-                       max_steps_per_epoch=args.max_steps_per_epoch, fusion=settings.fusion,
-                       fusion_text_weight=settings.fusion_text_weight,
-                       device=args.device or settings.device, progress=not args.no_progress)
+    return TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        negatives=args.negatives,
+        lr=args.lr,
+        temperature=args.temperature,
+        loss=args.loss,
+        patience=args.patience,
+        val_fraction=args.val_fraction,
+        align_weight=args.align,
+        supervision=args.supervision,
+        seed=settings.gnn_seed if args.seed is None else args.seed,
+        max_steps_per_epoch=args.max_steps_per_epoch,
+        fusion=settings.fusion,
+        fusion_text_weight=settings.fusion_text_weight,
+        device=args.device or settings.device,
+        progress=not args.no_progress,
+    )
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -47,9 +58,13 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss", choices=["softmax", "bpr"], default=d.loss)
     p.add_argument("--patience", type=int, default=d.patience, help="epochs without a better validation recall@20")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction)
-    p.add_argument("--supervision", choices=["auto", "temporal", "random", "both"], default=d.supervision,
-                   help="temporal windows (predict the next products from the past), random hold-out, or both; "
-                        "auto: temporal, plus random when few users come back (docs/quality.md)")
+    p.add_argument(
+        "--supervision",
+        choices=["auto", "temporal", "random", "both"],
+        default=d.supervision,
+        help="temporal windows (predict the next products from the past), random hold-out, or both; "
+        "auto: temporal, plus random when few users come back (docs/quality.md)",
+    )
     p.add_argument("--align", type=float, default=0.0, help="weight of the text-graph alignment loss (0: no head)")
     p.add_argument("--seed", type=int, default=None, help="default: KGS_GNN_SEED")
     p.add_argument("--max-steps-per-epoch", type=int, default=None)
@@ -79,21 +94,43 @@ def cmd_train(args: argparse.Namespace, settings: Any) -> int:
         data = graph_mod.from_graph_db(settings, text)
     cfg = _train_config(args, settings)
     init = GraphEncoder.load(args.init) if args.init else None
-    model_cfg = GraphEncoderConfig(in_dim=text.dim, hidden=settings.gnn_hidden, out=settings.gnn_out,
-                                   layers=settings.gnn_layers, seed=cfg.seed)
+    model_cfg = GraphEncoderConfig(
+        in_dim=text.dim, hidden=settings.gnn_hidden, out=settings.gnn_out, layers=settings.gnn_layers, seed=cfg.seed
+    )
     result = train(data, cfg, model_cfg, init)
     version = result.model.version
     out = Path(args.out) if args.out else settings.local_dir("model") / f"graph-{version}.safetensors"
     published = published_version(result.model, text.model_id, settings.fusion, settings.fusion_text_weight)
-    ckpt, metrics = save(result, out, {"source": source, "published_model_version": published,
-                                       "text_model": text.model_id, "fusion": settings.fusion,
-                                       "fusion_text_weight": settings.fusion_text_weight})
-    print(json.dumps({"checkpoint": str(ckpt), "metrics": str(metrics), "version": version,
-                      "published_model_version": published, "best_epoch": result.best_epoch,
-                      "best_val": result.best_val, "init_val": result.init_val,
-                      "seconds": round(result.seconds, 1), "peak_rss_mb": round(result.peak_rss_bytes / 2**20, 1),
-                      "device": result.device, "source": source,
-                      "use": f"KGS_GRAPH_CHECKPOINT={ckpt} kg-streamer embed"}, indent=2))
+    ckpt, metrics = save(
+        result,
+        out,
+        {
+            "source": source,
+            "published_model_version": published,
+            "text_model": text.model_id,
+            "fusion": settings.fusion,
+            "fusion_text_weight": settings.fusion_text_weight,
+        },
+    )
+    print(
+        json.dumps(
+            {
+                "checkpoint": str(ckpt),
+                "metrics": str(metrics),
+                "version": version,
+                "published_model_version": published,
+                "best_epoch": result.best_epoch,
+                "best_val": result.best_val,
+                "init_val": result.init_val,
+                "seconds": round(result.seconds, 1),
+                "peak_rss_mb": round(result.peak_rss_bytes / 2**20, 1),
+                "device": result.device,
+                "source": source,
+                "use": f"KGS_GRAPH_CHECKPOINT={ckpt} kg-streamer embed",
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -105,8 +142,9 @@ def cmd_evaluate(args: argparse.Namespace, settings: Any) -> int:
     for spec in args.path or []:
         name, _, path = spec.partition("=")
         paths[name] = Path(path)
-    report = evaluate.run(names, settings, _train_config(args, settings), args.align, Path(args.report) if args.report else None,
-                          paths)
+    report = evaluate.run(
+        names, settings, _train_config(args, settings), args.align, Path(args.report) if args.report else None, paths
+    )
     if args.quality_json:
         Path(args.quality_json).write_text(json.dumps(evaluate.quality_json(report), indent=2) + "\n")
     print(evaluate.markdown_table(report))
@@ -114,8 +152,18 @@ def cmd_evaluate(args: argparse.Namespace, settings: Any) -> int:
 
 
 def _print_candidates(kind: str, query: str, index, cands, **extra: Any) -> None:
-    print(json.dumps({kind: query, "source": index.source, "model_versions": index.version_summary(), **extra,
-                      "results": [c.as_dict() for c in cands]}, indent=2))
+    print(
+        json.dumps(
+            {
+                kind: query,
+                "source": index.source,
+                "model_versions": index.version_summary(),
+                **extra,
+                "results": [c.as_dict() for c in cands],
+            },
+            indent=2,
+        )
+    )
 
 
 def cmd_similar(args: argparse.Namespace, settings: Any) -> int:
@@ -157,8 +205,12 @@ def cmd_write_vectors(args: argparse.Namespace, settings: Any) -> int:
 
 def register(sub: Any) -> None:
     p = sub.add_parser("train", help="train the graph encoder by link prediction; writes a checkpoint + metrics")
-    p.add_argument("--source", choices=["replica", "graph"], default=None,
-                   help="the worker's checkpointed replica (default when there is one) or the graph DB")
+    p.add_argument(
+        "--source",
+        choices=["replica", "graph"],
+        default=None,
+        help="the worker's checkpointed replica (default when there is one) or the graph DB",
+    )
     p.add_argument("--out", default=None, help="checkpoint file (default <state_dir>/model/graph-<version>.safetensors)")
     p.add_argument("--init", default=None, help="start from this checkpoint instead of the seeded init")
     _add_train_options(p)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +40,13 @@ INTERACTION_RELS: tuple[str, ...] = tuple(ACTION_TYPES.values())
 class GraphData:
     keys: list[str]
     labels: list[str]
-    src: np.ndarray                       # typed edges (unique per (src, rel, dst)), node indices
+    src: np.ndarray  # typed edges (unique per (src, rel, dst)), node indices
     dst: np.ndarray
-    rel: np.ndarray                       # index into rel_names
+    rel: np.ndarray  # index into rel_names
     rel_names: list[str]
-    features: Tensor                      # [N, d] float32; rows without text are ignored
-    has_text: np.ndarray                  # [N] bool
-    edge_ts: np.ndarray | None = None     # [E] int64 epoch ms of the edge's first event, -1 unknown
+    features: Tensor  # [N, d] float32; rows without text are ignored
+    has_text: np.ndarray  # [N] bool
+    edge_ts: np.ndarray | None = None  # [E] int64 epoch ms of the edge's first event, -1 unknown
     index: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -75,22 +75,33 @@ class GraphData:
             return np.zeros(0, dtype=bool)
         return wanted[self.rel] & (lab[self.src] == "User") & (lab[self.dst] == "Product")
 
-    def subgraph_edges(self, keep: np.ndarray) -> "GraphData":
+    def subgraph_edges(self, keep: np.ndarray) -> GraphData:
         """The same nodes with only the edges where ``keep``."""
-        return GraphData(self.keys, self.labels, self.src[keep], self.dst[keep], self.rel[keep], self.rel_names,
-                         self.features, self.has_text,
-                         None if self.edge_ts is None else self.edge_ts[keep], self.index)
+        return GraphData(
+            self.keys,
+            self.labels,
+            self.src[keep],
+            self.dst[keep],
+            self.rel[keep],
+            self.rel_names,
+            self.features,
+            self.has_text,
+            None if self.edge_ts is None else self.edge_ts[keep],
+            self.index,
+        )
 
     def summary(self) -> dict[str, Any]:
         from collections import Counter
 
         inter = self.interaction_mask()
-        return {"nodes": self.num_nodes, "edges": self.num_edges,
-                "nodes_by_label": dict(Counter(self.labels).most_common()),
-                "edges_by_rel": {self.rel_names[r]: int(c) for r, c in
-                                 zip(*np.unique(self.rel, return_counts=True))},
-                "interaction_edges": int(inter.sum()),
-                "products_with_text": int(self.has_text.sum())}
+        return {
+            "nodes": self.num_nodes,
+            "edges": self.num_edges,
+            "nodes_by_label": dict(Counter(self.labels).most_common()),
+            "edges_by_rel": {self.rel_names[r]: int(c) for r, c in zip(*np.unique(self.rel, return_counts=True))},
+            "interaction_edges": int(inter.sum()),
+            "products_with_text": int(self.has_text.sum()),
+        }
 
 
 class _Builder:
@@ -102,7 +113,7 @@ class _Builder:
         self.index: dict[str, int] = {}
         self.rel_names: list[str] = []
         self.rel_index: dict[str, int] = {}
-        self.edges: dict[tuple[int, int, int], int] = {}   # (src, rel, dst) -> first ts
+        self.edges: dict[tuple[int, int, int], int] = {}  # (src, rel, dst) -> first ts
 
     def node(self, key: str) -> int:
         i = self.index.get(key)
@@ -127,8 +138,18 @@ class _Builder:
             arr = np.asarray([(s, r, d, t) for (s, r, d), t in self.edges.items()], dtype=np.int64)
         else:
             arr = np.zeros((0, 4), dtype=np.int64)
-        return GraphData(list(self.keys), list(self.labels), arr[:, 0], arr[:, 2], arr[:, 1], list(self.rel_names),
-                         features, has_text, arr[:, 3], dict(self.index))
+        return GraphData(
+            list(self.keys),
+            list(self.labels),
+            arr[:, 0],
+            arr[:, 2],
+            arr[:, 1],
+            list(self.rel_names),
+            features,
+            has_text,
+            arr[:, 3],
+            dict(self.index),
+        )
 
 
 def product_structure(props: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -171,7 +192,7 @@ def from_engine_state(path: str | Path) -> GraphData:
     live = rep.live_slots()
     seg, pos = block_ranges(rep.start[live], rep.length[live])
     code = rep.code[pos].astype(np.int64)
-    out = code % 2 == 0                        # one half per typed edge: the one in src's block
+    out = code % 2 == 0  # one half per typed edge: the one in src's block
     remap = np.full(rep.num_slots, -1, dtype=np.int64)
     remap[live] = np.arange(len(live))
     src = remap[live[seg[out]]]
@@ -182,8 +203,7 @@ def from_engine_state(path: str | Path) -> GraphData:
     # Products hold text features (or the frozen Product type row, which training never changes);
     # every other node holds its label's type row, which the model supplies.
     has_text = np.asarray([lb == "Product" for lb in labels], dtype=bool)
-    return GraphData(keys, labels, src, dst, code[out] // 2, list(rep.rels), h0, has_text,
-                     np.full(len(src), -1, dtype=np.int64))
+    return GraphData(keys, labels, src, dst, code[out] // 2, list(rep.rels), h0, has_text, np.full(len(src), -1, dtype=np.int64))
 
 
 # --- from the graph DB ----------------------------------------------------------------------
@@ -194,18 +214,20 @@ def from_graph_db(settings: Any, text_encoder: Any) -> GraphData:
 
     b = _Builder()
     texts: dict[str, str] = {}
-    with open_driver(settings) as driver:
-        with driver.session(database=settings.bolt_database) as session:
-            def read(tx):
-                for rec in tx.run(cypher.SNAPSHOT_PRODUCTS):
-                    key = f"Product:{rec['id']}"
-                    b.node(key)
-                    texts[key] = product_text(dict(rec))
-                for rec in tx.run(cypher.SNAPSHOT_RELATIONSHIPS):
-                    ts = rec["ts"]
-                    b.edge(f"{rec['a_label']}:{rec['a']}", rec["rel"], f"{rec['b_label']}:{rec['b']}",
-                           int(ts) if ts is not None else -1)
-            session.execute_read(read)
+    with open_driver(settings) as driver, driver.session(database=settings.bolt_database) as session:
+
+        def read(tx):
+            for rec in tx.run(cypher.SNAPSHOT_PRODUCTS):
+                key = f"Product:{rec['id']}"
+                b.node(key)
+                texts[key] = product_text(dict(rec))
+            for rec in tx.run(cypher.SNAPSHOT_RELATIONSHIPS):
+                ts = rec["ts"]
+                b.edge(
+                    f"{rec['a_label']}:{rec['a']}", rec["rel"], f"{rec['b_label']}:{rec['b']}", int(ts) if ts is not None else -1
+                )
+
+        session.execute_read(read)
     dim = text_encoder.dim if text_encoder is not None else 384
     feats, has = encode_texts(b.keys, [texts.get(k, "") for k in b.keys], text_encoder, dim)
     return b.build(feats, has)
@@ -225,7 +247,7 @@ def ts_ms(value: Any) -> int:
     else:
         dt = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
         if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=timezone.utc)
+            dt = dt.replace(tzinfo=UTC)
         out = int(round(dt.timestamp() * 1000))
     if len(_TS_CACHE) < 1_000_000:
         _TS_CACHE[value] = out
@@ -235,12 +257,13 @@ def ts_ms(value: Any) -> int:
 @dataclass
 class EventLog:
     """A loader's stream, split by kind, times in epoch ms (products keep every upsert)."""
-    products: dict[str, list[tuple[int, dict[str, Any]]]]          # id -> [(ts, event)] in order
-    interactions: list[tuple[int, str, str, str]]                  # (ts, user, product, rel)
-    relations: list[tuple[int, str, str, str, str, str, str]]      # (ts, op, src label, src, rel, dst label, dst)
+
+    products: dict[str, list[tuple[int, dict[str, Any]]]]  # id -> [(ts, event)] in order
+    interactions: list[tuple[int, str, str, str]]  # (ts, user, product, rel)
+    relations: list[tuple[int, str, str, str, str, str, str]]  # (ts, op, src label, src, rel, dst label, dst)
 
     @classmethod
-    def read(cls, events: Iterable[dict[str, Any]]) -> "EventLog":
+    def read(cls, events: Iterable[dict[str, Any]]) -> EventLog:
         products: dict[str, list[tuple[int, dict[str, Any]]]] = {}
         inter: list[tuple[int, str, str, str]] = []
         rels: list[tuple[int, str, str, str, str, str, str]] = []
@@ -251,16 +274,24 @@ class EventLog:
             elif kind == "product":
                 products.setdefault(str(e["id"]), []).append((ts_ms(e["ts"]), e))
             elif kind == "relation":
-                rels.append((ts_ms(e["ts"]), e.get("op", "upsert"), e["src"]["label"], str(e["src"]["id"]),
-                             str(e["rel"]).upper(), e["dst"]["label"], str(e["dst"]["id"])))
+                rels.append(
+                    (
+                        ts_ms(e["ts"]),
+                        e.get("op", "upsert"),
+                        e["src"]["label"],
+                        str(e["src"]["id"]),
+                        str(e["rel"]).upper(),
+                        e["dst"]["label"],
+                        str(e["dst"]["id"]),
+                    )
+                )
         return cls(products, inter, rels)
 
     def interaction_times(self) -> np.ndarray:
         return np.asarray([t for t, *_ in self.interactions], dtype=np.int64)
 
 
-def from_events(log: EventLog, text_encoder: Any, until_ms: int, all_products: bool = True,
-                dim: int = 384) -> GraphData:
+def from_events(log: EventLog, text_encoder: Any, until_ms: int, all_products: bool = True, dim: int = 384) -> GraphData:
     """The graph at ``until_ms``: interactions and relations before it. Products: those upserted
     before it with their latest props then; with ``all_products`` also the products that appear
     only later, with their first props (a new catalogue item with its metadata but no history:
@@ -295,7 +326,7 @@ def from_events(log: EventLog, text_encoder: Any, until_ms: int, all_products: b
         if t < until_ms:
             b.edge(f"User:{user}", rel, f"Product:{pid}", t)
         elif all_products:
-            b.node(f"Product:{pid}")     # rated later, no metadata: a candidate without text
+            b.node(f"Product:{pid}")  # rated later, no metadata: a candidate without text
     if text_encoder is not None:
         dim = text_encoder.dim
     feats, has = encode_texts(b.keys, [texts.get(k, "") for k in b.keys], text_encoder, dim)

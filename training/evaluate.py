@@ -40,6 +40,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +76,9 @@ def load_events(loader: str, path: str | Path) -> EventLog:
 
 
 def iso(ms: int) -> str:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @torch.no_grad()
@@ -131,18 +132,21 @@ class Split:
         self.last_item = {u: last[u][1] for u in self.users.tolist()}
         self.targets = [self.col[np.asarray(sorted(test[u] - set(hist[u])), dtype=np.int64)] for u in self.users.tolist()]
         self.exclude = [self.col[self.hist[u]] for u in self.users.tolist()]
-        self.cold = self.popularity == 0                       # no interaction before T
+        self.cold = self.popularity == 0  # no interaction before T
         self.users_without_history = len(later_users)
 
     def stats(self) -> dict[str, Any]:
         cold_targets = sum(int(self.cold[t].sum()) for t in self.targets)
-        return {"users": int(sum(1 for t in self.targets if len(t))),
-                "targets": int(sum(len(t) for t in self.targets)),
-                "cold_start_users": int(sum(1 for t in self.targets if self.cold[t].any())),
-                "cold_start_targets": cold_targets,
-                "products": int(len(self.products)), "cold_start_products": int(self.cold.sum()),
-                "train_pairs": int(len(self.train_pairs)),
-                "test_users_without_history": self.users_without_history}
+        return {
+            "users": int(sum(1 for t in self.targets if len(t))),
+            "targets": int(sum(len(t) for t in self.targets)),
+            "cold_start_users": int(sum(1 for t in self.targets if self.cold[t].any())),
+            "cold_start_targets": cold_targets,
+            "products": int(len(self.products)),
+            "cold_start_products": int(self.cold.sum()),
+            "train_pairs": int(len(self.train_pairs)),
+            "test_users_without_history": self.users_without_history,
+        }
 
     def evaluate(self, score: Callable[[np.ndarray], Tensor], k: int = 20) -> dict[str, dict[str, float]]:
         """Metrics over all targets and over cold-start targets among cold-start candidates."""
@@ -174,11 +178,12 @@ def _interaction_rels() -> tuple[str, ...]:
 
 
 def _vector_scorer(split: Split, user_vecs: dict[int, Tensor] | Tensor, item_vecs: Tensor) -> Callable[[np.ndarray], Tensor]:
-    if isinstance(user_vecs, Tensor):   # rows aligned with split.users
+    if isinstance(user_vecs, Tensor):  # rows aligned with split.users
         pos = {u: i for i, u in enumerate(split.users.tolist())}
 
         def score(batch: np.ndarray) -> Tensor:
             return user_vecs[torch.as_tensor([pos[int(u)] for u in batch])] @ item_vecs.t()
+
         return score
     raise TypeError("user_vecs")
 
@@ -190,19 +195,44 @@ def _config_diff(cfg: TrainConfig) -> dict[str, Any]:
 
 def _training_summary(res: Any) -> dict[str, Any]:
     m = res.metrics()
-    out = {key: m[key] for key in ("version", "best_epoch", "best_val", "init_val", "popularity_val", "seconds",
-                                   "steps", "device", "peak_rss_mb", "rss_before_mb", "peak_gpu_mb", "validation",
-                                   "train_pairs", "val_pairs")}
+    out = {
+        key: m[key]
+        for key in (
+            "version",
+            "best_epoch",
+            "best_val",
+            "init_val",
+            "popularity_val",
+            "seconds",
+            "steps",
+            "device",
+            "peak_rss_mb",
+            "rss_before_mb",
+            "peak_gpu_mb",
+            "validation",
+            "train_pairs",
+            "val_pairs",
+        )
+    }
     out["epochs_run"] = len(m["history"])
     out["history"] = m["history"]
     out["train_config"] = m["train_config"]
     return out
 
 
-def evaluate_dataset(name: str, log_: EventLog, text_encoder: Any, configs: list[TrainConfig],
-                     model_cfg: GraphEncoderConfig, split_quantile: float, k: int = 20, align_weight: float = 0.0,
-                     eval_device: str = "cpu", cache_path: Path | None = None,
-                     deadline: float | None = None) -> dict[str, Any]:
+def evaluate_dataset(
+    name: str,
+    log_: EventLog,
+    text_encoder: Any,
+    configs: list[TrainConfig],
+    model_cfg: GraphEncoderConfig,
+    split_quantile: float,
+    k: int = 20,
+    align_weight: float = 0.0,
+    eval_device: str = "cpu",
+    cache_path: Path | None = None,
+    deadline: float | None = None,
+) -> dict[str, Any]:
     """One data set, every method in the same run. ``configs``: training configurations to
     choose from by validation recall@k (the first is the default); ``deadline``
     (``time.monotonic()``) stops trying further configs."""
@@ -227,8 +257,7 @@ def evaluate_dataset(name: str, log_: EventLog, text_encoder: Any, configs: list
 
     # text only: mean of the text embeddings of the user's history
     model0 = GraphEncoder(model_cfg)
-    h0 = torch.where(torch.as_tensor(graph.has_text).unsqueeze(1), graph.features,
-                     model0.type_features(graph.labels))
+    h0 = torch.where(torch.as_tensor(graph.has_text).unsqueeze(1), graph.features, model0.type_features(graph.labels))
     t_items = F.normalize(h0[products_t], dim=1)
     profiles = torch.stack([F.normalize(h0[torch.as_tensor(split.hist[u])], dim=1).mean(0) for u in split.users.tolist()])
     results["text_only"] = split.evaluate(_vector_scorer(split, F.normalize(profiles, dim=1), t_items), k)
@@ -247,8 +276,14 @@ def evaluate_dataset(name: str, log_: EventLog, text_encoder: Any, configs: list
         res = train(graph, replace(c, align_weight=0.0), model_cfg)
         vec = published_vectors(res.model, graph, c.fusion, c.fusion_text_weight, eval_device)
         test = split.evaluate(_vector_scorer(split, vec[users_t], vec[products_t]), k)
-        entry = {"config": _config_diff(c), "val": res.best_val, "test": test, "seconds": round(res.seconds, 1),
-                 "best_epoch": res.best_epoch, "epochs_run": len(res.history)}
+        entry = {
+            "config": _config_diff(c),
+            "val": res.best_val,
+            "test": test,
+            "seconds": round(res.seconds, 1),
+            "best_epoch": res.best_epoch,
+            "epochs_run": len(res.history),
+        }
         sweep.append(entry)
         log.info("%s config %d %s: val %s test %s", name, i, entry["config"], res.best_val, test["overall"])
         if best is None or res.best_val.get(f"recall@{k}", 0.0) > best[0].best_val.get(f"recall@{k}", 0.0):
@@ -261,8 +296,7 @@ def evaluate_dataset(name: str, log_: EventLog, text_encoder: Any, configs: list
     if align_weight > 0:
         res_a = train(graph, replace(cfg, align_weight=align_weight), model_cfg)
         aligned_vec = published_vectors(res_a.model, graph, cfg.fusion, cfg.fusion_text_weight, eval_device)
-        results["fused_trained_align"] = split.evaluate(_vector_scorer(split, aligned_vec[users_t],
-                                                                       aligned_vec[products_t]), k)
+        results["fused_trained_align"] = split.evaluate(_vector_scorer(split, aligned_vec[users_t], aligned_vec[products_t]), k)
         training["fused_trained_align"] = _training_summary(res_a)
         aligned_model = res_a.model
 
@@ -275,12 +309,21 @@ def evaluate_dataset(name: str, log_: EventLog, text_encoder: Any, configs: list
             qv = fuse(q, aligned_model.align_text(q), cfg.fusion, cfg.fusion_text_weight)
         results["search_aligned"] = split.evaluate(_vector_scorer(split, qv, aligned_vec[products_t]), k)
 
-    return {"dataset": name, "split_time": iso(t_split), "split_quantile": split_quantile,
-            "first_event": iso(int(times.min())), "last_event": iso(int(times.max())),
-            "graph": graph.summary(), "split": split.stats(), "results": results, "training": training,
-            "sweep": sweep,
-            "model_config": json.loads(model_cfg.to_json()),
-            "graph_and_text_seconds": round(text_seconds, 1), "seconds": round(time.perf_counter() - t0, 1)}
+    return {
+        "dataset": name,
+        "split_time": iso(t_split),
+        "split_quantile": split_quantile,
+        "first_event": iso(int(times.min())),
+        "last_event": iso(int(times.max())),
+        "graph": graph.summary(),
+        "split": split.stats(),
+        "results": results,
+        "training": training,
+        "sweep": sweep,
+        "model_config": json.loads(model_cfg.to_json()),
+        "graph_and_text_seconds": round(text_seconds, 1),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 class CacheOnlyText:
@@ -307,9 +350,18 @@ class CacheOnlyText:
         return torch.stack([self._cache[key] for key in keys]) if keys else torch.zeros(0, self.dim)
 
 
-def run(datasets: list[str], settings: Any, configs: TrainConfig | list[TrainConfig], align_weight: float,
-        out: Path | None, paths: dict[str, Path] | None = None, k: int = 20, text_cache: Path | None = None,
-        eval_device: str = "cpu", budget_s: float | None = None) -> dict[str, Any]:
+def run(
+    datasets: list[str],
+    settings: Any,
+    configs: TrainConfig | list[TrainConfig],
+    align_weight: float,
+    out: Path | None,
+    paths: dict[str, Path] | None = None,
+    k: int = 20,
+    text_cache: Path | None = None,
+    eval_device: str = "cpu",
+    budget_s: float | None = None,
+) -> dict[str, Any]:
     """Evaluate the named data sets; write the full report to ``out`` (JSON) when given (after
     each data set). ``text_cache``: serve product text from this cache file only (no model)."""
     if isinstance(configs, TrainConfig):
@@ -325,24 +377,40 @@ def run(datasets: list[str], settings: Any, configs: TrainConfig | list[TrainCon
         if cache.exists():
             text.load_cache(cache)
         cache_out = cache
-    model_cfg = GraphEncoderConfig(in_dim=text.dim, hidden=settings.gnn_hidden, out=settings.gnn_out,
-                                   layers=settings.gnn_layers, seed=settings.gnn_seed)
-    report: dict[str, Any] = {"text_model": text.model_id, "fusion": settings.fusion,
-                              "fusion_text_weight": settings.fusion_text_weight, "datasets": {}}
+    model_cfg = GraphEncoderConfig(
+        in_dim=text.dim, hidden=settings.gnn_hidden, out=settings.gnn_out, layers=settings.gnn_layers, seed=settings.gnn_seed
+    )
+    report: dict[str, Any] = {
+        "text_model": text.model_id,
+        "fusion": settings.fusion,
+        "fusion_text_weight": settings.fusion_text_weight,
+        "datasets": {},
+    }
     start = time.monotonic()
     for i, name in enumerate(datasets):
         spec = DATASETS[name]
         path = (paths or {}).get(name, spec["path"])
         deadline = None
-        if budget_s is not None:   # an even share of what is left for each remaining data set
+        if budget_s is not None:  # an even share of what is left for each remaining data set
             deadline = time.monotonic() + (budget_s - (time.monotonic() - start)) / (len(datasets) - i) * 0.6
         t0 = time.perf_counter()
         events = load_events(spec["loader"], path)
         load_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         before = text.encoded_count
-        rep = evaluate_dataset(name, events, text, configs, model_cfg, spec["split_quantile"], k, align_weight,
-                               eval_device=eval_device, cache_path=cache_out, deadline=deadline)
+        rep = evaluate_dataset(
+            name,
+            events,
+            text,
+            configs,
+            model_cfg,
+            spec["split_quantile"],
+            k,
+            align_weight,
+            eval_device=eval_device,
+            cache_path=cache_out,
+            deadline=deadline,
+        )
         rep["load_seconds"] = round(load_s, 1)
         rep["texts_encoded"] = text.encoded_count - before
         rep["path"] = str(path)
@@ -359,25 +427,30 @@ def quality_json(report: dict[str, Any], k: int = 20) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, rep in report["datasets"].items():
         for part, key in (("overall", name), ("cold_start", f"{name}/cold_start")):
-            out[key] = {m: {f"recall@{k}": round(r[part][f"recall@{k}"], 4), f"ndcg@{k}": round(r[part][f"ndcg@{k}"], 4)}
-                        for m, r in rep["results"].items()}
+            out[key] = {
+                m: {f"recall@{k}": round(r[part][f"recall@{k}"], 4), f"ndcg@{k}": round(r[part][f"ndcg@{k}"], 4)}
+                for m, r in rep["results"].items()
+            }
     return out
 
 
 def markdown_table(report: dict[str, Any], k: int = 20) -> str:
-    order = ["fused_trained", "fused_trained_align", "popularity", "text_only", "untrained", "search_text",
-             "search_aligned"]
+    order = ["fused_trained", "fused_trained_align", "popularity", "text_only", "untrained", "search_text", "search_aligned"]
     lines = []
     for name, rep in report["datasets"].items():
         s = rep["split"]
-        lines.append(f"**{name}** (split at {rep['split_time']}; {s['users']} users, {s['targets']} targets; "
-                     f"cold start: {s['cold_start_users']} users, {s['cold_start_targets']} targets among "
-                     f"{s['cold_start_products']} new products)\n")
+        lines.append(
+            f"**{name}** (split at {rep['split_time']}; {s['users']} users, {s['targets']} targets; "
+            f"cold start: {s['cold_start_users']} users, {s['cold_start_targets']} targets among "
+            f"{s['cold_start_products']} new products)\n"
+        )
         lines.append(f"| method | recall@{k} | NDCG@{k} | cold-start recall@{k} | cold-start NDCG@{k} |")
         lines.append("|---|---|---|---|---|")
         for m in [m for m in order if m in rep["results"]]:
             r = rep["results"][m]
-            lines.append(f"| {m} | {r['overall'][f'recall@{k}']:.4f} | {r['overall'][f'ndcg@{k}']:.4f} | "
-                         f"{r['cold_start'][f'recall@{k}']:.4f} | {r['cold_start'][f'ndcg@{k}']:.4f} |")
+            lines.append(
+                f"| {m} | {r['overall'][f'recall@{k}']:.4f} | {r['overall'][f'ndcg@{k}']:.4f} | "
+                f"{r['cold_start'][f'recall@{k}']:.4f} | {r['cold_start'][f'ndcg@{k}']:.4f} |"
+            )
         lines.append("")
     return "\n".join(lines).rstrip()

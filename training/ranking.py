@@ -16,8 +16,14 @@ import torch
 from torch import Tensor
 
 
-def rank_metrics(score_fn: Callable[[np.ndarray], Tensor], users: np.ndarray, targets: Sequence[np.ndarray],
-                 exclude: Sequence[np.ndarray], k: int = 20, chunk: int = 1024) -> dict[str, float]:
+def rank_metrics(
+    score_fn: Callable[[np.ndarray], Tensor],
+    users: np.ndarray,
+    targets: Sequence[np.ndarray],
+    exclude: Sequence[np.ndarray],
+    k: int = 20,
+    chunk: int = 1024,
+) -> dict[str, float]:
     """``score_fn(user_rows) -> [len(rows), n_items]`` scores (higher is better); ``targets[i]``
     and ``exclude[i]`` are item column indices for ``users[i]``."""
     recalls: list[float] = []
@@ -40,8 +46,7 @@ def rank_metrics(score_fn: Callable[[np.ndarray], Tensor], users: np.ndarray, ta
                 continue
             hit = np.isin(order[i], tgt)
             recalls.append(float(hit.sum()) / len(tgt))
-            ideal = discount[:min(len(tgt), kk)].sum()
+            ideal = discount[: min(len(tgt), kk)].sum()
             ndcgs.append(float((hit * discount[:kk]).sum() / ideal))
     n = len(recalls)
-    return {f"recall@{k}": float(np.mean(recalls)) if n else 0.0,
-            f"ndcg@{k}": float(np.mean(ndcgs)) if n else 0.0, "users": n}
+    return {f"recall@{k}": float(np.mean(recalls)) if n else 0.0, f"ndcg@{k}": float(np.mean(ndcgs)) if n else 0.0, "users": n}

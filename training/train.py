@@ -115,6 +115,7 @@ class TrainConfig:
 @dataclass
 class Pairs:
     """Unique (user, product) target pairs with the time of their first interaction."""
+
     user: np.ndarray
     item: np.ndarray
     ts: np.ndarray
@@ -136,7 +137,7 @@ def target_pairs(graph: GraphData, rels: Sequence[str]) -> tuple[Pairs, np.ndarr
     key_sorted = key[order]
     first = np.ones(len(order), dtype=bool)
     first[1:] = key_sorted[1:] != key_sorted[:-1]
-    pick = order[first]                       # per pair: the edge with the earliest known time
+    pick = order[first]  # per pair: the edge with the earliest known time
     return Pairs(u[pick], p[pick], ts[pick]), mask
 
 
@@ -178,13 +179,13 @@ def _csr_rect(rows: Tensor, cols: Tensor, vals: Tensor, n: int, m: int) -> Tenso
     """CSR [n, m] with the entries (rows, cols, vals); repeated (row, col) entries add up."""
     rows, cols, vals = rows.long().cpu(), cols.long().cpu(), vals.float().cpu()
     key = rows * m + cols
-    uniq, inv = torch.unique(key, return_inverse=True)       # sorted: row-major order
+    uniq, inv = torch.unique(key, return_inverse=True)  # sorted: row-major order
     summed = torch.zeros(len(uniq)).index_add_(0, inv, vals)
     r, c = uniq // m, uniq % m
     crow = torch.zeros(n + 1, dtype=torch.long)
     crow[1:] = torch.cumsum(torch.bincount(r, minlength=n), 0)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
         return torch.sparse_csr_tensor(crow, c, summed, (n, m), check_invariants=False)
 
 
@@ -263,8 +264,9 @@ def type_rows(model: GraphEncoder, tg: TrainGraph) -> Tensor:
     return torch.where(tg.frozen_type, tg.type_init, F.normalize(w, dim=1))
 
 
-def train_forward(model: GraphEncoder, tg: TrainGraph, rows: Tensor,
-                  removed: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+def train_forward(
+    model: GraphEncoder, tg: TrainGraph, rows: Tensor, removed: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor]:
     """(h0[rows], hL[rows]) of the SAGE stack over the training graph minus ``removed``."""
     U = torch.cat([tg.text_rows, type_rows(model, tg)])
     deg = tg.deg if removed is None else tg.deg - removed[1]
@@ -282,7 +284,7 @@ def train_forward(model: GraphEncoder, tg: TrainGraph, rows: Tensor,
     last = L == 1
     hid = conv0.lin_l.weight.shape[0]
     PU = U @ torch.cat([conv0.lin_l.weight, conv0.lin_r.weight]).t()
-    P = _Spmm.apply(tg.onehot, tg.onehot_t, PU)              # = PU[xid]
+    P = _Spmm.apply(tg.onehot, tg.onehot_t, PU)  # = PU[xid]
     h = agg(P[:, :hid]) + conv0.lin_l.bias + P[:, hid:]
     if last:
         return U[tg.xid[rows]], h[rows]
@@ -318,7 +320,7 @@ class PeakRSS:
         while not self._stop.wait(0.05):
             self.peak = max(self.peak, self._rss())
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         self._thread.start()
         return self
 
@@ -351,15 +353,27 @@ class TrainResult:
     config: dict[str, Any] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, Any]:
-        return {"version": self.model.version, "model_config": json.loads(self.model.config.to_json()),
-                "train_config": self.config, "best_epoch": self.best_epoch, "best_val": self.best_val,
-                "init_val": self.init_val, "popularity_val": self.popularity_val,
-                "supervision": self.supervision, "history": self.history, "seconds": round(self.seconds, 2),
-                "steps": self.steps, "device": self.device, "peak_rss_mb": round(self.peak_rss_bytes / 2**20, 1),
-                "rss_before_mb": round(self.rss_before_bytes / 2**20, 1),
-                "peak_gpu_mb": None if self.peak_gpu_bytes is None else round(self.peak_gpu_bytes / 2**20, 1),
-                "validation": self.validation, "train_pairs": self.train_pairs, "val_pairs": self.val_pairs,
-                "graph": self.graph}
+        return {
+            "version": self.model.version,
+            "model_config": json.loads(self.model.config.to_json()),
+            "train_config": self.config,
+            "best_epoch": self.best_epoch,
+            "best_val": self.best_val,
+            "init_val": self.init_val,
+            "popularity_val": self.popularity_val,
+            "supervision": self.supervision,
+            "history": self.history,
+            "seconds": round(self.seconds, 2),
+            "steps": self.steps,
+            "device": self.device,
+            "peak_rss_mb": round(self.peak_rss_bytes / 2**20, 1),
+            "rss_before_mb": round(self.rss_before_bytes / 2**20, 1),
+            "peak_gpu_mb": None if self.peak_gpu_bytes is None else round(self.peak_gpu_bytes / 2**20, 1),
+            "validation": self.validation,
+            "train_pairs": self.train_pairs,
+            "val_pairs": self.val_pairs,
+            "graph": self.graph,
+        }
 
 
 def _grouped(users: np.ndarray, items: np.ndarray) -> dict[int, np.ndarray]:
@@ -374,25 +388,27 @@ def _grouped(users: np.ndarray, items: np.ndarray) -> dict[int, np.ndarray]:
 @dataclass
 class _Source:
     """Positive pairs of one kind and the graph their step runs on."""
+
     name: str
     graph: TrainGraph
     user: Tensor
     item: Tensor
-    mult: Tensor | None          # edge multiplicity to remove per pair (random hold-out); None: nothing
+    mult: Tensor | None  # edge multiplicity to remove per pair (random hold-out); None: nothing
 
     def __len__(self) -> int:
         return len(self.user)
 
     def batches(self, size: int, gen: torch.Generator) -> list[Tensor]:
         perm = torch.randperm(len(self), generator=gen).to(self.user.device)
-        return [perm[i:i + size] for i in range(0, len(self), size)]
+        return [perm[i : i + size] for i in range(0, len(self), size)]
 
     def describe(self) -> str:
         return f"{self.name}: {len(self)} pairs"
 
 
-def _supervision(train_graph: GraphData, tg: TrainGraph, tr: Pairs, cfg: TrainConfig, model: GraphEncoder,
-                 device: torch.device) -> list[_Source]:
+def _supervision(
+    train_graph: GraphData, tg: TrainGraph, tr: Pairs, cfg: TrainConfig, model: GraphEncoder, device: torch.device
+) -> list[_Source]:
     """The positives a step learns from (``TrainConfig.supervision``):
 
     * ``random``: every training pair, its own edges removed from the graph for its step
@@ -412,20 +428,29 @@ def _supervision(train_graph: GraphData, tg: TrainGraph, tr: Pairs, cfg: TrainCo
         sources += _windows(train_graph, tr, cfg, model, device)
         temporal = bool(sources)
     in_windows = sum(len(s) for s in sources)
-    if (cfg.supervision in ("random", "both") or not temporal
-            or (cfg.supervision == "auto" and in_windows < cfg.min_temporal_fraction * len(tr))):
+    if (
+        cfg.supervision in ("random", "both")
+        or not temporal
+        or (cfg.supervision == "auto" and in_windows < cfg.min_temporal_fraction * len(tr))
+    ):
         tmask = train_graph.interaction_mask(cfg.target_rels)
         nn_ = train_graph.num_nodes
         pk, counts = np.unique(train_graph.src[tmask] * nn_ + train_graph.dst[tmask], return_counts=True)
         mult = counts[np.searchsorted(pk, tr.user * nn_ + tr.item)]
-        sources.insert(0, _Source("random hold-out", tg, torch.as_tensor(tr.user, device=device),
-                                  torch.as_tensor(tr.item, device=device),
-                                  torch.as_tensor(mult, dtype=torch.float32, device=device)))
+        sources.insert(
+            0,
+            _Source(
+                "random hold-out",
+                tg,
+                torch.as_tensor(tr.user, device=device),
+                torch.as_tensor(tr.item, device=device),
+                torch.as_tensor(mult, dtype=torch.float32, device=device),
+            ),
+        )
     return sources
 
 
-def _windows(train_graph: GraphData, tr: Pairs, cfg: TrainConfig, model: GraphEncoder,
-             device: torch.device) -> list[_Source]:
+def _windows(train_graph: GraphData, tr: Pairs, cfg: TrainConfig, model: GraphEncoder, device: torch.device) -> list[_Source]:
     sources: list[_Source] = []
     qs = np.linspace(1.0 - cfg.window_span, 1.0, cfg.windows + 1)
     cuts = np.quantile(tr.ts, qs, method="lower")
@@ -437,8 +462,15 @@ def _windows(train_graph: GraphData, tr: Pairs, cfg: TrainConfig, model: GraphEn
         if not sel.any():
             continue
         g = TrainGraph(train_graph.subgraph_edges((ets < 0) | (ets < lo)), model, device)
-        sources.append(_Source(f"window from {int(lo)} ms", g, torch.as_tensor(tr.user[sel], device=device),
-                               torch.as_tensor(tr.item[sel], device=device), None))
+        sources.append(
+            _Source(
+                f"window from {int(lo)} ms",
+                g,
+                torch.as_tensor(tr.user[sel], device=device),
+                torch.as_tensor(tr.item[sel], device=device),
+                None,
+            )
+        )
     return sources
 
 
@@ -463,12 +495,13 @@ def validate(model: GraphEncoder | None, tg: TrainGraph, train: Pairs, val: Pair
     col[products.cpu().numpy()] = np.arange(len(products))
     if model is None:
         pop = torch.as_tensor(np.bincount(col[train.item], minlength=len(products)), dtype=torch.float32)
-        return rank_metrics(lambda b: pop.expand(len(b), -1), users, [col[tgt[int(u)]] for u in users],
-                            [col[hist[int(u)]] for u in users], cfg.k)
+        return rank_metrics(
+            lambda b: pop.expand(len(b), -1), users, [col[tgt[int(u)]] for u in users], [col[hist[int(u)]] for u in users], cfg.k
+        )
     model.eval()
     rows = torch.cat([products, torch.as_tensor(users, device=tg.device)])
     vec = fused_vectors(model, tg, rows, cfg)
-    pv, uv = vec[:len(products)], vec[len(products):]
+    pv, uv = vec[: len(products)], vec[len(products) :]
     pos = {int(u): i for i, u in enumerate(users)}
 
     def score(batch: np.ndarray) -> Tensor:
@@ -477,8 +510,9 @@ def validate(model: GraphEncoder | None, tg: TrainGraph, train: Pairs, val: Pair
     return rank_metrics(score, users, [col[tgt[int(u)]] for u in users], [col[hist[int(u)]] for u in users], cfg.k)
 
 
-def train(graph: GraphData, cfg: TrainConfig, model_config: GraphEncoderConfig | None = None,
-          init: GraphEncoder | None = None) -> TrainResult:
+def train(
+    graph: GraphData, cfg: TrainConfig, model_config: GraphEncoderConfig | None = None, init: GraphEncoder | None = None
+) -> TrainResult:
     """Train on ``graph`` (validation split inside); returns the best model (on CPU)."""
     device = resolve_device(cfg.device)
     t_start = time.perf_counter()
@@ -502,8 +536,9 @@ def train(graph: GraphData, cfg: TrainConfig, model_config: GraphEncoderConfig |
     return result
 
 
-def _train(graph: GraphData, cfg: TrainConfig, model_config: GraphEncoderConfig | None,
-           init: GraphEncoder | None, device: torch.device) -> TrainResult:
+def _train(
+    graph: GraphData, cfg: TrainConfig, model_config: GraphEncoderConfig | None, init: GraphEncoder | None, device: torch.device
+) -> TrainResult:
     from tqdm.auto import tqdm
 
     in_dim = int(graph.features.shape[1])
@@ -528,9 +563,15 @@ def _train(graph: GraphData, cfg: TrainConfig, model_config: GraphEncoderConfig 
         raise ValueError("no user-product interactions to train on")
     tg = TrainGraph(train_graph, model, device)
     n_products = len(tg.products)
-    result = TrainResult(model=model, device=str(device), validation=how, train_pairs=len(tr), val_pairs=len(va),
-                         graph=graph.summary(), config={k: (list(v) if isinstance(v, tuple) else v)
-                                                        for k, v in asdict(cfg).items()})
+    result = TrainResult(
+        model=model,
+        device=str(device),
+        validation=how,
+        train_pairs=len(tr),
+        val_pairs=len(va),
+        graph=graph.summary(),
+        config={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+    )
     sources = _supervision(train_graph, tg, tr, cfg, model, device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -542,15 +583,22 @@ def _train(graph: GraphData, cfg: TrainConfig, model_config: GraphEncoderConfig 
     log.info("validation before training: %s; popularity: %s", result.init_val, result.popularity_val)
     best_score, best_state, bad = -1.0, copy.deepcopy(model.state_dict()), 0
     result.supervision = [s.describe() for s in sources]
-    log.info("training on %s: %d pairs, %d held out (%s), %d products; supervision %s",
-             device, len(tr), len(va), how, n_products, result.supervision)
+    log.info(
+        "training on %s: %d pairs, %d held out (%s), %d products; supervision %s",
+        device,
+        len(tr),
+        len(va),
+        how,
+        n_products,
+        result.supervision,
+    )
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         t0 = time.perf_counter()
         plan = [(src, idx) for src in sources for idx in src.batches(cfg.batch_size, gen)]
         order = torch.randperm(len(plan), generator=gen).tolist()
         if cfg.max_steps_per_epoch:
-            order = order[:cfg.max_steps_per_epoch]
+            order = order[: cfg.max_steps_per_epoch]
         total = 0.0
         bar = tqdm(order, desc=f"epoch {epoch}", disable=not cfg.progress, leave=False, mininterval=1.0)
         for step, j in enumerate(bar):
@@ -562,7 +610,7 @@ def _train(graph: GraphData, cfg: TrainConfig, model_config: GraphEncoderConfig 
             removed = src.graph.removal(u, p, src.mult[idx]) if src.mult is not None else None
             x0, hl = train_forward(model, src.graph, rows, removed)
             f = fuse(x0, hl, cfg.fusion, cfg.fusion_text_weight)
-            fu, fp, fn = f[inv[:b]], f[inv[b:2 * b]], f[inv[2 * b:]]
+            fu, fp, fn = f[inv[:b]], f[inv[b : 2 * b]], f[inv[2 * b :]]
             pos = (fu * fp).sum(1, keepdim=True)
             negs = fu @ fn.t()
             hit = p.unsqueeze(1) == neg.unsqueeze(0)
@@ -591,14 +639,20 @@ def _train(graph: GraphData, cfg: TrainConfig, model_config: GraphEncoderConfig 
                 bar.set_postfix(loss=f"{total / (step + 1):.4f}")
         bar.close()
         val = validate(model, tg, tr, va, cfg)
-        entry = {"epoch": epoch, "loss": round(total / max(len(order), 1), 5),
-                 "seconds": round(time.perf_counter() - t0, 2), **{k: round(v, 5) for k, v in val.items()
-                                                                 if k != "users"}}
+        entry = {
+            "epoch": epoch,
+            "loss": round(total / max(len(order), 1), 5),
+            "seconds": round(time.perf_counter() - t0, 2),
+            **{k: round(v, 5) for k, v in val.items() if k != "users"},
+        }
         result.history.append(entry)
         log.info("epoch %d: %s", epoch, entry)
         if cfg.progress:
-            tqdm.write(f"epoch {epoch}: loss {entry['loss']} " + " ".join(
-                f"{k} {v}" for k, v in entry.items() if "@" in k) + f" ({entry['seconds']} s)")
+            tqdm.write(
+                f"epoch {epoch}: loss {entry['loss']} "
+                + " ".join(f"{k} {v}" for k, v in entry.items() if "@" in k)
+                + f" ({entry['seconds']} s)"
+            )
         score = val.get(f"recall@{cfg.k}", -entry["loss"]) if val else -entry["loss"]
         if score > best_score + 1e-6:
             best_score, best_state, bad, result.best_epoch = score, copy.deepcopy(model.state_dict()), 0, epoch
@@ -626,8 +680,13 @@ def published_version(model: GraphEncoder, text_model_id: str, fusion: str, fusi
     """The version the worker's vectors will carry with this model (``IncrementalEngine.model_version``)."""
     from streamer.embed.engine import IncrementalEngine
 
-    return IncrementalEngine(copy.deepcopy(model), "cpu", fusion=fusion,  # type: ignore[arg-type]
-                             fusion_text_weight=fusion_text_weight, text_model_id=text_model_id).model_version
+    return IncrementalEngine(
+        copy.deepcopy(model),
+        "cpu",
+        fusion=fusion,  # type: ignore[arg-type]
+        fusion_text_weight=fusion_text_weight,
+        text_model_id=text_model_id,
+    ).model_version
 
 
 def save(result: TrainResult, out: str | Path, extra: dict[str, Any] | None = None) -> tuple[Path, Path]:

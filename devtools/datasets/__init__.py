@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import gzip
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator
+from typing import IO, Any
 
 __all__ = ["LoadReport", "iso_utc", "open_text", "take", "load_online_retail", "load_amazon", "ProduceStats"]
 
@@ -63,25 +64,23 @@ class LoadReport:
 
 def iso_utc(epoch_s: float) -> str:
     """Unix seconds -> ``YYYY-MM-DDTHH:MM:SSZ``."""
-    return datetime.fromtimestamp(epoch_s, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def open_text(path: Path) -> IO[str]:
     """Open a text file, gunzipping when the name ends in ``.gz``."""
     if path.suffix == ".gz":
         return gzip.open(path, "rt", encoding="utf-8", newline="")
-    return open(path, "rt", encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")
 
 
 def take(events: Iterable[dict[str, Any]], limit: int | None, report: LoadReport) -> Iterator[dict[str, Any]]:
     """Yield at most ``limit`` events (all when None), counting them per type in ``report``."""
     if limit is not None and limit <= 0:
         return
-    emitted = 0
-    for event in events:
+    for emitted, event in enumerate(events, start=1):
         report.events[event["type"]] += 1
         yield event
-        emitted += 1
         if limit is not None and emitted >= limit:
             return
 

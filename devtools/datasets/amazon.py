@@ -56,8 +56,9 @@ import csv
 import html
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from devtools.datasets import LoadReport, iso_utc, open_text, take
 

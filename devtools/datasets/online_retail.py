@@ -73,9 +73,10 @@ from __future__ import annotations
 import csv
 import math
 import re
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from devtools.datasets import LoadReport, open_text, take
 

@@ -49,11 +49,11 @@ def split_key(key: str) -> tuple[str, str]:
 class Change:
     op: ChangeOp
     ts: int
-    key: str | None = None          # node changes
+    key: str | None = None  # node changes
     label: str | None = None
     id: str | None = None
     props: dict[str, Any] | None = None
-    src: str | None = None          # edge changes
+    src: str | None = None  # edge changes
     rel: str | None = None
     dst: str | None = None
     committed_ms: int | None = field(default=None, compare=False)
@@ -68,7 +68,7 @@ class Change:
         return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
 
     @staticmethod
-    def from_json(raw: bytes) -> "Change":
+    def from_json(raw: bytes) -> Change:
         return Change(**json.loads(raw))
 
 

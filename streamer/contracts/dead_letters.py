@@ -52,11 +52,15 @@ class DeadLetter:
         ]
         key, value = self.key, self.value
         if key is not None and len(key) > MAX_KEY_BYTES:
-            headers += [("kgs.original.key.size", str(len(key)).encode()),
-                        ("kgs.original.key.sha256", hashlib.sha256(key).hexdigest().encode())]
+            headers += [
+                ("kgs.original.key.size", str(len(key)).encode()),
+                ("kgs.original.key.sha256", hashlib.sha256(key).hexdigest().encode()),
+            ]
             key = key[:MAX_KEY_BYTES]
         if value is not None and len(value) > max_value_bytes:
-            headers += [("kgs.original.size", str(len(value)).encode()),
-                        ("kgs.original.sha256", hashlib.sha256(value).hexdigest().encode())]
+            headers += [
+                ("kgs.original.size", str(len(value)).encode()),
+                ("kgs.original.sha256", hashlib.sha256(value).hexdigest().encode()),
+            ]
             value = value[:max_value_bytes]
         return key, value, headers

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import Enum
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
@@ -55,7 +55,7 @@ ALL_REL_TYPES = RELATION_TYPES + PRODUCT_EDGE_TYPES + tuple(ACTION_TYPES.values(
 NodeLabel = Literal["Product", "User", "Brand", "Category", "Attribute"]
 Id = Annotated[str, Field(min_length=1, max_length=256)]
 Text = Annotated[str, Field(max_length=20_000)]
-Scalar = Union[bool, int, float, str]
+Scalar = bool | int | float | str
 
 
 class Action(str, Enum):
@@ -75,7 +75,7 @@ class _Event(BaseModel):
     @classmethod
     def _utc(cls, value: datetime) -> datetime:
         if value.tzinfo is None:
-            value = value.replace(tzinfo=timezone.utc)
+            value = value.replace(tzinfo=UTC)
         return value
 
     @property
@@ -135,7 +135,7 @@ class InteractionEvent(_Event):
     quantity: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
-    def _rating_with_rate(self) -> "InteractionEvent":
+    def _rating_with_rate(self) -> InteractionEvent:
         if self.action is Action.rate and self.rating is None:
             raise ValueError("action 'rate' needs a rating")
         return self
@@ -145,7 +145,7 @@ class InteractionEvent(_Event):
         return ACTION_TYPES[self.action.value]
 
 
-Event = Annotated[Union[ProductEvent, InteractionEvent, RelationEvent], Field(discriminator="type")]
+Event = Annotated[ProductEvent | InteractionEvent | RelationEvent, Field(discriminator="type")]
 _EVENT = TypeAdapter(Event)
 
 
@@ -185,9 +185,7 @@ def validate_event(doc: Any):
     try:
         return _EVENT.validate_python(doc)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'][1:]) or '<event>'}: {err['msg']}" for err in exc.errors()[:5]
-        )
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'][1:]) or '<event>'}: {err['msg']}" for err in exc.errors()[:5])
         raise InvalidEvent("ValidationError", problems) from None
 
 

@@ -62,14 +62,11 @@ by later batches; the report lists its key so the worker publishes a tombstone.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -78,7 +75,7 @@ from torch import Tensor
 
 from encoders.graph import GraphEncoder, fuse, fused_dim, vector_version
 from encoders.text import resolve_device
-from streamer.contracts.changes import Change, split_key
+from streamer.contracts.changes import Change
 from streamer.embed.replica import Replica
 
 log = logging.getLogger(__name__)
@@ -95,14 +92,15 @@ FULL_RATIO = {"cpu": 0.1, "cuda": 0.02}
 @dataclass
 class BatchReport:
     """What one micro-batch did. ``changed_*`` are aligned; ``vectors`` too when requested."""
+
     changes: int = 0
-    affected: list[int] = field(default_factory=list)   # |A_0| .. |A_L|
-    changed: list[int] = field(default_factory=list)    # |C_0| .. |C_L| (rows that moved)
-    rows_recomputed: int = 0                            # sum over l >= 1 of |A_l|
-    delta_messages: int = 0                             # rows added into some sum by delta
+    affected: list[int] = field(default_factory=list)  # |A_0| .. |A_L|
+    changed: list[int] = field(default_factory=list)  # |C_0| .. |C_L| (rows that moved)
+    rows_recomputed: int = 0  # sum over l >= 1 of |A_l|
+    delta_messages: int = 0  # rows added into some sum by delta
     reanchored_rows: int = 0
-    full_layers: int = 0                                # layers computed by a full pass (large batches)
-    neighbour_reads: int = 0                            # neighbour rows read by re-anchoring
+    full_layers: int = 0  # layers computed by a full pass (large batches)
+    neighbour_reads: int = 0  # neighbour rows read by re-anchoring
     changed_keys: list[str] = field(default_factory=list)
     changed_rows: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     changed_ts: list[int] = field(default_factory=list)
@@ -110,22 +108,31 @@ class BatchReport:
     deleted_keys: list[str] = field(default_factory=list)
     max_ts: int | None = None
     seconds: float = 0.0
-    affected_rows: list[Tensor] = field(default_factory=list)   # per layer, on CPU
+    affected_rows: list[Tensor] = field(default_factory=list)  # per layer, on CPU
     # bounded mode (all zero in exact mode): per layer 0..L, recomputed rows whose value moved
     # but stayed under the layer's threshold (held back), and the largest such change
     suppressed: list[int] = field(default_factory=list)
     max_residual: list[float] = field(default_factory=list)
-    vectors_suppressed: int = 0       # refreshed vectors not published (h_L under the publish threshold)
-    error_bound: float = 0.0          # a priori bound on max |h - exact| after this batch
+    vectors_suppressed: int = 0  # refreshed vectors not published (h_L under the publish threshold)
+    error_bound: float = 0.0  # a priori bound on max |h - exact| after this batch
 
     def summary(self) -> dict[str, Any]:
-        return {"changes": self.changes, "affected": self.affected, "changed": self.changed,
-                "rows_recomputed": self.rows_recomputed, "delta_messages": self.delta_messages,
-                "reanchored_rows": self.reanchored_rows, "full_layers": self.full_layers,
-                "published": len(self.changed_rows),
-                "deleted": len(self.deleted_keys), "suppressed": self.suppressed,
-                "vectors_suppressed": self.vectors_suppressed, "max_residual": self.max_residual,
-                "error_bound": self.error_bound, "seconds": round(self.seconds, 6)}
+        return {
+            "changes": self.changes,
+            "affected": self.affected,
+            "changed": self.changed,
+            "rows_recomputed": self.rows_recomputed,
+            "delta_messages": self.delta_messages,
+            "reanchored_rows": self.reanchored_rows,
+            "full_layers": self.full_layers,
+            "published": len(self.changed_rows),
+            "deleted": len(self.deleted_keys),
+            "suppressed": self.suppressed,
+            "vectors_suppressed": self.vectors_suppressed,
+            "max_residual": self.max_residual,
+            "error_bound": self.error_bound,
+            "seconds": round(self.seconds, 6),
+        }
 
 
 class _EdgeRun:
@@ -137,11 +144,15 @@ class _EdgeRun:
         self.s: list[int] = []
         self.r: list[int] = []
         self.d: list[int] = []
-        self.op: list[int] = []       # 1 = upsert, 0 = delete
+        self.op: list[int] = []  # 1 = upsert, 0 = delete
         self.ts: list[int] = []
 
     def add(self, s: int, r: int, d: int, op: int, ts: int) -> None:
-        self.s.append(s); self.r.append(r); self.d.append(d); self.op.append(op); self.ts.append(ts)
+        self.s.append(s)
+        self.r.append(r)
+        self.d.append(d)
+        self.op.append(op)
+        self.ts.append(ts)
 
     def take(self) -> tuple[np.ndarray, ...]:
         out = tuple(np.asarray(x, dtype=np.int64) for x in (self.s, self.r, self.d, self.op, self.ts))
@@ -160,8 +171,14 @@ class _Structure:
         owner = np.asarray(owner, dtype=np.int64)
         n = len(owner)
         if n:
-            self.parts.append((owner, np.broadcast_to(np.asarray(src, dtype=np.int64), (n,)),
-                               np.full(n, sign, dtype=np.float32), np.broadcast_to(np.asarray(ts, dtype=np.int64), (n,))))
+            self.parts.append(
+                (
+                    owner,
+                    np.broadcast_to(np.asarray(src, dtype=np.int64), (n,)),
+                    np.full(n, sign, dtype=np.float32),
+                    np.broadcast_to(np.asarray(ts, dtype=np.int64), (n,)),
+                )
+            )
 
     def edges(self, s: np.ndarray, d: np.ndarray, sign: float, ts: np.ndarray) -> None:
         """Both halves of each edge (one for a self-loop)."""
@@ -229,8 +246,8 @@ class IncrementalEngine:
         # drift counters live on the host (index bookkeeping is numpy), whatever the device
         self.count = [torch.zeros(0, dtype=torch.int32) for _ in range(self.L)]
         self._ts = torch.zeros(0, dtype=torch.int64, device=self.device)
-        self._pos = np.zeros(0, dtype=np.int64)          # scratch for set unions
-        self._isnew = np.zeros(0, dtype=bool)            # scratch: created in this batch
+        self._pos = np.zeros(0, dtype=np.int64)  # scratch for set unions
+        self._isnew = np.zeros(0, dtype=bool)  # scratch: created in this batch
         self._ones = torch.ones(1024, dtype=torch.int32)
         # a copy of the replica's half-edge array on the device, kept current from the
         # replica's write log (full passes then copy only what changed); CUDA only by default
@@ -245,8 +262,14 @@ class IncrementalEngine:
         """Version of the published vectors: graph model version + text model + fusion."""
         return vector_version(self.text_model_id, self.model.version, self.fusion, self.fusion_text_weight)
 
-    def configure(self, mode: Literal["exact", "bounded"] = "exact", propagate_threshold: float = 0.0,
-                  publish_threshold: float = 0.0, *, _rebuild: bool = True) -> None:
+    def configure(
+        self,
+        mode: Literal["exact", "bounded"] = "exact",
+        propagate_threshold: float = 0.0,
+        publish_threshold: float = 0.0,
+        *,
+        _rebuild: bool = True,
+    ) -> None:
         """Switch between exact and bounded mode (module doc, "Bounded mode"). exact -> bounded
         keeps the state (an exact state satisfies every bound); bounded -> exact re-anchors
         everything with ``rebuild()`` so that the state is exact again."""
@@ -286,16 +309,16 @@ class IncrementalEngine:
 
         def grow(t: Tensor, fill: int = 0) -> Tensor:
             out = torch.full((new, *t.shape[1:]), fill, dtype=t.dtype, device=t.device)
-            out[:t.shape[0]] = t
+            out[: t.shape[0]] = t
             return out
 
-        for caches in (self.h, self.S, self.count):      # one tensor at a time: the old one is
-            for i in range(len(caches)):                  # freed before the next is allocated
+        for caches in (self.h, self.S, self.count):  # one tensor at a time: the old one is
+            for i in range(len(caches)):  # freed before the next is allocated
                 caches[i] = grow(caches[i])
         self._ts = grow(self._ts, -1)
         self._pos = np.zeros(new, dtype=np.int64)
         isnew = np.zeros(new, dtype=bool)
-        isnew[:len(self._isnew)] = self._isnew
+        isnew[: len(self._isnew)] = self._isnew
         self._isnew = isnew
         self.cap = new
 
@@ -303,7 +326,6 @@ class IncrementalEngine:
         """int64 index array -> tensor on the device (zero-copy on CPU)."""
         t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
         return t if self.device.type == "cpu" else t.to(self.device)
-
 
     def _union(self, *parts: np.ndarray) -> np.ndarray:
         """Distinct elements of index arrays, O(total) with a scratch array (no sort)."""
@@ -322,8 +344,7 @@ class IncrementalEngine:
         cheaper than numpy's ufunc.at for the small index arrays of small batches)."""
         if len(self._ones) < len(idx):
             self._ones = torch.ones(max(len(idx), 2 * len(self._ones)), dtype=torch.int32)
-        self.count[layer].index_add_(0, torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64)),
-                                     self._ones[:len(idx)])
+        self.count[layer].index_add_(0, torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64)), self._ones[: len(idx)])
 
     def _set_default_features(self, slots: np.ndarray) -> None:
         if len(slots):
@@ -332,8 +353,7 @@ class IncrementalEngine:
 
     # ---- the incremental step ----------------------------------------------------------
     @torch.no_grad()
-    def apply(self, changes: Sequence[Change], features: FeatureMap | None = None,
-              with_vectors: bool = True) -> BatchReport:
+    def apply(self, changes: Sequence[Change], features: FeatureMap | None = None, with_vectors: bool = True) -> BatchReport:
         """Apply one micro-batch (in order) and bring every cache up to date. ``features``:
         new input features by node key (else ``featurize(changes)``, else the type embedding).
         ``with_vectors=False`` skips building the published keys, event times and vectors
@@ -346,7 +366,7 @@ class IncrementalEngine:
         index, rel_ids = rep.index, rep._rel_id
         structure = _Structure()
         run = _EdgeRun()
-        x_new: dict[int, tuple[Tensor | None, int]] = {}   # slot -> (features or None=type emb, ts)
+        x_new: dict[int, tuple[Tensor | None, int]] = {}  # slot -> (features or None=type emb, ts)
         created: set[int] = set()
         removed: list[int] = []
         deleted: dict[str, None] = {}
@@ -435,8 +455,14 @@ class IncrementalEngine:
             rep.add_edges(s[new], r[new], d[new])
             structure.edges(s[new], d[new], 1.0, ts[new])
 
-    def _propagate(self, structure: _Structure, x_new: dict[int, tuple[Tensor | None, int]], created: set[int],
-                   removed: list[int], with_vectors: bool) -> BatchReport:
+    def _propagate(
+        self,
+        structure: _Structure,
+        x_new: dict[int, tuple[Tensor | None, int]],
+        created: set[int],
+        removed: list[int],
+        with_vectors: bool,
+    ) -> BatchReport:
         rep, dev, L = self.replica, self.device, self.L
         self.ensure_capacity(rep.num_slots)
         report = BatchReport(suppressed=[0] * (L + 1), max_residual=[0.0] * (L + 1))
@@ -453,7 +479,7 @@ class IncrementalEngine:
                 owners, srcs, signs, tss = owners[keep], srcs[keep], signs[keep], tss[keep]
         new_slots = np.fromiter((s for s in created if alive[s]), dtype=np.int64)
         ends = self._union(owners, new_slots)
-        zero = ends[rep.length[ends] == 0] if len(ends) else ends     # no neighbours: the sum is exactly 0
+        zero = ends[rep.length[ends] == 0] if len(ends) else ends  # no neighbours: the sum is exactly 0
         if len(owners):
             o, src = self._t(owners), self._t(srcs)
             sign = torch.from_numpy(signs).to(dev).unsqueeze(1)
@@ -502,7 +528,7 @@ class IncrementalEngine:
             seg, w = rep.gather(changed)
             if len(w):
                 recv, seg_t = self._t(w), self._t(seg)
-                self.S[layer].index_add_(0, recv, delta.to(self.agg_dtype)[seg_t])   # convert |C| rows, not messages
+                self.S[layer].index_add_(0, recv, delta.to(self.agg_dtype)[seg_t])  # convert |C| rows, not messages
                 self._count(layer, w)
                 self._ts.scatter_reduce_(0, recv, self._ts[self._t(changed)][seg_t], reduce="amax")
                 touched_ts.append(recv)
@@ -521,7 +547,7 @@ class IncrementalEngine:
             if layer + 1 < L:
                 full_next = self._use_full_pass(changed, ends)
                 if not full_next:
-                    structure_into(layer + 1)                 # h[layer+1] still holds the old rows
+                    structure_into(layer + 1)  # h[layer+1] still holds the old rows
             if len(changed):
                 self.h[layer + 1][self._t(changed)] = new if len(idx) == len(rows) else new[self._t(idx)]
             held_last = held
@@ -560,8 +586,9 @@ class IncrementalEngine:
         messages = int(self.replica.length[changed].sum()) + len(ends)
         return messages >= self.full_ratio * half_edges
 
-    def _full_from(self, first: int, changed: np.ndarray, ends: np.ndarray, report: BatchReport,
-                   touched_ts: list[Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    def _full_from(
+        self, first: int, changed: np.ndarray, ends: np.ndarray, report: BatchReport, touched_ts: list[Tensor]
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Layers ``first+1..L`` by full-graph passes; returns (``C_L``, rows of layer L held
         back). Per layer: ``A`` = ``C`` + neighbours of ``C`` (one sparse product with C's
         indicator) + ``ends``; the fresh sums (one CSR product over all rows, i.e. the sums of
@@ -573,7 +600,6 @@ class IncrementalEngine:
         crow, col, row = self._csr(with_rows=True)
         adj = self._sparse(crow, col, self.agg_dtype)
         alive = torch.from_numpy(rep.alive[:n]).to(dev)
-        isnew = torch.from_numpy(self._isnew[:n]).to(dev)
         end_mask = torch.zeros(n, dtype=torch.bool, device=dev)
         end_mask[self._t(ends)] = True
         in_c = torch.zeros(n, dtype=torch.bool, device=dev)
@@ -599,8 +625,7 @@ class IncrementalEngine:
             new = self.model.dense(layer, agg, self.h[layer][rows_t])
             del agg
             rows = rows_t.cpu().numpy()
-            changed, idx, _, held = self._select(layer + 1, rows, self.h[layer + 1][rows_t], new, report,
-                                                 need_delta=False)
+            changed, idx, _, held = self._select(layer + 1, rows, self.h[layer + 1][rows_t], new, report, need_delta=False)
             if len(changed):
                 c_t = self._t(changed)
                 self.h[layer + 1][c_t] = new if len(idx) == len(rows) else new[self._t(idx)]
@@ -613,8 +638,9 @@ class IncrementalEngine:
             report.full_layers += 1
         return changed, held
 
-    def _select(self, layer: int, rows: np.ndarray, old: Tensor, new: Tensor, report: BatchReport,
-                need_delta: bool = True) -> tuple[np.ndarray, np.ndarray, Tensor, np.ndarray]:
+    def _select(
+        self, layer: int, rows: np.ndarray, old: Tensor, new: Tensor, report: BatchReport, need_delta: bool = True
+    ) -> tuple[np.ndarray, np.ndarray, Tensor, np.ndarray]:
         """(changed rows, their positions in ``rows``, their delta new - old, held-back rows):
         the recomputed rows of ``layer`` that pass their change on (the bounded-mode hook).
 
@@ -635,19 +661,19 @@ class IncrementalEngine:
                 report.max_residual[layer] = float(mag[held].max())
             held_rows = rows[held]
         else:
-            diff = new - old                                  # exact mode: any bit moved
-            mag = diff.abs() if need_delta else diff.abs_()   # amax of |diff|: 3-4x faster than any(diff != 0)
+            diff = new - old  # exact mode: any bit moved
+            mag = diff.abs() if need_delta else diff.abs_()  # amax of |diff|: 3-4x faster than any(diff != 0)
             move = (mag.amax(1) != 0).cpu().numpy()
             move |= self._isnew[rows]
             held_rows = rows[:0]
             idx = np.flatnonzero(move)
-            if not need_delta:                                # layer L: nothing propagates further
+            if not need_delta:  # layer L: nothing propagates further
                 return rows[idx], idx, new[:0], held_rows
             if len(idx) == len(rows):
                 return rows, idx, diff, held_rows
             return rows[idx], idx, diff[self._t(idx)], held_rows
         idx = np.flatnonzero(move)
-        if not need_delta:                                    # layer L: nothing propagates further
+        if not need_delta:  # layer L: nothing propagates further
             return rows[idx], idx, new[:0], held_rows
         if len(idx) == len(rows):
             return rows, idx, new - old, held_rows
@@ -662,8 +688,8 @@ class IncrementalEngine:
             return
         seg, w = self.replica.gather(over)
         fresh = torch.zeros(len(over), self.dims[layer], dtype=self.agg_dtype, device=self.device)
-        for lo in range(0, len(w), chunk):       # a hub can have millions of neighbours
-            fresh.index_add_(0, self._t(seg[lo:lo + chunk]), self.h[layer][self._t(w[lo:lo + chunk])].to(self.agg_dtype))
+        for lo in range(0, len(w), chunk):  # a hub can have millions of neighbours
+            fresh.index_add_(0, self._t(seg[lo : lo + chunk]), self.h[layer][self._t(w[lo : lo + chunk])].to(self.agg_dtype))
         self.S[layer][self._t(over)] = fresh
         cnt[over] = 0
         report.reanchored_rows += len(over)
@@ -705,7 +731,7 @@ class IncrementalEngine:
         torch.cumsum(length, 0, out=crow[1:])
         total = int(crow[-1])
         row = torch.repeat_interleave(torch.arange(n, device=dev), length, output_size=total)
-        offset = torch.from_numpy(rep.start[:n]).to(dev) - crow[:-1]   # block start - CSR start
+        offset = torch.from_numpy(rep.start[:n]).to(dev) - crow[:-1]  # block start - CSR start
         pos = torch.arange(total, device=dev).add_(offset[row])
         col = self._nbr_on_device()[pos].long()
         del pos
@@ -717,28 +743,27 @@ class IncrementalEngine:
         (CPU: a zero-copy view) the used part is copied whole."""
         rep = self.replica
         if not self.mirror_adjacency:
-            return torch.from_numpy(rep.nbr[:rep.top]).to(self.device)
-        if self._nbr_of is not rep:                           # a new replica (load, restore)
+            return torch.from_numpy(rep.nbr[: rep.top]).to(self.device)
+        if self._nbr_of is not rep:  # a new replica (load, restore)
             rep.track_writes()
             self._nbr_of, self._nbr_dev = rep, None
         writes = rep.take_writes()
         buf = self._nbr_dev
         if writes is None or buf is None or len(buf) < rep.top:
             buf = torch.empty(len(rep.nbr), dtype=torch.int32, device=self.device)
-            buf[:rep.top] = torch.from_numpy(rep.nbr[:rep.top]).to(self.device)
+            buf[: rep.top] = torch.from_numpy(rep.nbr[: rep.top]).to(self.device)
             self._nbr_dev = buf
         elif len(writes):
             buf[self._t(writes)] = torch.from_numpy(rep.nbr[writes]).to(self.device)
-        return buf[:rep.top]
+        return buf[: rep.top]
 
     def _sparse(self, crow: Tensor, col: Tensor, dtype: torch.dtype) -> Tensor:
         n = len(crow) - 1
-        if self.device.type == "cpu" and len(col) < (1 << 31) - 1:   # int32 halves the CSR on the host
+        if self.device.type == "cpu" and len(col) < (1 << 31) - 1:  # int32 halves the CSR on the host
             crow, col = crow.int(), col.int()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            return torch.sparse_csr_tensor(crow, col, torch.ones(len(col), dtype=dtype, device=self.device),
-                                           size=(n, n))
+            return torch.sparse_csr_tensor(crow, col, torch.ones(len(col), dtype=dtype, device=self.device), size=(n, n))
 
     def adjacency(self, dtype: torch.dtype | None = None) -> Tensor:
         """The replica's adjacency as a sparse CSR matrix on the device (row = receiver), for
@@ -794,7 +819,7 @@ class IncrementalEngine:
             return 0.0, 0
         if method == "auto":
             small = 2 * self.replica.num_edges * max(self.dims) <= (1 << 28)
-            method = "pyg" if small and int(self.replica.length[:self.replica.num_slots].max()) < 10_000 else "layers"
+            method = "pyg" if small and int(self.replica.length[: self.replica.num_slots].max()) < 10_000 else "layers"
         full = self.full_recompute() if method == "pyg" else self.full_layers()
         err = torch.zeros(len(live), device=self.device)
         for layer in range(1, self.L + 1):
@@ -825,9 +850,16 @@ class IncrementalEngine:
         if len(dead):
             self.clear_rows(dead)
 
-    def bulk_load(self, keys: Sequence[str], src: np.ndarray, dst: np.ndarray,
-                  rel: str | Sequence[str] | np.ndarray = "RELATED", features: Tensor | None = None,
-                  rel_names: Sequence[str] | None = None, feature_rows: np.ndarray | None = None) -> None:
+    def bulk_load(
+        self,
+        keys: Sequence[str],
+        src: np.ndarray,
+        dst: np.ndarray,
+        rel: str | Sequence[str] | np.ndarray = "RELATED",
+        features: Tensor | None = None,
+        rel_names: Sequence[str] | None = None,
+        feature_rows: np.ndarray | None = None,
+    ) -> None:
         """Cold start: load nodes and edges (``src``/``dst`` index into ``keys``; ``rel`` one
         name, or ids into ``rel_names``) into an empty engine, then ``rebuild()``. ``features``:
         rows aligned with ``keys``, or with ``feature_rows`` (indices into ``keys``) when given;
@@ -857,11 +889,17 @@ class IncrementalEngine:
     # ---- persistence -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         n = self.replica.num_slots
-        return {"format": STATE_FORMAT, "graph_version": self.model.version,
-                "model_version": self.model_version, "agg_dtype": str(self.agg_dtype), "mode": self.mode,
-                "replica": self.replica.state_dict(),
-                "h": [t[:n].cpu() for t in self.h], "S": [t[:n].cpu() for t in self.S],
-                "count": [t[:n].cpu() for t in self.count]}
+        return {
+            "format": STATE_FORMAT,
+            "graph_version": self.model.version,
+            "model_version": self.model_version,
+            "agg_dtype": str(self.agg_dtype),
+            "mode": self.mode,
+            "replica": self.replica.state_dict(),
+            "h": [t[:n].cpu() for t in self.h],
+            "S": [t[:n].cpu() for t in self.S],
+            "count": [t[:n].cpu() for t in self.count],
+        }
 
     def restore_caches(self, state: Mapping[str, Any]) -> None:
         """Set ``h[1..L]``, the sums and the drift counters from ``state_dict()`` output whose

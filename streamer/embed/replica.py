@@ -91,10 +91,10 @@ class Replica:
         self.rels: list[str] = []
         self._rel_id: dict[str, int] = {}
         self.free: list[int] = []
-        self.num_slots = 0          # high-water mark of slots ever used
-        self.num_edges = 0          # typed edges
-        self.top = 0                # bump pointer into the half-edge arrays
-        self.garbage = 0            # half-edge positions in abandoned blocks
+        self.num_slots = 0  # high-water mark of slots ever used
+        self.num_edges = 0  # typed edges
+        self.top = 0  # bump pointer into the half-edge arrays
+        self.garbage = 0  # half-edge positions in abandoned blocks
         self.compact_min_garbage = 1 << 16
         self.alive = np.zeros(node_capacity, dtype=bool)
         self.ntype = np.zeros(node_capacity, dtype=np.int16)
@@ -172,8 +172,8 @@ class Replica:
         until ``release``. Vectorised: the partner halves are removed from their blocks with
         ``_delete_positions`` (O(degree) numpy, no Python loop per edge)."""
         s, n = int(self.start[slot]), int(self.length[slot])
-        nbrs = self.nbr[s:s + n].astype(np.int64)
-        twins = self.twin[s:s + n].astype(np.int64)
+        nbrs = self.nbr[s : s + n].astype(np.int64)
+        twins = self.twin[s : s + n].astype(np.int64)
         other = nbrs != slot
         self._delete_positions(twins[other], nbrs[other])
         self.num_edges -= n
@@ -194,7 +194,7 @@ class Replica:
             self.free.append(int(s))
 
     def live_slots(self) -> np.ndarray:
-        return np.flatnonzero(self.alive[:self.num_slots])
+        return np.flatnonzero(self.alive[: self.num_slots])
 
     # ---- half-edge blocks --------------------------------------------------------------
     def _grow_edges(self, need: int) -> None:
@@ -207,7 +207,7 @@ class Replica:
         for name in ("nbr", "code", "twin"):
             old = getattr(self, name)
             arr = np.zeros(new, dtype=old.dtype)
-            arr[:self.top] = old[:self.top]
+            arr[: self.top] = old[: self.top]
             setattr(self, name, arr)
 
     def _room(self, v: int, extra: int = 1) -> None:
@@ -216,7 +216,7 @@ class Replica:
         if n + extra <= cap:
             return
         new_cap = max(_MIN_BLOCK, 2 * cap, n + extra)
-        if cap and s + cap == self.top:          # last block: grow in place
+        if cap and s + cap == self.top:  # last block: grow in place
             self._grow_edges(s + new_cap)
             self.top = s + new_cap
             self.capacity[v] = new_cap
@@ -224,12 +224,12 @@ class Replica:
         p = self.top
         self._grow_edges(p + new_cap)
         if n:
-            tw = self.twin[s:s + n].astype(np.int64)
-            inside = (tw >= s) & (tw < s + n)        # self-loops point into the block itself
+            tw = self.twin[s : s + n].astype(np.int64)
+            inside = (tw >= s) & (tw < s + n)  # self-loops point into the block itself
             tw[inside] += p - s
-            self.nbr[p:p + n] = self.nbr[s:s + n]
-            self.code[p:p + n] = self.code[s:s + n]
-            self.twin[p:p + n] = tw
+            self.nbr[p : p + n] = self.nbr[s : s + n]
+            self.code[p : p + n] = self.code[s : s + n]
+            self.twin[p : p + n] = tw
             self.twin[tw] = np.arange(p, p + n, dtype=np.int32)
             self._mark(np.arange(p, p + n, dtype=np.int64))
         self.garbage += cap
@@ -253,7 +253,7 @@ class Replica:
             self._mark(p)
             self.code[p] = self.code[last]
             t = int(self.twin[last])
-            if t == last:                       # a moved self-loop is its own twin
+            if t == last:  # a moved self-loop is its own twin
                 t = p
             self.twin[p] = t
             self.twin[t] = p
@@ -269,7 +269,7 @@ class Replica:
         else:
             owner, other, code = d, s, 2 * r + 1
         b, n = int(self.start[owner]), int(self.length[owner])
-        hit = np.flatnonzero((self.nbr[b:b + n] == other) & (self.code[b:b + n] == code))
+        hit = np.flatnonzero((self.nbr[b : b + n] == other) & (self.code[b : b + n] == code))
         return b + int(hit[0]) if len(hit) else -1
 
     def has_edge(self, s: int, rel: str, d: int) -> bool:
@@ -334,7 +334,7 @@ class Replica:
         m = len(s)
         if not m:
             return
-        k = np.flatnonzero(s != d)                   # edges with a second half
+        k = np.flatnonzero(s != d)  # edges with a second half
         owner = np.concatenate([s, d[k]])
         nbr = np.concatenate([d, s[k]])
         code = np.concatenate([2 * r, 2 * r[k] + 1])
@@ -454,15 +454,14 @@ class Replica:
         None means "everything" (or tracking is off): copy ``nbr[:top]`` whole."""
         if self._writes is None:
             return None
-        out = None if self._writes_all else (np.concatenate(self._writes) if self._writes
-                                              else np.zeros(0, dtype=np.int64))
+        out = None if self._writes_all else (np.concatenate(self._writes) if self._writes else np.zeros(0, dtype=np.int64))
         self._writes, self._writes_n, self._writes_all = [], 0, False
         return out
 
     # ---- reads -------------------------------------------------------------------------
     def neighbors(self, v: int) -> np.ndarray:
         s, n = int(self.start[v]), int(self.length[v])
-        return self.nbr[s:s + n].copy()
+        return self.nbr[s : s + n].copy()
 
     def gather(self, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Every half-edge of ``nodes``: (i, w) arrays, meaning nodes[i] and w share an edge."""
@@ -492,7 +491,7 @@ class Replica:
         out = []
         for v in self.live_slots():
             s, n = int(self.start[v]), int(self.length[v])
-            for w, c in zip(self.nbr[s:s + n], self.code[s:s + n]):
+            for w, c in zip(self.nbr[s : s + n], self.code[s : s + n]):
                 if c % 2 == 0:
                     out.append((self.keys[v], self.rels[c // 2], self.keys[int(w)]))
         return out
@@ -504,7 +503,7 @@ class Replica:
             return set()
         s, n = int(self.start[v]), int(self.length[v])
         out = set()
-        for w, c in zip(self.nbr[s:s + n], self.code[s:s + n]):
+        for w, c in zip(self.nbr[s : s + n], self.code[s : s + n]):
             if c % 2 == 0:
                 rel = self.rels[c // 2]
                 if rels is None or rel in rels:
@@ -522,7 +521,7 @@ class Replica:
         if len(src) and (not self.alive[src].all() or not self.alive[dst].all()):
             raise ValueError("bulk_add_edges: unknown node slot")
         n, nr = max(self.num_slots, 1), max(len(self.rels), 1)
-        if n * n * nr < 1 << 62:                         # dedupe on one int64 key (fast path)
+        if n * n * nr < 1 << 62:  # dedupe on one int64 key (fast path)
             key = sorted_unique((src * nr + rel) * n + dst)
             s, r, d = key // (n * nr), (key // n) % nr, key % n
         else:
@@ -533,7 +532,7 @@ class Replica:
         # (s, r, d) come sorted by s, so the first halves (in s's block) are already grouped by
         # owner; only the second halves (in d's block) need a sort. The order inside a block
         # does not matter, so that sort need not be stable.
-        k = np.flatnonzero(s != d)                       # edges that get a second half
+        k = np.flatnonzero(s != d)  # edges that get a second half
         dk = d[k]
         cnt_s = np.bincount(s, minlength=n).astype(np.int64)
         cnt_d = np.bincount(dk, minlength=n).astype(np.int64)
@@ -544,13 +543,14 @@ class Replica:
         order = np.argsort(dk)
         dk_sorted = dk[order]
         pos_d = np.empty(len(k), dtype=np.int64)
-        pos_d[order] = (starts[dk_sorted] + cnt_s[dk_sorted] + np.arange(len(k), dtype=np.int64)
-                        - (np.cumsum(cnt_d) - cnt_d)[dk_sorted])
+        pos_d[order] = (
+            starts[dk_sorted] + cnt_s[dk_sorted] + np.arange(len(k), dtype=np.int64) - (np.cumsum(cnt_d) - cnt_d)[dk_sorted]
+        )
         del order, dk_sorted
         self._grow_edges(int(caps.sum()) + 1)
         self.nbr[pos_s] = d
         self.code[pos_s] = 2 * r
-        self.twin[pos_s] = pos_s                         # self-loops are their own twin
+        self.twin[pos_s] = pos_s  # self-loops are their own twin
         self.nbr[pos_d] = s[k]
         self.code[pos_d] = 2 * r[k] + 1
         self.twin[pos_s[k]] = pos_d
@@ -589,24 +589,38 @@ class Replica:
     def nbytes(self) -> dict[str, int]:
         arrays = sum(a.nbytes for a in (self.nbr, self.code, self.twin))
         per_node = sum(a.nbytes for a in (self.alive, self.ntype, self.start, self.length, self.capacity))
-        return {"half_edge_arrays": arrays, "half_edges_used": self.top, "node_arrays": per_node,
-                "bytes_per_half_edge": 10, "bytes_per_slot": 18}
+        return {
+            "half_edge_arrays": arrays,
+            "half_edges_used": self.top,
+            "node_arrays": per_node,
+            "bytes_per_half_edge": 10,
+            "bytes_per_slot": 18,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         n, t = self.num_slots, self.top
-        arr = {name: torch.from_numpy(getattr(self, name)[:n].copy())
-               for name in ("alive", "ntype", "start", "length", "capacity")}
+        arr = {
+            name: torch.from_numpy(getattr(self, name)[:n].copy()) for name in ("alive", "ntype", "start", "length", "capacity")
+        }
         arr.update({name: torch.from_numpy(getattr(self, name)[:t].copy()) for name in ("nbr", "code", "twin")})
-        return {"arrays": arr, "keys": list(self.keys), "labels": list(self.labels), "rels": list(self.rels),
-                "free": list(self.free), "num_slots": n, "num_edges": self.num_edges, "top": t,
-                "garbage": self.garbage}
+        return {
+            "arrays": arr,
+            "keys": list(self.keys),
+            "labels": list(self.labels),
+            "rels": list(self.rels),
+            "free": list(self.free),
+            "num_slots": n,
+            "num_edges": self.num_edges,
+            "top": t,
+            "garbage": self.garbage,
+        }
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> "Replica":
+    def from_state_dict(cls, state: dict[str, Any]) -> Replica:
         n, t = int(state["num_slots"]), int(state["top"])
         rep = cls(node_capacity=max(n, 16), edge_capacity=max(t, 16))
         for name, tensor in state["arrays"].items():
-            getattr(rep, name)[:len(tensor)] = tensor.numpy()
+            getattr(rep, name)[: len(tensor)] = tensor.numpy()
         rep.keys = list(state["keys"])
         rep.index = {k: i for i, k in enumerate(rep.keys) if k is not None}
         rep.labels = list(state["labels"])

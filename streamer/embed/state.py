@@ -67,8 +67,15 @@ def graph_model(settings: Settings, in_dim: int = 384) -> GraphEncoder:
         if model.config.in_dim != in_dim:
             raise ValueError(f"checkpoint in_dim {model.config.in_dim} != text dim {in_dim}")
     else:
-        model = GraphEncoder(GraphEncoderConfig(in_dim=in_dim, hidden=settings.gnn_hidden, out=settings.gnn_out,
-                                                layers=settings.gnn_layers, seed=settings.gnn_seed))
+        model = GraphEncoder(
+            GraphEncoderConfig(
+                in_dim=in_dim,
+                hidden=settings.gnn_hidden,
+                out=settings.gnn_out,
+                layers=settings.gnn_layers,
+                seed=settings.gnn_seed,
+            )
+        )
     check_fusion(settings.fusion, in_dim, model.config.out)
     return model
 
@@ -98,9 +105,13 @@ class Featurizer:
 
 
 def engine_kwargs(settings: Settings, text: TextEncoder | None) -> dict[str, Any]:
-    return dict(fusion=settings.fusion, fusion_text_weight=settings.fusion_text_weight,
-                featurize=Featurizer(text) if text is not None else None,
-                text_model_id=text.model_id if text is not None else "", **engine_options(settings))
+    return dict(
+        fusion=settings.fusion,
+        fusion_text_weight=settings.fusion_text_weight,
+        featurize=Featurizer(text) if text is not None else None,
+        text_model_id=text.model_id if text is not None else "",
+        **engine_options(settings),
+    )
 
 
 def build_engine(settings: Settings, text: TextEncoder | None = None) -> IncrementalEngine:
@@ -123,8 +134,9 @@ def save_engine(engine: IncrementalEngine, path: str | Path) -> None:
     tmp.replace(path)
 
 
-def load_engine(path: str | Path, model: GraphEncoder, device: Any = "auto", progress: bool = True,
-                **kwargs: Any) -> tuple[IncrementalEngine, bool]:
+def load_engine(
+    path: str | Path, model: GraphEncoder, device: Any = "auto", progress: bool = True, **kwargs: Any
+) -> tuple[IncrementalEngine, bool]:
     """(engine, re-embedded): the saved engine for ``model`` (module docstring)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("format") != STATE_FORMAT:
@@ -135,15 +147,19 @@ def load_engine(path: str | Path, model: GraphEncoder, device: Any = "auto", pro
     engine.ensure_capacity(max(n, 16))
     engine.h[0][:n] = state["h"][0].to(engine.device)
     if state["graph_version"] != model.version:
-        log.info("engine state %s was written by graph model %s; full re-embed with %s",
-                 path, state["graph_version"], model.version)
+        log.info(
+            "engine state %s was written by graph model %s; full re-embed with %s", path, state["graph_version"], model.version
+        )
         del state
         refresh_type_features(engine)
         layerwise_rebuild(engine, progress=progress)
         return engine, True
     if str(engine.agg_dtype) != state["agg_dtype"] or (state.get("mode", "exact") == "bounded" and engine.mode == "exact"):
-        log.info("engine state was written with %s sums in %s mode; rebuilding the caches",
-                 state["agg_dtype"], state.get("mode", "exact"))
+        log.info(
+            "engine state was written with %s sums in %s mode; rebuilding the caches",
+            state["agg_dtype"],
+            state.get("mode", "exact"),
+        )
         engine.rebuild()
         return engine, False
     engine.restore_caches(state)
@@ -161,16 +177,16 @@ def layerwise_rebuild(engine: IncrementalEngine, chunk_rows: int = 65_536, progr
     deg = torch.as_tensor(rep.length[:n].astype(np.float32), device=dev)
     slots = np.arange(n, dtype=np.int64)
     for layer in range(engine.L):
-        bar = tqdm(total=n, desc=f"re-embed layer {layer + 1}/{engine.L}", unit="node", disable=not progress,
-                   mininterval=1.0)
+        bar = tqdm(total=n, desc=f"re-embed layer {layer + 1}/{engine.L}", unit="node", disable=not progress, mininterval=1.0)
         for lo in range(0, n, chunk_rows):
-            rows = slots[lo:lo + chunk_rows]
+            rows = slots[lo : lo + chunk_rows]
             seg, nbr = rep.gather(rows)
             r = torch.as_tensor(rows, device=dev)
             s = torch.zeros(len(rows), engine.dims[layer], dtype=engine.agg_dtype, device=dev)
             if len(seg):
-                s.index_add_(0, torch.as_tensor(seg, device=dev),
-                             engine.h[layer][torch.as_tensor(nbr, device=dev)].to(engine.agg_dtype))
+                s.index_add_(
+                    0, torch.as_tensor(seg, device=dev), engine.h[layer][torch.as_tensor(nbr, device=dev)].to(engine.agg_dtype)
+                )
             engine.S[layer][r] = s
             agg = s.to(torch.float32)
             if engine.mean:
@@ -247,8 +263,9 @@ def open_checkpoint(settings: Settings, require: bool = False, progress: bool = 
         return opened
     model = graph_model(settings, in_dim=text.dim)
     meta = json.loads(opened.offsets_path.read_text()) if opened.offsets_path.exists() else {}
-    engine, reembedded = load_engine(opened.engine_path, model, settings.device, progress=progress,
-                                     **engine_kwargs(settings, text))
+    engine, reembedded = load_engine(
+        opened.engine_path, model, settings.device, progress=progress, **engine_kwargs(settings, text)
+    )
     if meta.get("model_version") and meta["model_version"] != engine.model_version:
         log.info("vector version %s -> %s: full re-embed", meta["model_version"], engine.model_version)
         reembedded = True

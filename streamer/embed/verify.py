@@ -69,7 +69,10 @@ def last_vectors(settings: Settings, timeout_s: float = 10.0) -> dict:
     from kafka.structs import TopicPartition
 
     consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False, group_id=None)
-    tps = [TopicPartition(settings.topic_embeddings, p) for p in sorted(consumer.partitions_for_topic(settings.topic_embeddings) or [])]
+    tps = [
+        TopicPartition(settings.topic_embeddings, p)
+        for p in sorted(consumer.partitions_for_topic(settings.topic_embeddings) or [])
+    ]
     consumer.assign(tps)
     consumer.seek_to_beginning(*tps)
     last: dict = {}

@@ -94,8 +94,8 @@ class EmbedStats:
     vectors_published: int = 0
     tombstones_published: int = 0
     rows_recomputed: int = 0
-    vectors_suppressed: int = 0   # bounded mode: refreshed vectors under the publish threshold
-    full_pass_layers: int = 0     # layers computed by a full pass (large batches)
+    vectors_suppressed: int = 0  # bounded mode: refreshed vectors under the publish threshold
+    full_pass_layers: int = 0  # layers computed by a full pass (large batches)
     affected_max: list[int] = field(default_factory=list)
     affected_sum: list[int] = field(default_factory=list)
     freshness_s: list[float] = field(default_factory=list)
@@ -179,8 +179,9 @@ class EmbedStep:
 
     def on_revoked(self) -> None:
         if self.unpublished is not None:
-            log.warning("partitions revoked with %d vectors unpublished: back to the last checkpoint",
-                        len(self.unpublished.records))
+            log.warning(
+                "partitions revoked with %d vectors unpublished: back to the last checkpoint", len(self.unpublished.records)
+            )
             self.unpublished = None
             self.opened = open_checkpoint(self.settings)
             self.positions = dict(self.opened.offsets)
@@ -189,8 +190,10 @@ class EmbedStep:
         if finished and self.unpublished is None:
             self.checkpoint()
         else:
-            log.warning("stopping with work unfinished: not checkpointing (the batches since the last checkpoint "
-                        "are applied and published again on restart)")
+            log.warning(
+                "stopping with work unfinished: not checkpointing (the batches since the last checkpoint "
+                "are applied and published again on restart)"
+            )
         try:
             self.publisher.close()
         except Exception:  # closing is best effort
@@ -242,11 +245,13 @@ class EmbedStep:
         version = self.engine.model_version
         with tqdm(total=len(keys), desc=f"publish {version}", unit="vector", mininterval=1.0) as bar:
             for i in range(0, len(keys), chunk):
-                vectors = _numpy(self.engine.vectors(torch.as_tensor(slots[i:i + chunk], dtype=torch.long)))
+                vectors = _numpy(self.engine.vectors(torch.as_tensor(slots[i : i + chunk], dtype=torch.long)))
                 self.publisher.publish(
                     self.settings.topic_embeddings,
-                    [VectorRecord(k, v, version, None, None, now).to_kafka()
-                     for k, v in zip(keys[i:i + chunk], vectors, strict=True)],
+                    [
+                        VectorRecord(k, v, version, None, None, now).to_kafka()
+                        for k, v in zip(keys[i : i + chunk], vectors, strict=True)
+                    ],
                 )
                 bar.update(len(vectors))
         self.stats.vectors_published += len(keys)
@@ -295,5 +300,12 @@ def _numpy(t: torch.Tensor | np.ndarray | None) -> np.ndarray:
 def embed_consumer(settings: Settings, publisher: KafkaPublisher | None = None) -> BatchingConsumer:
     """The embedding worker: group ``embed_group`` over kg.changes, one ``EmbedStep``."""
     step = EmbedStep(settings, publisher)
-    return BatchingConsumer(settings, settings.embed_group, [settings.topic_changes], "kg-embed", [step],
-                            max_batch=settings.embed_batch_max_changes, max_wait_s=settings.embed_batch_max_wait_s)
+    return BatchingConsumer(
+        settings,
+        settings.embed_group,
+        [settings.topic_changes],
+        "kg-embed",
+        [step],
+        max_batch=settings.embed_batch_max_changes,
+        max_wait_s=settings.embed_batch_max_wait_s,
+    )

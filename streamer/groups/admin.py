@@ -24,7 +24,7 @@ import signal
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from kafka.errors import KafkaError
 
@@ -44,12 +44,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("replay", help="rewind a consumer group (backfill); refuses while it has live members")
     p.add_argument("--group", required=True)
-    p.add_argument("--to", required=True, help="earliest | latest | <offset> | <ISO-8601 time, UTC if no zone> | -<N>[smhd] relative (write --to=-15m)")
+    p.add_argument(
+        "--to",
+        required=True,
+        help="earliest | latest | <offset> | <ISO-8601 time, UTC if no zone> | -<N>[smhd] relative (write --to=-15m)",
+    )
     p.add_argument("--topics", nargs="+", default=None, help="default: the topics the group committed on")
     p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
-    p.add_argument("--force", action="store_true",
-                   help="remove the group's live members first (meant for members that are gone but not evicted); "
-                        "also allows rewinding the embedding worker's group")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="remove the group's live members first (meant for members that are gone but not evicted); "
+        "also allows rewinding the embedding worker's group",
+    )
     p.add_argument("--follow", action="store_true", help="then show the backfill's progress until caught up")
     p.add_argument("--timeout", type=float, default=None, help="stop following after S seconds")
     p.add_argument("--json", action="store_true", help="print the plan and summary as JSON")
@@ -86,7 +93,7 @@ def _fmt_age(seconds: float | None) -> str:
 
 
 def _fmt_ts(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="seconds")
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="seconds")
 
 
 # --- status -----------------------------------------------------------------------------------
@@ -113,7 +120,7 @@ def cmd_status(args, settings: Settings) -> int:
         members = len(g.members)
         table = Table(
             title=f"[bold]{g.group}[/]  state {g.state or '?'}, {members} member{'s' if members != 1 else ''}, "
-                  f"sampled {_fmt_ts(g.sampled_at)}",
+            f"sampled {_fmt_ts(g.sampled_at)}",
             title_justify="left",
         )
         for name in ("topic", "partition", "committed", "end", "lag (msgs)", "lag (s)", "last commit"):
@@ -121,8 +128,16 @@ def cmd_status(args, settings: Settings) -> int:
         for p in g.partitions:
             lag_s = p.lag_seconds()
             style = "red" if p.lag_messages and (lag_s or 0) > 60 else ("yellow" if p.lag_messages else None)
-            table.add_row(p.topic, str(p.partition), "-" if p.committed is None else str(p.committed), str(p.end),
-                          f"{p.lag_messages:,}", _fmt_age(lag_s), _fmt_age(p.commit_age()), style=style)
+            table.add_row(
+                p.topic,
+                str(p.partition),
+                "-" if p.committed is None else str(p.committed),
+                str(p.end),
+                f"{p.lag_messages:,}",
+                _fmt_age(lag_s),
+                _fmt_age(p.commit_age()),
+                style=style,
+            )
         table.add_section()
         table.add_row("total", "", "", "", f"{g.lag_messages:,}", _fmt_age(g.lag_seconds), "", style="bold")
         if not g.partitions:
@@ -172,23 +187,39 @@ def _replay(args, settings: Settings, sampler, target, out, err) -> int:
         return 2
     plans = plan_replay(sampler, args.group, topics, target)
     state, members = sampler.describe(args.group)
-    summary = {"group": args.group, "to": target.describe(), "dry_run": args.dry_run, "state": state,
-               "members": len(members), "to_reread": sum(p.to_reread for p in plans),
-               "backfill": sum(p.backfill for p in plans), "partitions": [p.to_dict() for p in plans]}
+    summary = {
+        "group": args.group,
+        "to": target.describe(),
+        "dry_run": args.dry_run,
+        "state": state,
+        "members": len(members),
+        "to_reread": sum(p.to_reread for p in plans),
+        "backfill": sum(p.backfill for p in plans),
+        "partitions": [p.to_dict() for p in plans],
+    }
     if not args.json:
-        table = Table(title=f"replay {args.group} to {target.describe()}{'  (dry run)' if args.dry_run else ''}",
-                      title_justify="left")
+        table = Table(
+            title=f"replay {args.group} to {target.describe()}{'  (dry run)' if args.dry_run else ''}", title_justify="left"
+        )
         for name in ("topic", "partition", "committed", "new offset", "re-read", "to log end"):
             table.add_column(name, justify="left" if name == "topic" else "right")
         for p in plans:
-            table.add_row(p.topic, str(p.partition), "-" if p.current is None else str(p.current), str(p.target),
-                          f"{p.to_reread:,}", f"{p.backfill:,}")
+            table.add_row(
+                p.topic,
+                str(p.partition),
+                "-" if p.current is None else str(p.current),
+                str(p.target),
+                f"{p.to_reread:,}",
+                f"{p.backfill:,}",
+            )
         table.add_section()
         table.add_row("total", "", "", "", f"{summary['to_reread']:,}", f"{summary['backfill']:,}", style="bold")
         out.print(table)
-    embed_note = (f"{args.group} is the embedding worker's group: the worker resumes kg.changes from its own "
-                  "checkpoint, so a rewind only moves the offsets it reports (lag looks high until its next commit). "
-                  "To rebuild its state, stop it and remove <state_dir>/embed; --force rewinds anyway")
+    embed_note = (
+        f"{args.group} is the embedding worker's group: the worker resumes kg.changes from its own "
+        "checkpoint, so a rewind only moves the offsets it reports (lag looks high until its next commit). "
+        "To rebuild its state, stop it and remove <state_dir>/embed; --force rewinds anyway"
+    )
     if args.group == settings.embed_group and (args.dry_run or args.force):
         err.print(f"[yellow]note: {embed_note}[/]")
     elif args.group == settings.embed_group:
@@ -211,8 +242,10 @@ def _replay(args, settings: Settings, sampler, target, out, err) -> int:
         return EXIT_REFUSED
     summary["removed_members"] = len(removed)
     if not args.json:
-        err.print(f"[green]committed[/] {len(plans)} partition offsets for {args.group}"
-                  + (f" (removed {len(removed)} member(s))" if removed else ""))
+        err.print(
+            f"[green]committed[/] {len(plans)} partition offsets for {args.group}"
+            + (f" (removed {len(removed)} member(s))" if removed else "")
+        )
     if args.follow:
         summary["backfill_run"] = _follow(sampler, args.group, plans, args.timeout, err)
     if args.json:
@@ -227,9 +260,16 @@ def _follow(sampler, group: str, plans, timeout_s: float | None, console) -> dic
     from streamer.groups.rewind import follow_backfill
 
     total = sum(p.backfill for p in plans)
-    columns = (TextColumn("[bold]backfill {task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-               TextColumn("{task.fields[rate]}"), TextColumn("eta {task.fields[eta]}"), TextColumn("elapsed"),
-               TimeElapsedColumn())
+    columns = (
+        TextColumn("[bold]backfill {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TextColumn("eta {task.fields[eta]}"),
+        TextColumn("elapsed"),
+        TimeElapsedColumn(),
+    )
     window: list[tuple[float, int]] = []  # (time, done) over the last RATE_WINDOW_S
     last_line = [0.0, -1]  # (time, done) of the last printed line
 
@@ -251,15 +291,18 @@ def _follow(sampler, group: str, plans, timeout_s: float | None, console) -> dic
             # no live bar without a terminal (CI, `docker compose run -T`): a line when the group
             # progressed (at most one a second), else one every LOG_EVERY_S
             last_line[:] = [now, done]
-            console.print(f"backfill {group}: {done:,}/{total:,} ({100 * done / max(total, 1):.0f}%) {rate_text} eta {eta}",
-                          highlight=False)
+            console.print(
+                f"backfill {group}: {done:,}/{total:,} ({100 * done / max(total, 1):.0f}%) {rate_text} eta {eta}", highlight=False
+            )
 
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task(group, total=total, rate="? msg/s", eta="?")
         result = follow_backfill(sampler, group, plans, timeout_s=timeout_s, on_progress=on_progress)
-    console.print(f"{'caught up' if result['caught_up'] else 'stopped following'}: {result['done_messages']:,} of "
-                  f"{result['backfill_messages']:,} messages in {result['seconds']}s "
-                  f"({result['messages_per_s'] or 0:,} msg/s)")
+    console.print(
+        f"{'caught up' if result['caught_up'] else 'stopped following'}: {result['done_messages']:,} of "
+        f"{result['backfill_messages']:,} messages in {result['seconds']}s "
+        f"({result['messages_per_s'] or 0:,} msg/s)"
+    )
     return result
 
 

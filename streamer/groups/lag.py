@@ -43,7 +43,6 @@ dashboards and alerts aggregate with ``max by (group, topic, partition)``.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import threading
@@ -168,13 +167,14 @@ class _Admin(KafkaAdminClient):
     bit 15 in DescribeGroups, which kafka-python 3.0.12 cannot map to an ACLOperation and
     raises on); we never ask for them."""
 
-    def _process_acl_operations(self, obj):  # noqa: D401 - library hook
+    def _process_acl_operations(self, obj):
         obj.pop("authorized_operations", None)
         return obj
 
 
-def fetch_heads(bootstrap_servers: str, positions: Mapping[TopicPartition, int], timeout_s: float = FETCH_TIMEOUT_S
-                ) -> dict[TopicPartition, tuple[int, object | None]]:
+def fetch_heads(
+    bootstrap_servers: str, positions: Mapping[TopicPartition, int], timeout_s: float = FETCH_TIMEOUT_S
+) -> dict[TopicPartition, tuple[int, object | None]]:
     """Fetch once at each position: {tp: (high watermark, first record at or after it or None)}.
 
     A fresh consumer without a group, so the high watermark is the one this fetch returned
@@ -227,8 +227,11 @@ class LagSampler:
     @property
     def admin(self) -> _Admin:
         if self._admin is None:
-            self._admin = _Admin(bootstrap_servers=self.bootstrap_servers, client_id="kgs-lag",
-                                 request_timeout_ms=int(self.request_timeout_s * 1000))
+            self._admin = _Admin(
+                bootstrap_servers=self.bootstrap_servers,
+                client_id="kgs-lag",
+                request_timeout_ms=int(self.request_timeout_s * 1000),
+            )
         return self._admin
 
     def close(self) -> None:
@@ -296,8 +299,7 @@ class LagSampler:
             tps = self.partitions(topics)
             starts = self.start_offsets(tps)
             positions = {
-                tp: starts[tp] if tp not in committed or committed[tp].offset < starts[tp] else committed[tp].offset
-                for tp in tps
+                tp: starts[tp] if tp not in committed or committed[tp].offset < starts[tp] else committed[tp].offset for tp in tps
             }
             heads = fetch_heads(self.bootstrap_servers, positions)
             sampled_at = time.time()
@@ -310,13 +312,20 @@ class LagSampler:
                 meta = committed.get(tp)
                 highwater, record = heads.get(tp, (ends.get(tp, positions[tp]), None))
                 ts = getattr(record, "timestamp", None)
-                partitions.append(PartitionLag(
-                    group=group, topic=tp.topic, partition=tp.partition,
-                    committed=meta.offset if meta else None, start=starts[tp], end=max(highwater, positions[tp]),
-                    oldest_ts=ts / 1000 if ts is not None and ts >= 0 else None,
-                    commit_ts=parse_commit_metadata(meta.metadata) if meta else None,
-                    sampled_at=sampled_at, exact=tp in heads,
-                ))
+                partitions.append(
+                    PartitionLag(
+                        group=group,
+                        topic=tp.topic,
+                        partition=tp.partition,
+                        committed=meta.offset if meta else None,
+                        start=starts[tp],
+                        end=max(highwater, positions[tp]),
+                        oldest_ts=ts / 1000 if ts is not None and ts >= 0 else None,
+                        commit_ts=parse_commit_metadata(meta.metadata) if meta else None,
+                        sampled_at=sampled_at,
+                        exact=tp in heads,
+                    )
+                )
             out.append(GroupLag(group, state, members, partitions, sampled_at, topics))
         return out
 
@@ -332,8 +341,9 @@ class _Track:
 class LagMonitor:
     """Samples ``groups`` every ``interval_s`` on a daemon thread and sets the lag gauges."""
 
-    def __init__(self, bootstrap_servers: str, groups: Mapping[str, Sequence[str] | None],
-                 interval_s: float = DEFAULT_INTERVAL_S):
+    def __init__(
+        self, bootstrap_servers: str, groups: Mapping[str, Sequence[str] | None], interval_s: float = DEFAULT_INTERVAL_S
+    ):
         self.groups = dict(groups)
         self.interval_s = interval_s
         self.sampler = LagSampler(bootstrap_servers)
@@ -344,7 +354,7 @@ class LagMonitor:
         for group in self.groups:
             m.LAG_SAMPLE_ERRORS.labels(group)  # at 0 from the first scrape
 
-    def start(self) -> "LagMonitor":
+    def start(self) -> LagMonitor:
         self._thread = threading.Thread(target=self._run, name="kgs-lag-monitor", daemon=True)
         self._thread.start()
         return self

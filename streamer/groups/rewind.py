@@ -35,7 +35,7 @@ import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from kafka.admin import MemberToRemove
 from kafka.errors import KafkaError
@@ -57,8 +57,10 @@ class ReplayRefused(RuntimeError):
         self.group = group
         self.members = members
         who = ", ".join(f"{mm.get('client_id') or '?'}@{mm.get('client_host') or '?'}" for mm in members)
-        super().__init__(f"group {group} has {len(members)} live member(s) ({who}): stop its consumers first, "
-                         f"or --force to remove members that are gone")
+        super().__init__(
+            f"group {group} has {len(members)} live member(s) ({who}): stop its consumers first, "
+            f"or --force to remove members that are gone"
+        )
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,7 @@ class Target:
 
     def describe(self) -> str:
         if self.kind == "timestamp":
-            return datetime.fromtimestamp(self.value / 1000, tz=timezone.utc).isoformat()
+            return datetime.fromtimestamp(self.value / 1000, tz=UTC).isoformat()
         return self.kind if self.value is None else str(self.value)
 
 
@@ -88,7 +90,7 @@ def parse_target(text: str, now: float | None = None) -> Target:
     except ValueError:
         raise ValueError(f"--to {text!r}: expected earliest, latest, an offset, an ISO-8601 time or -<N>[smhd]") from None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
+        when = when.replace(tzinfo=UTC)
     return Target("timestamp", int(when.timestamp() * 1000))
 
 
@@ -117,8 +119,16 @@ class PartitionPlan:
         return max(0, self.end - self.target)
 
     def to_dict(self) -> dict:
-        return {"topic": self.topic, "partition": self.partition, "current": self.current, "target": self.target,
-                "start": self.start, "end": self.end, "to_reread": self.to_reread, "backfill": self.backfill}
+        return {
+            "topic": self.topic,
+            "partition": self.partition,
+            "current": self.current,
+            "target": self.target,
+            "start": self.start,
+            "end": self.end,
+            "to_reread": self.to_reread,
+            "backfill": self.backfill,
+        }
 
 
 def replay_topics(sampler: LagSampler, group: str, topics: Iterable[str] | None, known: dict[str, list[str]]) -> list[str]:
@@ -147,14 +157,21 @@ def plan_replay(sampler: LagSampler, group: str, topics: list[str], target: Targ
         # with timestamp -1. Either way: nothing at or after the time -> the log end.
         raw = {tp: ends[tp] if answer[tp].offset < 0 or answer[tp].timestamp < 0 else answer[tp].offset for tp in tps}
     return [
-        PartitionPlan(tp.topic, tp.partition, committed[tp].offset if tp in committed else None,
-                      min(max(raw[tp], starts[tp]), ends[tp]), starts[tp], ends[tp])
+        PartitionPlan(
+            tp.topic,
+            tp.partition,
+            committed[tp].offset if tp in committed else None,
+            min(max(raw[tp], starts[tp]), ends[tp]),
+            starts[tp],
+            ends[tp],
+        )
         for tp in tps
     ]
 
 
-def apply_replay(sampler: LagSampler, group: str, plans: list[PartitionPlan], force: bool = False,
-                 attempts: int = 5) -> list[dict]:
+def apply_replay(
+    sampler: LagSampler, group: str, plans: list[PartitionPlan], force: bool = False, attempts: int = 5
+) -> list[dict]:
     """Commit the plan's offsets for the group; returns the members removed (``force``)."""
     removed: list[dict] = []
     offsets = {p.tp: OffsetAndMetadata(p.target, commit_metadata(by="replay"), -1) for p in plans}
@@ -164,8 +181,9 @@ def apply_replay(sampler: LagSampler, group: str, plans: list[PartitionPlan], fo
             if not force:
                 raise ReplayRefused(group, members)
             answer = sampler.admin.remove_group_members(
-                group, [MemberToRemove(member_id=mm["member_id"], group_instance_id=mm.get("group_instance_id"))
-                        for mm in members])
+                group,
+                [MemberToRemove(member_id=mm["member_id"], group_instance_id=mm.get("group_instance_id")) for mm in members],
+            )
             log.warning("removed %d member(s) of %s: %s", len(members), group, {k: v.__name__ for k, v in answer.items()})
             removed += members
         errors = {tp: err for tp, err in sampler.admin.alter_group_offsets(group, offsets).items() if err.errno != 0}
@@ -188,8 +206,14 @@ def backfill_progress(sampler: LagSampler, group: str, plans: list[PartitionPlan
     return done
 
 
-def follow_backfill(sampler: LagSampler, group: str, plans: list[PartitionPlan], timeout_s: float | None = None,
-                    interval_s: float = 0.5, on_progress: Callable[[int, int], None] | None = None) -> dict:
+def follow_backfill(
+    sampler: LagSampler,
+    group: str,
+    plans: list[PartitionPlan],
+    timeout_s: float | None = None,
+    interval_s: float = 0.5,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict:
     """Watch the group commit through the plan until caught up with the log end seen when
     planning (or ``timeout_s``). Returns a summary."""
     total = sum(p.backfill for p in plans)
@@ -203,5 +227,11 @@ def follow_backfill(sampler: LagSampler, group: str, plans: list[PartitionPlan],
             break
         time.sleep(interval_s)
     seconds = time.monotonic() - started
-    return {"group": group, "backfill_messages": total, "done_messages": done, "caught_up": done >= total,
-            "seconds": round(seconds, 2), "messages_per_s": round(done / seconds, 1) if seconds > 0 else None}
+    return {
+        "group": group,
+        "backfill_messages": total,
+        "done_messages": done,
+        "caught_up": done >= total,
+        "seconds": round(seconds, 2),
+        "messages_per_s": round(done / seconds, 1) if seconds > 0 else None,
+    }

@@ -86,8 +86,17 @@ class IngestStats:
 
 
 def dead_letter(record: ConsumerRecord, error_class: str, message: str, stage: str) -> DeadLetter:
-    return DeadLetter(record.topic, record.partition, record.offset, record.key, record.value,
-                      tuple(record.headers or ()), error_class, message, stage)
+    return DeadLetter(
+        record.topic,
+        record.partition,
+        record.offset,
+        record.key,
+        record.value,
+        tuple(record.headers or ()),
+        error_class,
+        message,
+        stage,
+    )
 
 
 @dataclass
@@ -122,8 +131,9 @@ class IngestStep:
             with m.STAGE_SECONDS.labels(self.group, "write").time():
                 written = self.write(valid, source_ms)
             with m.STAGE_SECONDS.labels(self.group, "publish").time():
-                self.publisher.publish(self.settings.topic_changes,
-                                       ((c.partition_key.encode(), c.to_json(), []) for c in written.changes))
+                self.publisher.publish(
+                    self.settings.topic_changes, ((c.partition_key.encode(), c.to_json(), []) for c in written.changes)
+                )
                 max_bytes = self.settings.dlq_max_value_bytes
                 self.publisher.publish(self.settings.topic_dlq, (d.to_kafka(max_bytes) for d in dead + written.dead))
         except GraphUnavailable as exc:
@@ -172,15 +182,20 @@ class IngestStep:
                 return Written(dead=[dead_letter(record, f"GraphRejected:{exc.error_class}", exc.message, "write")])
             mid = len(valid) // 2
             first, second = self.write(valid[:mid], source_ms), self.write(valid[mid:], source_ms)
-            return Written(first.changes + second.changes, first.dead + second.dead,
-                           first.nodes + second.nodes, first.relationships + second.relationships)
+            return Written(
+                first.changes + second.changes,
+                first.dead + second.dead,
+                first.nodes + second.nodes,
+                first.relationships + second.relationships,
+            )
         if result.attempts > 1:
             m.GRAPH_RETRIES.labels(self.group).inc(result.attempts - 1)
         return Written(result.changes, [], result.nodes_written, result.relationships_written)
 
     # --- accounting ---------------------------------------------------------------------------
-    def account(self, records: list[ConsumerRecord], valid: list[Decoded], dead: list[DeadLetter],
-                written: Written, started: float) -> None:
+    def account(
+        self, records: list[ConsumerRecord], valid: list[Decoded], dead: list[DeadLetter], written: Written, started: float
+    ) -> None:
         s = self.stats
         s.events_in += len(records)
         s.batches += 1
@@ -205,9 +220,17 @@ class IngestStep:
         log.debug("batch of %d in %.3fs", len(records), time.monotonic() - started)
 
 
-def ingest_consumer(settings: Settings, graph: GraphSink | None = None,
-                    publisher: KafkaPublisher | None = None) -> BatchingConsumer:
+def ingest_consumer(
+    settings: Settings, graph: GraphSink | None = None, publisher: KafkaPublisher | None = None
+) -> BatchingConsumer:
     """The ingest consumer: group ``ingest_group`` over the input topics, one ``IngestStep``."""
     step = IngestStep(settings, graph, publisher)
-    return BatchingConsumer(settings, settings.ingest_group, settings.input_topics, "kg-ingest", [step],
-                            max_batch=settings.batch_max_events, max_wait_s=settings.batch_max_wait_s)
+    return BatchingConsumer(
+        settings,
+        settings.ingest_group,
+        settings.input_topics,
+        "kg-ingest",
+        [step],
+        max_batch=settings.batch_max_events,
+        max_wait_s=settings.batch_max_wait_s,
+    )

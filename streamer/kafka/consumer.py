@@ -252,9 +252,18 @@ class BatchingConsumer:
     """Polls batches from ``topics`` as member of ``group`` and runs ``steps`` + ``CommitOffsets``
     over each (module docstring). ``run()`` returns the first step's stats."""
 
-    def __init__(self, settings: Settings, group: str, topics: Sequence[str], client_id: str,
-                 steps: Sequence[Step], max_batch: int, max_wait_s: float,
-                 retry_after_s: float | None = None, on_close: Sequence[Callable[[], object]] = ()):
+    def __init__(
+        self,
+        settings: Settings,
+        group: str,
+        topics: Sequence[str],
+        client_id: str,
+        steps: Sequence[Step],
+        max_batch: int,
+        max_wait_s: float,
+        retry_after_s: float | None = None,
+        on_close: Sequence[Callable[[], object]] = (),
+    ):
         self.settings = settings
         self.group = group
         self.topics = list(topics)
@@ -308,8 +317,11 @@ class BatchingConsumer:
                 self.process_batch()  # shutdown: finish the batch in hand
             finished = not self.batch.records
             if not finished:
-                log.warning("%s: stopping with %d records held by backpressure (not committed; replayed on restart)",
-                            self.group, len(self.batch.records))
+                log.warning(
+                    "%s: stopping with %d records held by backpressure (not committed; replayed on restart)",
+                    self.group,
+                    len(self.batch.records),
+                )
         finally:
             self._close(finished)
         return self.stats

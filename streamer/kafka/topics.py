@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 def topic_plan(settings: Settings) -> dict[str, dict[str, Any]]:
     """Every topic the project uses -> its CreateTopics options."""
+
     def topic(partitions: int, **configs: str) -> dict[str, Any]:
         return {"num_partitions": partitions, "replication_factor": -1, "configs": configs}
 
@@ -53,8 +54,9 @@ def topic_plan(settings: Settings) -> dict[str, dict[str, Any]]:
 def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> list[str]:
     """Create the project's topics that do not exist yet; return the names it created."""
     plan = topic_plan(settings)
-    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, client_id="kgs-topics",
-                             request_timeout_ms=int(timeout_s * 1000))
+    admin = KafkaAdminClient(
+        bootstrap_servers=settings.bootstrap_servers, client_id="kgs-topics", request_timeout_ms=int(timeout_s * 1000)
+    )
     try:
         response = admin.create_topics(plan, timeout_ms=int(timeout_s * 1000), raise_errors=False)
         created: list[str] = []
@@ -69,8 +71,12 @@ def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> list[str]:
         admin.close()
     for name, options in plan.items():
         if existing.get(name) != options["num_partitions"]:
-            log.warning("topic %s has %s partitions, settings ask for %d (left as it is)",
-                        name, existing.get(name), options["num_partitions"])
+            log.warning(
+                "topic %s has %s partitions, settings ask for %d (left as it is)",
+                name,
+                existing.get(name),
+                options["num_partitions"],
+            )
     if created:
         log.info("created topics %s", ", ".join(created))
     return created

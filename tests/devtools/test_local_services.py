@@ -15,10 +15,10 @@ from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
 from kafka.structs import OffsetAndMetadata
 from pydantic import SecretStr
 
-from tests.conftest import TEST_PASSWORD, free_port, service_settings
 from devtools.local_services import LocalServices, ServiceError, parse_host_port
-from streamer.settings import Settings
 from streamer.kafka.topics import ensure_topics, topic_plan
+from streamer.settings import Settings
+from tests.conftest import TEST_PASSWORD, free_port, service_settings
 
 
 def _listening(address: str) -> bool:
@@ -91,7 +91,9 @@ def test_status_of_a_state_dir_with_nothing_running(tmp_path: Path) -> None:
     services = LocalServices(service_settings(tmp_path))
     status = services.status()
     assert {name: (s["running"], s["ready"], s["pid"]) for name, s in status.items()} == {
-        "broker": (False, False, None), "graph": (False, False, None)}
+        "broker": (False, False, None),
+        "graph": (False, False, None),
+    }
     assert services.down() == {"broker": False, "graph": False}
 
 
@@ -100,9 +102,13 @@ def test_broker_round_trip_with_a_consumer_group(settings: Settings, broker_kind
     topic = settings.topic_products
     _produce(settings.bootstrap_servers, topic, 20)
     consumer = KafkaConsumer(
-        topic, bootstrap_servers=settings.bootstrap_servers, group_id=settings.ingest_group,
-        enable_auto_commit=False, auto_offset_reset="earliest",
-        session_timeout_ms=settings.session_timeout_ms, heartbeat_interval_ms=settings.heartbeat_interval_ms,
+        topic,
+        bootstrap_servers=settings.bootstrap_servers,
+        group_id=settings.ingest_group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        session_timeout_ms=settings.session_timeout_ms,
+        heartbeat_interval_ms=settings.heartbeat_interval_ms,
     )
     try:
         seen: dict[bytes, bytes] = {}
@@ -219,8 +225,7 @@ def test_port_taken_by_a_stranger_is_reported_before_starting(tmp_path: Path) ->
 
 def test_a_server_that_dies_at_start_is_reported_with_its_log(tmp_path: Path) -> None:
     # 192.0.2.1 (TEST-NET-1) is not a local address: the broker cannot listen and exits.
-    services = LocalServices(
-        service_settings(tmp_path, local_broker="noida", bootstrap_servers=f"192.0.2.1:{free_port()}"))
+    services = LocalServices(service_settings(tmp_path, local_broker="noida", bootstrap_servers=f"192.0.2.1:{free_port()}"))
     t0 = time.monotonic()
     with pytest.raises(ServiceError, match="exited during start-up") as info:
         services.up(("broker",), timeout_s=30)

@@ -9,7 +9,6 @@ import torch
 from torch_geometric.utils import to_undirected
 
 from encoders.graph import GraphEncoder, GraphEncoderConfig, fuse, fused_dim
-from streamer.settings import Settings
 
 CFG = GraphEncoderConfig(in_dim=12, hidden=8, out=6, layers=2, seed=3)
 
@@ -53,8 +52,8 @@ def test_dense_half_equals_sageconv_after_mean_aggregation():
     x, ei = graph()
     hs = model.forward_all(x, ei)
     assert [h.shape[1] for h in hs] == [12, 8, 6]
-    assert (hs[1] >= 0).all()                      # ReLU between layers
-    assert (hs[2] < 0).any()                       # none after the last
+    assert (hs[1] >= 0).all()  # ReLU between layers
+    assert (hs[2] < 0).any()  # none after the last
     n = x.shape[0]
     for layer in range(2):
         s = torch.zeros(n, hs[layer].shape[1]).index_add_(0, ei[1], hs[layer][ei[0]])
@@ -79,7 +78,7 @@ def test_type_features():
     f = model.type_features(["Product", "User", "Category", "Martian", "Venusian"])
     assert f.shape == (5, 12)
     assert torch.allclose(f.norm(dim=1), torch.ones(5), atol=1e-6)
-    assert not torch.equal(f[0], f[1]) and torch.equal(f[3], f[4])   # unknown labels share a row
+    assert not torch.equal(f[0], f[1]) and torch.equal(f[3], f[4])  # unknown labels share a row
 
 
 def test_fusion_concat_and_mean():
@@ -88,9 +87,8 @@ def test_fusion_concat_and_mean():
     w = 0.3
     v = fuse(t, s, "concat", w)
     assert v.shape == (5, 18) and torch.allclose(v.norm(dim=1), torch.ones(5), atol=1e-6)
-    cos = lambda a, b: torch.nn.functional.cosine_similarity(a, b, dim=0)  # noqa: E731
-    assert math.isclose(float(v[0] @ v[1]), w * float(cos(t[0], t[1])) + (1 - w) * float(cos(s[0], s[1])),
-                        abs_tol=1e-6)
+    cos = lambda a, b: torch.nn.functional.cosine_similarity(a, b, dim=0)
+    assert math.isclose(float(v[0] @ v[1]), w * float(cos(t[0], t[1])) + (1 - w) * float(cos(s[0], s[1])), abs_tol=1e-6)
     s12 = torch.randn(5, 12, generator=g)
     m = fuse(t, s12, "mean", 1.0)
     assert torch.allclose(m, torch.nn.functional.normalize(t, dim=1), atol=1e-6)

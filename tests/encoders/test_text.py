@@ -23,8 +23,14 @@ def tiny_bert(tmp_path_factory) -> Path:
     tok = AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"), local_files_only=True)
     tok.save_pretrained(path)
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=32, max_position_embeddings=64)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
     BertModel(cfg).save_pretrained(path)
     return path
 
@@ -99,11 +105,18 @@ def test_cache_can_be_bounded(tiny_bert):
 
 
 def test_product_text_layout():
-    props = {"title": "  WHITE HANGING  HEART ", "description": ["Lovely.", "Hangs."], "brand": "Acme",
-             "categories": ["Home", "Decor"], "price": 2.55, "attributes": {"colour": "white"}}
+    props = {
+        "title": "  WHITE HANGING  HEART ",
+        "description": ["Lovely.", "Hangs."],
+        "brand": "Acme",
+        "categories": ["Home", "Decor"],
+        "price": 2.55,
+        "attributes": {"colour": "white"},
+    }
     assert product_text(props) == "WHITE HANGING HEART\nBrand: Acme\nCategory: Home > Decor\nLovely. Hangs."
-    assert product_text({"title": "Mug", "categories": [["Kitchen", "Mugs"], ["Gifts"]]}) == \
-        "Mug\nCategory: Kitchen > Mugs | Gifts"
+    assert (
+        product_text({"title": "Mug", "categories": [["Kitchen", "Mugs"], ["Gifts"]]}) == "Mug\nCategory: Kitchen > Mugs | Gifts"
+    )
     assert product_text({}) == ""
     assert product_text({"description": "only text"}) == "only text"
 
@@ -118,8 +131,7 @@ def test_device_resolution():
 def test_real_minilm_properties():
     enc = TextEncoder("all-MiniLM-L6-v2", device="cpu")
     assert enc.dim == 384 and enc.model_id.startswith("all-MiniLM-L6-v2@")
-    v = enc.encode(["wireless bluetooth headphones", "bluetooth wireless earbuds with mic",
-                    "organic dry dog food, 5 kg", ""])
+    v = enc.encode(["wireless bluetooth headphones", "bluetooth wireless earbuds with mic", "organic dry dog food, 5 kg", ""])
     assert v.shape == (4, 384)
     assert torch.allclose(v.norm(dim=1), torch.ones(4), atol=1e-5)
     sim = v @ v.T

@@ -63,19 +63,22 @@ class Prometheus:
         assert not unknown, f"jobs {unknown} are not in {PROMETHEUS_YML}"
         config["global"].update(scrape_interval=interval, evaluation_interval=interval, scrape_timeout=interval)
         config["rule_files"] = [str(p) for p in rule_files()]
-        config["scrape_configs"] = [
-            {"job_name": job, "static_configs": [{"targets": addrs}]} for job, addrs in targets.items()
-        ]
+        config["scrape_configs"] = [{"job_name": job, "static_configs": [{"targets": addrs}]} for job, addrs in targets.items()]
         self.config_path = self.dir / "prometheus.yml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "Prometheus":
+    def start(self) -> Prometheus:
         self.log = open(self.dir / "prometheus.log", "wb")
         self.proc = subprocess.Popen(
-            [require("prometheus"), f"--config.file={self.config_path}", f"--storage.tsdb.path={self.dir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=self.log, stderr=subprocess.STDOUT,
+            [
+                require("prometheus"),
+                f"--config.file={self.config_path}",
+                f"--storage.tsdb.path={self.dir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
         wait_for(self._ready, timeout_s=30, interval_s=0.2, what="prometheus ready")
         return self
@@ -122,14 +125,16 @@ class Prometheus:
         return float(result[0]["value"][1]) if result else None
 
 
-def kgs_process(settings, command: list[str], metrics_port: int | None = None, log_path: Path | None = None,
-                **env_overrides: str) -> subprocess.Popen:
+def kgs_process(
+    settings, command: list[str], metrics_port: int | None = None, log_path: Path | None = None, **env_overrides: str
+) -> subprocess.Popen:
     """``python -m streamer.cli <command>`` with ``settings`` (and metrics on a loopback port)."""
     env = {**os.environ, **settings_env(settings), **env_overrides}
     env["KGS_METRICS_ADDR"] = f"127.0.0.1:{metrics_port}" if metrics_port else ""
     out = open(log_path, "wb") if log_path else subprocess.DEVNULL
-    return subprocess.Popen([sys.executable, "-m", "streamer.cli", *command], env=env, cwd=REPO,
-                            stdout=out, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "streamer.cli", *command], env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT
+    )
 
 
 def stop_process(proc: subprocess.Popen, timeout_s: float = 60) -> int:

@@ -36,8 +36,9 @@ def compose_binary() -> str:
 def docker_compose(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     exe = compose_binary()
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("KGS_", "COMPOSE_", "NEO4J_", "GRAFANA_"))}
-    return subprocess.run([exe, "-f", str(COMPOSE_FILE), *args], capture_output=True, text=True, timeout=120,
-                          cwd=REPO, env={**clean, **(env or {})})
+    return subprocess.run(
+        [exe, "-f", str(COMPOSE_FILE), *args], capture_output=True, text=True, timeout=120, cwd=REPO, env={**clean, **(env or {})}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +162,9 @@ def test_grafana_mounts_exactly_the_checked_provisioning_and_dashboard(config):
 
 
 def test_dockerignore_keeps_local_state_and_secrets_out_of_the_image():
-    ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
-               if line.strip() and not line.startswith("#")}
+    ignored = {
+        line.strip() for line in (REPO / ".dockerignore").read_text().splitlines() if line.strip() and not line.startswith("#")
+    }
     assert {".git", ".venv", ".kgs", ".env"} <= ignored
     for needed in ("pyproject.toml", "README.md", "streamer", "encoders", "sinks"):
         assert needed not in ignored

@@ -82,13 +82,17 @@ def test_every_required_alert_exists_fires_and_stays_silent():
 def _declared_metrics() -> dict[str, str]:
     """Every sample name the kgs_* metrics export -> the metric's type."""
     names = {}
-    for collector in list(REGISTRY._collector_to_names):  # noqa: SLF001 - test introspection
+    for collector in list(REGISTRY._collector_to_names):
         for metric in collector.describe() if hasattr(collector, "describe") else []:
             if not metric.name.startswith("kgs_"):
                 continue
             kind = metric.type
-            suffixes = {"counter": ["_total", "_created"], "histogram": ["_bucket", "_sum", "_count", "_created"],
-                        "info": ["_info"], "gauge": [""]}.get(kind, [""])
+            suffixes = {
+                "counter": ["_total", "_created"],
+                "histogram": ["_bucket", "_sum", "_count", "_created"],
+                "info": ["_info"],
+                "gauge": [""],
+            }.get(kind, [""])
             for suffix in suffixes:
                 names[metric.name + suffix] = kind
     return names
@@ -107,7 +111,7 @@ def test_rules_and_dashboard_refer_only_to_declared_metrics():
 
 def test_metric_names_follow_the_conventions():
     declared = {}
-    for collector in list(REGISTRY._collector_to_names):  # noqa: SLF001
+    for collector in list(REGISTRY._collector_to_names):
         for metric in collector.describe() if hasattr(collector, "describe") else []:
             if metric.name.startswith("kgs_"):
                 declared[metric.name] = collector
@@ -124,4 +128,4 @@ def test_metric_names_follow_the_conventions():
             assert name.endswith("_timestamp_seconds"), name
     # per-partition lag has group, topic and partition
     for name in ("kgs_consumer_lag_messages", "kgs_consumer_lag_seconds", "kgs_consumer_commit_staleness_seconds"):
-        assert list(declared[name]._labelnames) == ["group", "topic", "partition"]  # noqa: SLF001
+        assert list(declared[name]._labelnames) == ["group", "topic", "partition"]

@@ -41,8 +41,7 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
 INSTALL_HINT = (
-    "install it with `scripts/install_cypher_lint.sh` "
-    "(or `npm ci --prefix tools/cypher-lint`; needs node >= 20 and npm)"
+    "install it with `scripts/install_cypher_lint.sh` (or `npm ci --prefix tools/cypher-lint`; needs node >= 20 and npm)"
 )
 # A statement takes 25-900 ms to lint (Neo4j's semantic analysis dominates), a node process
 # ~0.5 s to start and ~350 MB: large inputs are split over a few processes run side by side.
@@ -57,15 +56,15 @@ class CypherLintUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class Problem:
-    statement: str      # the statement's name
-    severity: str       # "error" | "warning" | "information" | "hint"
+    statement: str  # the statement's name
+    severity: str  # "error" | "warning" | "information" | "hint"
     message: str
-    start: int          # character offsets into the statement text
+    start: int  # character offsets into the statement text
     end: int
-    line: int           # 1-based
-    column: int         # 1-based
-    source: str         # "neo4j" (the package) or "kg-streamer" (checks lint.mjs adds)
-    excerpt: str        # the statement text at [start, end), shortened
+    line: int  # 1-based
+    column: int  # 1-based
+    source: str  # "neo4j" (the package) or "kg-streamer" (checks lint.mjs adds)
+    excerpt: str  # the statement text at [start, end), shortened
 
     @property
     def is_error(self) -> bool:
@@ -124,9 +123,7 @@ def _run(node: str, payload: dict) -> list[dict]:
         raise RuntimeError(f"cypher-lint failed (exit {done.returncode}):\n{done.stderr.strip()}")
     results = json.loads(done.stdout)
     if len(results) != len(payload["statements"]):
-        raise RuntimeError(
-            f"cypher-lint answered for {len(results)} statements, expected {len(payload['statements'])}"
-        )
+        raise RuntimeError(f"cypher-lint answered for {len(results)} statements, expected {len(payload['statements'])}")
     return results
 
 
@@ -159,10 +156,7 @@ def lint(
     processes = max(1, min(_MAX_PROCESSES, os.cpu_count() or 1, len(pairs) // _MIN_PER_PROCESS))
     size = -(-len(pairs) // processes)
     chunks = [pairs[i : i + size] for i in range(0, len(pairs), size)]
-    payloads = [
-        {**schema, "statements": [{"name": name, "query": text} for name, text in chunk]}
-        for chunk in chunks
-    ]
+    payloads = [{**schema, "statements": [{"name": name, "query": text} for name, text in chunk]} for chunk in chunks]
     with ThreadPoolExecutor(max_workers=len(payloads)) as pool:
         answers = list(pool.map(lambda payload: _run(node, payload), payloads))
 

@@ -34,8 +34,7 @@ ALLOWED_WARNINGS: tuple[tuple[str, str, str], ...] = ()
 
 def _allowed(problem: Problem) -> bool:
     return not problem.is_error and any(
-        re.search(name, problem.statement) and re.search(message, problem.message)
-        for name, message, _why in ALLOWED_WARNINGS
+        re.search(name, problem.statement) and re.search(message, problem.message) for name, message, _why in ALLOWED_WARNINGS
     )
 
 
@@ -52,7 +51,8 @@ BAD = {
     "unknown_function": ("RETURN frobnicate(1) AS x", "error", r"Function frobnicate is not present"),
     "apoc_procedure": (
         "CALL apoc.create.node(['Product'], {id: $id}) YIELD node RETURN node",
-        "error", r"Procedure apoc\.create\.node is not present",
+        "error",
+        r"Procedure apoc\.create\.node is not present",
     ),
     "apoc_function": ("RETURN apoc.coll.sum([1, 2]) AS s", "error", r"Function apoc\.coll\.sum is not present"),
     "gds_function": ("RETURN gds.similarity.cosine([1.0], [1.0]) AS s", "error", r"Function gds\.similarity\.cosine"),
@@ -70,11 +70,14 @@ BAD = {
     "cypher25_coll_function": ("RETURN coll.sort([3, 1, 2]) AS s", "error", r"Function coll\.sort is not present"),
     "neo4j4_exists_property": ("MATCH (p:Product) WHERE exists(p.id) RETURN p", "error", r"no longer supported"),
     "neo4j4_constraint_syntax": (
-        "CREATE CONSTRAINT ON (n:Product) ASSERT n.id IS UNIQUE", "error", r"ON and ASSERT should not be used",
+        "CREATE CONSTRAINT ON (n:Product) ASSERT n.id IS UNIQUE",
+        "error",
+        r"ON and ASSERT should not be used",
     ),
     "neo4j4_periodic_commit": (
         "USING PERIODIC COMMIT 500 LOAD CSV FROM 'file:///x.csv' AS line CREATE (:Product {id: line[0]})",
-        "error", r"PERIODIC COMMIT query hint is no longer supported",
+        "error",
+        r"PERIODIC COMMIT query hint is no longer supported",
     ),
     "neo4j4_drop_index_on": ("DROP INDEX ON :Product(id)", "error", r"Indexes cannot be dropped by schema"),
     "two_statements": ("RETURN 1 AS a; RETURN 2 AS b", "error", r"2 statements in one query"),
@@ -83,15 +86,20 @@ BAD = {
     "sql": ("SELECT FROM Product WHERE id = 1", "error", r"Invalid input 'SELECT'"),
     "unknown_label": ("MATCH (p:Prodcut) RETURN p", "warning", r"Label Prodcut is not present"),
     "unknown_relationship_type": (
-        "MATCH (:User)-[:PURCHASD]->(p:Product) RETURN p", "warning", r"Relationship type PURCHASD is not present",
+        "MATCH (:User)-[:PURCHASD]->(p:Product) RETURN p",
+        "warning",
+        r"Relationship type PURCHASD is not present",
     ),
     "deprecated_id": ("MATCH (p:Product) WHERE id(p) = 0 RETURN p", "warning", r"Function id is deprecated"),
     "deprecated_call_without_scope": (
         "UNWIND $rows AS row CALL { WITH row MERGE (:Product {id: row.id}) } IN TRANSACTIONS OF 1000 ROWS",
-        "warning", r"CALL subquery without a variable scope clause is deprecated",
+        "warning",
+        r"CALL subquery without a variable scope clause is deprecated",
     ),
     "unbounded_shortest_path": (
-        "MATCH p = shortestPath((a:Product)-[*]-(b:Product)) RETURN p", "warning", r"unbounded pattern",
+        "MATCH p = shortestPath((a:Product)-[*]-(b:Product)) RETURN p",
+        "warning",
+        r"unbounded pattern",
     ),
 }
 
@@ -112,12 +120,9 @@ GOOD = {
         "WHERE p.ts IS NULL OR row.ts > p.ts SET p.ts = row.ts, p.deleted = false RETURN row.id AS id"
     ),
     "case_guard": "MATCH (p:Product {id: $id}) SET p.ts = CASE WHEN p.ts IS NULL OR p.ts < $ts THEN $ts ELSE p.ts END",
-    "call_in_transactions": (
-        "UNWIND $rows AS row CALL (row) { MERGE (:Product {id: row.id}) } IN TRANSACTIONS OF 1000 ROWS"
-    ),
+    "call_in_transactions": ("UNWIND $rows AS row CALL (row) { MERGE (:Product {id: row.id}) } IN TRANSACTIONS OF 1000 ROWS"),
     "foreach": (
-        "MATCH (p:Product {id: $id}) FOREACH (c IN $categories | "
-        "MERGE (k:Category {id: c}) MERGE (p)-[:IN_CATEGORY]->(k))"
+        "MATCH (p:Product {id: $id}) FOREACH (c IN $categories | MERGE (k:Category {id: c}) MERGE (p)-[:IN_CATEGORY]->(k))"
     ),
     "list_comprehension": (
         "MATCH (p:Product) RETURN [x IN p.categories WHERE x <> '' | toUpper(x)] AS c, "
@@ -182,9 +187,7 @@ def test_labels_come_from_streamer_events_and_lint_mjs_agrees():
     from streamer.contracts.events import ALL_REL_TYPES, NODE_LABELS
 
     assert lint([("q", "MATCH (:Widget) RETURN 1 AS x")], labels=["Widget"], relationship_types=[]) == []
-    script = subprocess.run(
-        ["node", str(cypher_lint.LINT_SCRIPT), "--schema"], capture_output=True, text=True, check=True
-    )
+    script = subprocess.run(["node", str(cypher_lint.LINT_SCRIPT), "--schema"], capture_output=True, text=True, check=True)
     schema = json.loads(script.stdout)
     assert schema["labels"] == list(NODE_LABELS), "update DEFAULT_LABELS in tools/cypher-lint/lint.mjs"
     assert sorted(schema["relationshipTypes"]) == sorted(ALL_REL_TYPES), (
@@ -225,7 +228,8 @@ def test_every_statement_is_valid_neo4j5():
         f"statements (Neo4j 5 / Cypher 5):\n{describe(failing)}"
     )
     stale = [
-        (name, message) for name, message, _why in ALLOWED_WARNINGS
+        (name, message)
+        for name, message, _why in ALLOWED_WARNINGS
         if not any(re.search(name, p.statement) and re.search(message, p.message) for p in problems)
     ]
     assert not stale, f"ALLOWED_WARNINGS entries that match nothing any more; remove them: {stale}"
@@ -235,8 +239,11 @@ def test_labels_and_types_outside_the_allowlists_are_refused():
     from sinks import cypher
 
     injection = "Product {id: 1}) DETACH DELETE n //"
-    for build in (lambda: cypher.write_vectors(injection), lambda: cypher.relation_upsert(injection, "ALSO_BOUGHT", "Product"),
-                  lambda: cypher.relation_upsert("Product", "KNOWS]->() DETACH DELETE n //", "Product"),
-                  lambda: cypher.interaction_upsert("HAS_BRAND")):
+    for build in (
+        lambda: cypher.write_vectors(injection),
+        lambda: cypher.relation_upsert(injection, "ALSO_BOUGHT", "Product"),
+        lambda: cypher.relation_upsert("Product", "KNOWS]->() DETACH DELETE n //", "Product"),
+        lambda: cypher.interaction_upsert("HAS_BRAND"),
+    ):
         with pytest.raises(ValueError, match="allowlist"):
             build()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from training.dataset import GraphData
 from tests.training.planted import planted_graph
+from training.dataset import GraphData
 
 
 @pytest.fixture

@@ -14,9 +14,9 @@ from streamer.cli import build_parser
 from streamer.embed.verify import last_vectors, verify
 from streamer.embed.worker import embed_consumer
 from streamer.ingest.step import ingest_consumer
-from training.candidates import VectorIndex, write_back
 from streamer.kafka.topics import ensure_topics
 from tests.helpers import produce_events, query, sample_events
+from training.candidates import VectorIndex, write_back
 
 
 def _run_cli(argv: list[str], settings) -> int:
@@ -36,8 +36,30 @@ def test_new_model_version_triggers_a_full_reembed_and_verify_passes(settings, t
 
     # train on the worker's checkpointed replica (CLI), with the alignment head
     ckpt = tmp_path / "trained.safetensors"
-    assert _run_cli(["train", "--source", "replica", "--out", str(ckpt), "--epochs", "3", "--batch-size", "32",
-                     "--negatives", "16", "--align", "0.2", "--no-progress", "--device", "cpu"], settings) == 0
+    assert (
+        _run_cli(
+            [
+                "train",
+                "--source",
+                "replica",
+                "--out",
+                str(ckpt),
+                "--epochs",
+                "3",
+                "--batch-size",
+                "32",
+                "--negatives",
+                "16",
+                "--align",
+                "0.2",
+                "--no-progress",
+                "--device",
+                "cpu",
+            ],
+            settings,
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert ckpt.exists() and ckpt.with_name("trained.metrics.json").exists() and '"version"' in out
 
@@ -55,8 +77,13 @@ def test_new_model_version_triggers_a_full_reembed_and_verify_passes(settings, t
     assert report["ok"], report
 
     # ... and equal to a clean worker that embeds the changelog from scratch with that model
-    clean = new.model_copy(update={"state_dir": tmp_path / "clean", "embed_group": new.embed_group + "-clean",
-                                   "topic_embeddings": new.topic_embeddings + "-clean"})
+    clean = new.model_copy(
+        update={
+            "state_dir": tmp_path / "clean",
+            "embed_group": new.embed_group + "-clean",
+            "topic_embeddings": new.topic_embeddings + "-clean",
+        }
+    )
     ensure_topics(clean)
     embed_consumer(clean).run(until_caught_up=True, max_seconds=180)
     want = last_vectors(clean)
@@ -92,8 +119,9 @@ def test_new_model_version_triggers_a_full_reembed_and_verify_passes(settings, t
     written = write_back(VectorIndex.load(new), new, ["Product"])
     products = [k for k in live if k.startswith("Product:")]
     assert written["Product"] == len(products)
-    row = query(new, "MATCH (p:Product {id: $id}) RETURN p.embedding AS e, p.embedding_version AS v",
-                id=products[0].partition(":")[2])[0]
+    row = query(
+        new, "MATCH (p:Product {id: $id}) RETURN p.embedding AS e, p.embedding_version AS v", id=products[0].partition(":")[2]
+    )[0]
     assert row["v"] == next(iter(new_versions))
     np.testing.assert_allclose(np.asarray(row["e"], dtype=np.float32), live[products[0]].vector, atol=1e-6)
 
@@ -111,11 +139,31 @@ def test_train_from_a_graph_db_snapshot(settings, tmp_path, capsys):
     assert summary["nodes_by_label"]["Product"] == n_products
     assert summary["interaction_edges"] > 0
     inter = data.interaction_mask()
-    assert (data.edge_ts[inter] > 0).all()                      # interactions carry first_ts
+    assert (data.edge_ts[inter] > 0).all()  # interactions carry first_ts
     assert "ALSO_BOUGHT" in summary["edges_by_rel"] and "PARENT" in summary["edges_by_rel"]
     ckpt = tmp_path / "g.safetensors"
-    assert _run_cli(["train", "--source", "graph", "--out", str(ckpt), "--epochs", "2", "--batch-size", "16",
-                     "--negatives", "8", "--no-progress", "--device", "cpu"], settings) == 0
+    assert (
+        _run_cli(
+            [
+                "train",
+                "--source",
+                "graph",
+                "--out",
+                str(ckpt),
+                "--epochs",
+                "2",
+                "--batch-size",
+                "16",
+                "--negatives",
+                "8",
+                "--no-progress",
+                "--device",
+                "cpu",
+            ],
+            settings,
+        )
+        == 0
+    )
     capsys.readouterr()
     metrics = json.loads(ckpt.with_name("g.metrics.json").read_text())
     assert metrics["validation"].startswith("temporal") and metrics["source"] == "graph"

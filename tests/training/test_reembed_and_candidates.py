@@ -10,18 +10,17 @@ import torch
 from encoders.graph import GraphEncoder
 from streamer.contracts import changes as C
 from streamer.embed.engine import IncrementalEngine
-from training.candidates import VectorIndex
-from training.ranking import rank_metrics
 from streamer.embed.state import layerwise_rebuild, load_engine, save_engine
-from training.train import TrainConfig, train
 from streamer.settings import Settings
 from tests.training.planted import CFG
+from training.candidates import VectorIndex
+from training.ranking import rank_metrics
+from training.train import TrainConfig, train
 
 
 def _engine(graph, model: GraphEncoder) -> IncrementalEngine:
     eng = IncrementalEngine(model, "cpu")
-    feats = torch.where(torch.as_tensor(graph.has_text).unsqueeze(1), graph.features,
-                        model.type_features(graph.labels))
+    feats = torch.where(torch.as_tensor(graph.has_text).unsqueeze(1), graph.features, model.type_features(graph.labels))
     rel = np.asarray(graph.rel)
     eng.bulk_load(graph.keys, graph.src, graph.dst, rel, feats, rel_names=graph.rel_names)
     return eng
@@ -35,7 +34,7 @@ def test_layerwise_rebuild_equals_rebuild(graph):
     layerwise_rebuild(eng, chunk_rows=17, progress=False)
     for a, b in zip(h + s, eng.h + eng.S):
         assert torch.allclose(a, b, atol=1e-5)
-    assert eng.verify() [1] == 0
+    assert eng.verify()[1] == 0
 
 
 def test_a_checkpoint_of_another_model_is_reembedded_like_a_fresh_load(graph, tmp_path):
@@ -47,9 +46,9 @@ def test_a_checkpoint_of_another_model_is_reembedded_like_a_fresh_load(graph, tm
     assert trained.version != old.version
     loaded, reembedded = load_engine(path, trained, "cpu", progress=False)
     assert reembedded
-    fresh = _engine(graph, trained)          # the same graph loaded from scratch with the new model
+    fresh = _engine(graph, trained)  # the same graph loaded from scratch with the new model
     for a, b in zip(loaded.h, fresh.h):
-        assert torch.allclose(a[:graph.num_nodes], b[:graph.num_nodes], atol=1e-5)
+        assert torch.allclose(a[: graph.num_nodes], b[: graph.num_nodes], atol=1e-5)
     assert loaded.verify()[1] == 0
     again, reembedded = load_engine(path, old, "cpu", progress=False)
     assert not reembedded and torch.equal(again.h[-1], eng.h[-1])
@@ -80,8 +79,13 @@ def test_candidates_from_a_checkpoint(graph, tmp_path):
 def test_rank_metrics():
     scores = torch.tensor([[0.9, 0.8, 0.7, 0.1], [0.1, 0.2, 0.3, 0.4]])
     users = np.array([0, 1])
-    got = rank_metrics(lambda b: scores[torch.as_tensor(b)], users, [np.array([1, 3]), np.array([0])],
-                       [np.array([0]), np.array([], dtype=np.int64)], k=2)
+    got = rank_metrics(
+        lambda b: scores[torch.as_tensor(b)],
+        users,
+        [np.array([1, 3]), np.array([0])],
+        [np.array([0]), np.array([], dtype=np.int64)],
+        k=2,
+    )
     # user 0: item 0 excluded, top-2 = [1, 2]: 1 hit of 2 targets; NDCG = 1 / (1 + 1/log2(3))
     # user 1: top-2 = [3, 2]: no hit
     assert abs(got["recall@2"] - 0.25) < 1e-9

@@ -12,12 +12,10 @@ import pytest
 import torch
 
 from encoders.graph import GraphEncoder, GraphEncoderConfig, fuse
-from training.train import (TrainConfig, TrainGraph, edge_index, save, split_validation, train,
-                                  train_forward, validate)
 from tests.training.planted import CFG, planted_graph
+from training.train import TrainConfig, TrainGraph, edge_index, save, split_validation, train, train_forward, validate
 
-FAST = TrainConfig(epochs=8, batch_size=64, negatives=32, lr=1e-2, patience=12, progress=False, device="cpu",
-                   temperature=0.1)
+FAST = TrainConfig(epochs=8, batch_size=64, negatives=32, lr=1e-2, patience=12, progress=False, device="cpu", temperature=0.1)
 
 
 def _x0(model: GraphEncoder, graph) -> torch.Tensor:

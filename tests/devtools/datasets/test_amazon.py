@@ -40,8 +40,18 @@ P2 = {
     "details": {},
     "rank": [],
 }
-P3 = {"asin": "P000000003", "title": ' Magazines" />', "description": [], "brand": "", "category": [], "price": "",
-      "also_buy": [], "also_view": [], "details": {}, "rank": []}
+P3 = {
+    "asin": "P000000003",
+    "title": ' Magazines" />',
+    "description": [],
+    "brand": "",
+    "category": [],
+    "price": "",
+    "also_buy": [],
+    "also_view": [],
+    "details": {},
+    "rank": [],
+}
 
 RATINGS = """\
 P000000001,U1,5.0,1000000000
@@ -105,7 +115,9 @@ def test_fixture_products(tmp_path: Path) -> None:
 
 def test_fixture_relations(tmp_path: Path) -> None:
     events, report = load(fixture_dir(tmp_path))
-    relations = [(e["src"]["id"], e["rel"], e["dst"]["id"], e["props"]["position"], e["ts"]) for e in events if e["type"] == "relation"]
+    relations = [
+        (e["src"]["id"], e["rel"], e["dst"]["id"], e["props"]["position"], e["ts"]) for e in events if e["type"] == "relation"
+    ]
     assert relations == [
         ("P000000001", "ALSO_BOUGHT", "P000000002", 0, iso_utc(1_000_000_000)),
         ("P000000001", "ALSO_VIEWED", "P000000003", 0, iso_utc(1_000_000_000)),

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from streamer.contracts.events import InteractionEvent, ProductEvent, validate_event
 from devtools.datasets import LoadReport, online_retail
+from streamer.contracts.events import InteractionEvent, ProductEvent, validate_event
 from tests.helpers import check_valid_and_ordered
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -151,7 +151,13 @@ def test_helpers() -> None:
     assert online_retail.clean_title("") is None
     assert online_retail.clean_title(" 3 TRADITIONAl  BISCUIT CUTTERS  SET ") == "3 TRADITIONAl BISCUIT CUTTERS SET"
     assert [online_retail.is_product_code(c) for c in ("85123A", "15056BL", "22423", "POST", "DCGS0003", "23444", "C2")] == [
-        True, True, True, False, False, False, False,
+        True,
+        True,
+        True,
+        False,
+        False,
+        False,
+        False,
     ]
     assert online_retail.user_id("17850.0") == "17850"
     assert online_retail.user_id(" ") is None

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -30,11 +31,11 @@ class Future:
         self.callbacks: list[Callable[[Any], None]] = []
         self.errbacks: list[Callable[[Exception], None]] = []
 
-    def add_callback(self, fn: Callable[[Any], None]) -> "Future":
+    def add_callback(self, fn: Callable[[Any], None]) -> Future:
         self.callbacks.append(fn)
         return self
 
-    def add_errback(self, fn: Callable[[Exception], None]) -> "Future":
+    def add_errback(self, fn: Callable[[Exception], None]) -> Future:
         self.errbacks.append(fn)
         if self.error is not None:  # a failed delivery reports as soon as it is known
             fn(self.error)
@@ -71,9 +72,17 @@ def sample_events(limit: int) -> list[dict]:
 
 def test_route_and_keys() -> None:
     settings = Settings()
-    relation = {"type": "relation", "src": {"label": "Product", "id": "A"}, "rel": "ALSO_BOUGHT", "dst": {"label": "Product", "id": "B"}}
+    relation = {
+        "type": "relation",
+        "src": {"label": "Product", "id": "A"},
+        "rel": "ALSO_BOUGHT",
+        "dst": {"label": "Product", "id": "B"},
+    }
     assert route({"type": "product", "id": "85123A"}, settings) == (settings.topic_products, "85123A")
-    assert route({"type": "interaction", "user_id": "17850", "product_id": "85123A"}, settings) == (settings.topic_interactions, "17850")
+    assert route({"type": "interaction", "user_id": "17850", "product_id": "85123A"}, settings) == (
+        settings.topic_interactions,
+        "17850",
+    )
     assert route(relation, settings) == (settings.topic_relations, "A")
     with pytest.raises(ValueError):
         route({"type": "nope"}, settings)
@@ -139,8 +148,15 @@ def test_load_samples_into_a_real_broker(settings) -> None:
     assert retail.events == 2000 and amazon.events == 2000
     assert isinstance(retail.report, LoadReport) and sum(retail.report.events.values()) == 2000
 
-    received = [json.loads(r.value) for r in read_topic(settings, settings.topic_relations, expect=amazon.per_topic[settings.topic_relations])]
+    received = [
+        json.loads(r.value)
+        for r in read_topic(settings, settings.topic_relations, expect=amazon.per_topic[settings.topic_relations])
+    ]
     assert len(received) == amazon.per_topic[settings.topic_relations]
     assert all(r["type"] == "relation" for r in received)
-    products = read_topic(settings, settings.topic_products, expect=retail.per_topic[settings.topic_products] + amazon.per_topic[settings.topic_products])
+    products = read_topic(
+        settings,
+        settings.topic_products,
+        expect=retail.per_topic[settings.topic_products] + amazon.per_topic[settings.topic_products],
+    )
     assert all(r.key.decode() == json.loads(r.value)["id"] for r in products)

@@ -20,13 +20,17 @@ SCHEMA_FILE = Path(__file__).resolve().parents[3] / "streamer" / "contracts" / "
 
 
 def test_committed_json_schema_is_current():
-    assert json.loads(SCHEMA_FILE.read_text()) == json_schema(), "run: kg-streamer schema --out streamer/contracts/events.schema.json"
+    assert json.loads(SCHEMA_FILE.read_text()) == json_schema(), (
+        "run: kg-streamer schema --out streamer/contracts/events.schema.json"
+    )
 
 
 def test_three_kinds_decode():
     p = decode_event(b'{"type":"product","id":"A","title":"t","categories":["x","y"],"ts":"2011-01-01T10:00:00Z"}')
     i = decode_event(b'{"type":"interaction","user_id":"u","product_id":"A","action":"rate","rating":4,"ts":1300000000}')
-    r = decode_event(b'{"type":"relation","src":{"label":"Product","id":"A"},"rel":"also_viewed","dst":{"label":"Product","id":"B"},"ts":1}')
+    r = decode_event(
+        b'{"type":"relation","src":{"label":"Product","id":"A"},"rel":"also_viewed","dst":{"label":"Product","id":"B"},"ts":1}'
+    )
     assert isinstance(p, ProductEvent) and p.ts_ms == 1293876000000 and p.op == "upsert"
     assert isinstance(i, InteractionEvent) and i.rel_type == "RATED" and i.ts_ms == 1_300_000_000_000
     assert isinstance(r, RelationEvent) and r.rel == "ALSO_VIEWED"
@@ -60,9 +64,19 @@ def test_unknown_fields_are_ignored_for_forward_compatibility():
         (b'{"type":"product","id":"A","ts":1,"op":"truncate"}', "ValidationError"),
         (b'{"type":"interaction","user_id":"u","product_id":"p","action":"rate","ts":1}', "ValidationError"),  # no rating
         (b'{"type":"interaction","user_id":"u","product_id":"p","action":"steal","ts":1}', "ValidationError"),
-        (b'{"type":"relation","src":{"label":"Admin","id":"a"},"rel":"ALSO_BOUGHT","dst":{"label":"Product","id":"b"},"ts":1}', "ValidationError"),
-        (b'{"type":"relation","src":{"label":"Product","id":"a"},"rel":"OWNS","dst":{"label":"Product","id":"b"},"ts":1}', "ValidationError"),
-        (b'{"type":"relation","src":{"label":"Product","id":"a"},"rel":"ALSO_BOUGHT","dst":{"label":"Product","id":"b"},"props":{"bad key":1},"ts":1}', "ValidationError"),
+        (
+            b'{"type":"relation","src":{"label":"Admin","id":"a"},"rel":"ALSO_BOUGHT","dst":{"label":"Product","id":"b"},"ts":1}',
+            "ValidationError",
+        ),
+        (
+            b'{"type":"relation","src":{"label":"Product","id":"a"},"rel":"OWNS","dst":{"label":"Product","id":"b"},"ts":1}',
+            "ValidationError",
+        ),
+        (
+            b'{"type":"relation","src":{"label":"Product","id":"a"},"rel":"ALSO_BOUGHT",'
+            b'"dst":{"label":"Product","id":"b"},"props":{"bad key":1},"ts":1}',
+            "ValidationError",
+        ),
     ],
 )
 def test_invalid_input_names_its_error_class(raw, error_class):

@@ -14,12 +14,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from devtools import synth
 from streamer.contracts import changes as C
 from streamer.embed.engine import IncrementalEngine
 from streamer.embed.replica import Replica
 from streamer.embed.state import load_engine, save_engine
-from devtools import synth
-
 from tests.streamer.embed.test_engine import DEVICES, check_replica, feat, make_model, stream_st, to_changes
 
 THRESHOLDS = st.sampled_from([(0.0, 1e-3), (1e-3, 0.0), (1e-4, 1e-4), (1e-2, 1e-2), (0.05, 0.02)])
@@ -45,7 +44,7 @@ def run_bounded(engine: IncrementalEngine, stream: list[list[tuple]]) -> None:
         ts += len(batch) + 1
         before = {k: engine.vector(k) for k in engine.replica.index}
         report = engine.apply(changes, features)
-        err, over = engine.verify()                    # tol = 1e-5 + error_bound
+        err, over = engine.verify()  # tol = 1e-5 + error_bound
         assert over == 0 and err <= bound + 1e-5, (err, bound)
         assert report.error_bound == pytest.approx(bound)
         sums_match_stored_rows(engine)
@@ -66,8 +65,9 @@ def run_bounded(engine: IncrementalEngine, stream: list[list[tuple]]) -> None:
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(stream=stream_st, layers=st.integers(1, 3), th=THRESHOLDS, reanchor=st.sampled_from([1, 256]))
 def test_bounded_mode_error_stays_within_the_reported_bound(stream, layers, th, reanchor):
-    engine = IncrementalEngine(make_model(layers), "cpu", mode="bounded", propagate_threshold=th[0],
-                               publish_threshold=th[1], reanchor_every=reanchor)
+    engine = IncrementalEngine(
+        make_model(layers), "cpu", mode="bounded", propagate_threshold=th[0], publish_threshold=th[1], reanchor_every=reanchor
+    )
     run_bounded(engine, stream)
 
 
@@ -75,8 +75,9 @@ def test_bounded_mode_error_stays_within_the_reported_bound(stream, layers, th, 
 @given(stream=stream_st, th=THRESHOLDS, ratio=st.sampled_from([1e-9, 0.05]))
 def test_bounded_mode_with_full_passes_keeps_the_bound(stream, th, ratio):
     """Full passes in bounded mode: fresh sums of the stored rows, the same threshold rule."""
-    engine = IncrementalEngine(make_model(2), "cpu", mode="bounded", propagate_threshold=th[0],
-                               publish_threshold=th[1], full_ratio=ratio)
+    engine = IncrementalEngine(
+        make_model(2), "cpu", mode="bounded", propagate_threshold=th[0], publish_threshold=th[1], full_ratio=ratio
+    )
     run_bounded(engine, stream)
 
 
@@ -103,7 +104,7 @@ def test_a_hub_holds_back_tiny_changes_and_carries_them_forward(device):
     hub = exact.replica.index["Category:hub"]
     before = exact.h[1][hub].clone()
     exact.apply([C.node_upsert("Product", "0", 0)], {"Product:0": 3 * feat(9_999)})
-    step = float((exact.h[1][hub] - before).abs().max())       # what one leaf moves the hub by
+    step = float((exact.h[1][hub] - before).abs().max())  # what one leaf moves the hub by
     eps = 4 * step
     bounded = star(leaves, device, mode="bounded", propagate_threshold=eps, publish_threshold=0.0)
     bounded.apply([C.node_upsert("Product", "0", 0)], {"Product:0": 3 * feat(9_999)})
@@ -112,13 +113,13 @@ def test_a_hub_holds_back_tiny_changes_and_carries_them_forward(device):
     for i in range(1, 120):
         batch = [C.node_upsert("Product", str(i), i)]
         feats = {f"Product:{i}": 3 * feat(10_000 + i)}
-        assert exact.apply(batch, feats).affected[2] == leaves + 1      # exact: every sibling, every time
+        assert exact.apply(batch, feats).affected[2] == leaves + 1  # exact: every sibling, every time
         r = bounded.apply(batch, feats)
-        if r.affected[2] < 10:                                # held back at the hub: the leaf + the hub
+        if r.affected[2] < 10:  # held back at the hub: the leaf + the hub
             held += 1
             assert r.suppressed[1] == 1 and r.changed[1] == 1 and 0 < r.max_residual[1] <= eps
             assert len(r.changed_keys) <= 3
-        else:                                                 # the carried change passed eps: all of it goes
+        else:  # the carried change passed eps: all of it goes
             released += 1
             assert r.affected[2] == leaves + 1 and r.changed[1] == 2
         err, over = bounded.verify()
@@ -136,7 +137,7 @@ def test_publish_threshold_alone_suppresses_only_output_rows():
     engine = star(500, mode="bounded", propagate_threshold=0.0, publish_threshold=1e-3)
     assert engine.error_bound == pytest.approx(1e-3)
     r = engine.apply([C.node_upsert("Product", "1", 1)], {"Product:1": feat(77)})
-    assert r.suppressed[1] == 0                               # hidden layers exact
+    assert r.suppressed[1] == 0  # hidden layers exact
     assert r.affected[2] == 501
     assert r.vectors_suppressed == r.suppressed[2] > 0
     assert len(r.changed_keys) == 501 - r.vectors_suppressed
@@ -167,16 +168,23 @@ def test_a_bounded_state_loaded_into_an_exact_engine_is_rebuilt(tmp_path):
     loaded, _ = load_engine(tmp_path / "e.pt", make_model(2), "cpu")
     err, over = loaded.verify()
     assert loaded.mode == "exact" and over == 0 and err < 1e-5
-    again, _ = load_engine(tmp_path / "e.pt", make_model(2), "cpu", mode="bounded",
-                           propagate_threshold=1e-2, publish_threshold=1e-2)
-    assert torch.equal(again.h[-1][:301], engine.h[-1][:301])   # bounded -> bounded: kept as is
+    again, _ = load_engine(
+        tmp_path / "e.pt", make_model(2), "cpu", mode="bounded", propagate_threshold=1e-2, publish_threshold=1e-2
+    )
+    assert torch.equal(again.h[-1][:301], engine.h[-1][:301])  # bounded -> bounded: kept as is
 
 
 # ---- batched replica operations --------------------------------------------------------------
 @settings(max_examples=150, deadline=None)
-@given(steps=st.lists(st.tuples(st.sampled_from(["add", "del", "node_del"]),
-                                st.lists(st.tuples(st.integers(0, 9), st.integers(0, 2), st.integers(0, 9)),
-                                         max_size=25)), max_size=15))
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(["add", "del", "node_del"]),
+            st.lists(st.tuples(st.integers(0, 9), st.integers(0, 2), st.integers(0, 9)), max_size=25),
+        ),
+        max_size=15,
+    )
+)
 def test_batched_replica_operations_match_a_set_of_edges(steps):
     rep = Replica(node_capacity=2, edge_capacity=2)
     for r in ("A", "B", "C"):
@@ -191,15 +199,19 @@ def test_batched_replica_operations_match_a_set_of_edges(steps):
         uniq = sorted(set(edges))
         if op == "add":
             new = [e for e in uniq if e not in ref]
-            s, r, d = (np.asarray([slot[e[0]] if i == 0 else e[1] if i == 1 else slot[e[2]] for e in new], dtype=np.int64)
-                       for i in range(3))
+            s, r, d = (
+                np.asarray([slot[e[0]] if i == 0 else e[1] if i == 1 else slot[e[2]] for e in new], dtype=np.int64)
+                for i in range(3)
+            )
             pos, _ = rep.find_edges(s, r, d)
             assert (pos < 0).all()
             rep.add_edges(s, r, d)
             ref |= set(new)
         elif op == "del":
-            s, r, d = (np.asarray([slot[e[0]] if i == 0 else e[1] if i == 1 else slot[e[2]] for e in uniq], dtype=np.int64)
-                       for i in range(3))
+            s, r, d = (
+                np.asarray([slot[e[0]] if i == 0 else e[1] if i == 1 else slot[e[2]] for e in uniq], dtype=np.int64)
+                for i in range(3)
+            )
             pos, owner = rep.find_edges(s, r, d)
             assert [bool(p >= 0) for p in pos] == [e in ref for e in uniq]
             hit = pos >= 0
@@ -229,7 +241,7 @@ def test_synthetic_graph_is_seeded_and_skewed():
     assert stats["products"] == cfg.products and stats["users"] == cfg.users
     assert stats["max_user_degree"] <= cfg.max_activity
     sizes = np.sort(np.bincount(a.category_of))[::-1]
-    assert sizes[0] > 10 * np.median(sizes)                      # Zipf: a few huge categories
+    assert sizes[0] > 10 * np.median(sizes)  # Zipf: a few huge categories
     # one edge per distinct (user, action, product)
     key = (a.src * 8 + a.rel) * a.num_nodes + a.dst
     assert len(np.unique(key)) == len(key)
@@ -238,11 +250,19 @@ def test_synthetic_graph_is_seeded_and_skewed():
 
 
 def test_update_stream_applies_exactly():
-    g = synth.generate(synth.PRESETS["tiny"].scaled(products=300, users=400, categories=10, largest_category=80,
-                                                     brands=20, feature_dim=8))
+    g = synth.generate(
+        synth.PRESETS["tiny"].scaled(products=300, users=400, categories=10, largest_category=80, brands=20, feature_dim=8)
+    )
     engine = IncrementalEngine(make_model(2), "cpu")
-    engine.bulk_load(g.keys, g.src, g.dst, g.rel.astype(np.int64), rel_names=list(synth.REL_NAMES),
-                     features=g.product_features(), feature_rows=np.arange(g.n_products))
+    engine.bulk_load(
+        g.keys,
+        g.src,
+        g.dst,
+        g.rel.astype(np.int64),
+        rel_names=list(synth.REL_NAMES),
+        features=g.product_features(),
+        feature_rows=np.arange(g.n_products),
+    )
     stream = synth.UpdateStream(g, seed=5)
     for n in (1, 10, 50, 200):
         changes, feats = stream.next(n)
@@ -260,10 +280,17 @@ def test_khop_baseline_equals_the_engine():
 
     g = synth.generate(synth.PRESETS["tiny"].scaled(feature_dim=8))
     engine = IncrementalEngine(make_model(2), "cpu")
-    engine.bulk_load(g.keys, g.src, g.dst, g.rel.astype(np.int64), rel_names=list(synth.REL_NAMES),
-                     features=g.product_features(), feature_rows=np.arange(g.n_products))
+    engine.bulk_load(
+        g.keys,
+        g.src,
+        g.dst,
+        g.rel.astype(np.int64),
+        rel_names=list(synth.REL_NAMES),
+        features=g.product_features(),
+        feature_rows=np.arange(g.n_products),
+    )
     seeds = np.random.default_rng(0).choice(engine.replica.num_slots, 300, replace=False)
-    for batch, cap in ((64, 1 << 27), (1000, 64)):                 # PyG conv, and chunked aggregation
+    for batch, cap in ((64, 1 << 27), (1000, 64)):  # PyG conv, and chunked aggregation
         base = KHopBaseline(engine, batch_size=batch, max_messages=cap)
         secs, done, out, frac = base.run(seeds)
         assert frac == 1.0 and secs > 0 and sorted(done.tolist()) == sorted(seeds.tolist())

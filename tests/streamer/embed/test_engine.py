@@ -21,10 +21,9 @@ from hypothesis import strategies as st
 
 from encoders.graph import GraphEncoder, GraphEncoderConfig, fuse
 from streamer.contracts import changes as C
-from streamer.embed.engine import IncrementalEngine
+from streamer.embed.engine import FULL_RATIO, IncrementalEngine
 from streamer.embed.replica import Replica
 from streamer.embed.state import Featurizer, load_engine, save_engine
-from streamer.embed.engine import FULL_RATIO
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DIM = 8
@@ -44,7 +43,7 @@ def feat(seed: int) -> torch.Tensor:
 # ---- a plain reference model of the graph ---------------------------------------------------
 class Reference:
     def __init__(self, model: GraphEncoder) -> None:
-        self.model = copy.deepcopy(model).cpu()      # never move the engine's own model
+        self.model = copy.deepcopy(model).cpu()  # never move the engine's own model
         self.nodes: dict[str, torch.Tensor] = {}
         self.edges: set[tuple[str, str, str]] = set()
 
@@ -73,9 +72,11 @@ class Reference:
         pos = {k: i for i, k in enumerate(keys)}
         src, dst = [], []
         for s, _, d in self.edges:
-            src.append(pos[s]); dst.append(pos[d])
+            src.append(pos[s])
+            dst.append(pos[d])
             if s != d:
-                src.append(pos[d]); dst.append(pos[s])
+                src.append(pos[d])
+                dst.append(pos[s])
         x = torch.stack([self.nodes[k] for k in keys])
         ei = torch.tensor([src, dst], dtype=torch.long).reshape(2, -1)
         hs = self.model.forward_all(x, ei)
@@ -103,7 +104,7 @@ def check_replica(rep: Replica) -> None:
             else:
                 assert int(rep.code[t]) == int(rep.code[p]) ^ 1
     spans.sort()
-    for (a0, a1), (b0, _) in zip(spans, spans[1:]):
+    for (_a0, a1), (b0, _) in zip(spans, spans[1:]):
         assert a1 <= b0, "blocks overlap"
     assert rep.num_edges == sum(1 for _ in rep.edges())
 
@@ -144,9 +145,12 @@ def to_changes(batch: list[tuple], ts: int) -> tuple[list[C.Change], dict[str, t
 
 def snapshot(engine: IncrementalEngine) -> dict:
     n = engine.replica.num_slots
-    return {"h": [t[:n].clone() for t in engine.h], "S": [t[:n].clone() for t in engine.S],
-            "keys": list(engine.replica.keys[:n]),
-            "vec": {k: engine.vector(k) for k in engine.replica.index}}
+    return {
+        "h": [t[:n].clone() for t in engine.h],
+        "S": [t[:n].clone() for t in engine.S],
+        "keys": list(engine.replica.keys[:n]),
+        "vec": {k: engine.vector(k) for k in engine.replica.index},
+    }
 
 
 def run_stream(engine: IncrementalEngine, stream: list[list[tuple]], tol: float = 1e-5) -> None:
@@ -196,16 +200,16 @@ def run_stream(engine: IncrementalEngine, stream: list[list[tuple]], tol: float 
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(stream=stream_st, layers=st.integers(1, 3), aggr=st.sampled_from(["mean", "sum"]),
-       reanchor=st.sampled_from([1, 2, 256]))
+@given(stream=stream_st, layers=st.integers(1, 3), aggr=st.sampled_from(["mean", "sum"]), reanchor=st.sampled_from([1, 2, 256]))
 def test_incremental_equals_full_recompute_after_every_batch(stream, layers, aggr, reanchor):
     engine = IncrementalEngine(make_model(layers, aggr), "cpu", reanchor_every=reanchor)
     run_stream(engine, stream)
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(stream=stream_st, layers=st.integers(1, 3), aggr=st.sampled_from(["mean", "sum"]),
-       ratio=st.sampled_from([1e-9, 0.05, 0.3]))
+@given(
+    stream=stream_st, layers=st.integers(1, 3), aggr=st.sampled_from(["mean", "sum"]), ratio=st.sampled_from([1e-9, 0.05, 0.3])
+)
 def test_full_pass_switch_keeps_every_incremental_guarantee(stream, layers, aggr, ratio):
     """Large batches finish with full passes (1e-9: every layer of every batch; 0.05 / 0.3: a
     mix): the same exactness, bit-identical untouched rows, publication and tombstones."""
@@ -247,13 +251,13 @@ def test_full_passes_through_the_device_mirror_of_the_adjacency(stream):
     log), exercised on CPU: every full pass must see exactly the replica's current edges."""
     engine = IncrementalEngine(make_model(2), "cpu", full_ratio=1e-9)
     engine.mirror_adjacency = True
-    engine.replica.compact_min_garbage = 8              # compactions mid-stream (a full re-copy)
+    engine.replica.compact_min_garbage = 8  # compactions mid-stream (a full re-copy)
     run_stream(engine, stream)
     rep = engine.replica
     mirror = engine._nbr_on_device().numpy()
-    for v in rep.live_slots():                          # block contents (slack is never read)
+    for v in rep.live_slots():  # block contents (slack is never read)
         s, n = int(rep.start[v]), int(rep.length[v])
-        assert np.array_equal(mirror[s:s + n], rep.nbr[s:s + n]), v
+        assert np.array_equal(mirror[s : s + n], rep.nbr[s : s + n]), v
 
 
 def test_replica_write_log_covers_every_write():
@@ -264,7 +268,7 @@ def test_replica_write_log_covers_every_write():
     for k in keys:
         rep.add_node(k)
     mirror = rep.nbr.copy()
-    assert rep.take_writes() is None                    # the first call: copy everything
+    assert rep.take_writes() is None  # the first call: copy everything
     mirror = rep.nbr.copy()
     for step in range(300):
         a, b = (int(x) for x in rng.integers(0, 60, 2))
@@ -289,7 +293,7 @@ def test_replica_write_log_covers_every_write():
         live = rep.live_slots()
         for v in live:
             s, n = int(rep.start[v]), int(rep.length[v])
-            assert np.array_equal(mirror[s:s + n], rep.nbr[s:s + n]), (step, v)
+            assert np.array_equal(mirror[s : s + n], rep.nbr[s : s + n]), (step, v)
 
 
 def test_a_hub_change_switches_to_a_full_pass_at_layer_two():
@@ -297,11 +301,11 @@ def test_a_hub_change_switches_to_a_full_pass_at_layer_two():
     engine = IncrementalEngine(make_model(2), "cpu", full_ratio=0.25)
     engine.bulk_load(keys, np.arange(1, 2001), np.zeros(2000, dtype=np.int64), "IN_CATEGORY")
     report = engine.apply([C.node_upsert("Product", "7", 1)], {"Product:7": feat(1)})
-    assert report.full_layers == 1                   # layer 1: 2 messages; layer 2: the hub's 2000
+    assert report.full_layers == 1  # layer 1: 2 messages; layer 2: the hub's 2000
     assert report.affected == [1, 2, 2001] and len(report.changed_keys) == 2001
     assert engine.verify()[1] == 0
     report = engine.apply([C.edge_upsert("Product:0", "SIMILAR", "Product:1", 2)])
-    assert report.full_layers == 0                   # a small change stays on the delta path
+    assert report.full_layers == 0  # a small change stays on the delta path
     assert engine.verify()[1] == 0
 
 
@@ -367,8 +371,12 @@ def test_long_random_stream_with_growth_and_slot_reuse(device):
 
 # ---- the replica on its own ----------------------------------------------------------------
 @settings(max_examples=150, deadline=None)
-@given(ops=st.lists(st.tuples(st.sampled_from(["add", "del", "node_del"]), st.integers(0, 11),
-                              st.sampled_from(RELS), st.integers(0, 11)), max_size=120))
+@given(
+    ops=st.lists(
+        st.tuples(st.sampled_from(["add", "del", "node_del"]), st.integers(0, 11), st.sampled_from(RELS), st.integers(0, 11)),
+        max_size=120,
+    )
+)
 def test_replica_matches_a_set_of_edges(ops):
     rep = Replica(node_capacity=2, edge_capacity=2)
     ref: set[tuple[str, str, str]] = set()
@@ -405,13 +413,13 @@ def test_bulk_load_equals_incremental_build():
     rng = np.random.default_rng(3)
     n, m = 60, 300
     keys = [f"{LABELS[i % 3]}:{i}" for i in range(n)]
-    src, dst = rng.integers(0, n, m), rng.integers(0, n, m)   # duplicates and self-loops included
+    src, dst = rng.integers(0, n, m), rng.integers(0, n, m)  # duplicates and self-loops included
     x = torch.randn(n, DIM, generator=torch.Generator().manual_seed(1))
     bulk = IncrementalEngine(make_model(2), "cpu")
     bulk.bulk_load(keys, src, dst, "R", features=x)
     check_replica(bulk.replica)
     err, over = bulk.verify()
-    assert over == 0 and err < 1e-6          # sparse layer-wise sums vs PyG's scatter: rounding only
+    assert over == 0 and err < 1e-6  # sparse layer-wise sums vs PyG's scatter: rounding only
     inc = IncrementalEngine(make_model(2), "cpu")
     inc.apply([C.node_upsert(*C.split_key(k), 0) for k in keys], {k: x[i] for i, k in enumerate(keys)})
     inc.apply([C.edge_upsert(keys[s], "R", keys[d], 1) for s, d in zip(src, dst)])
@@ -446,12 +454,12 @@ def test_hub_aggregate_is_updated_by_delta_without_reading_its_neighbours():
     report = engine.apply([C.node_upsert("Product", "7", 1)], {"Product:7": feat(1)})
     assert all(hub not in c for c in spy.calls), "the hub's block was read"
     assert report.neighbour_reads == 0 and report.reanchored_rows == 0
-    assert report.delta_messages == 1                # one message: leaf -> hub
-    assert report.affected == [1, 2]                 # the leaf, then leaf + hub
+    assert report.delta_messages == 1  # one message: leaf -> hub
+    assert report.affected == [1, 2]  # the leaf, then leaf + hub
     assert engine.verify()[1] == 0
     report = engine.apply([C.edge_upsert("Product:new", "IN_CATEGORY", "Category:hub", 2)])
     assert all(hub not in c for c in spy.calls)
-    assert report.delta_messages == 3                # two halves of the new edge + the new leaf's h0
+    assert report.delta_messages == 3  # two halves of the new edge + the new leaf's h0
     assert engine.verify()[1] == 0
 
 
@@ -473,7 +481,7 @@ def test_reanchoring_reads_neighbours_only_when_the_count_is_reached():
     for i in range(12):
         r = engine.apply([C.node_upsert("Product", str(i), i)], {f"Product:{i}": feat(i)})
         reads.append(r.neighbour_reads)
-    assert reads.count(500) == 2 and sum(reads) == 1000   # at the 5th and 10th delta into the hub
+    assert reads.count(500) == 2 and sum(reads) == 1000  # at the 5th and 10th delta into the hub
     assert engine.verify()[1] == 0
 
 
@@ -482,8 +490,7 @@ def test_drift_stays_within_tolerance_over_many_hub_updates():
     rng = np.random.default_rng(0)
     for i in range(600):
         leaf = int(rng.integers(300))
-        engine.apply([C.node_upsert("Product", str(leaf), i)], {f"Product:{leaf}": 3 * feat(i)},
-                     with_vectors=False)
+        engine.apply([C.node_upsert("Product", str(leaf), i)], {f"Product:{leaf}": 3 * feat(i)}, with_vectors=False)
     err, over = engine.verify()
     assert over == 0 and err < 1e-5
 
@@ -512,7 +519,7 @@ def test_replaying_a_batch_changes_nothing():
     assert report.changed_keys == [] and report.rows_recomputed == 0
     after = snapshot(engine)
     assert all(torch.equal(a, b) for a, b in zip(before["h"], after["h"]))
-    assert report.deleted_keys == ["User:nope"]     # a tombstone is idempotent: re-sent
+    assert report.deleted_keys == ["User:nope"]  # a tombstone is idempotent: re-sent
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -556,7 +563,7 @@ def test_published_vectors_fuse_text_and_structure():
     engine = random_engine()
     k = next(iter(engine.replica.index))
     i = engine.replica.index[k]
-    want = fuse(engine.h[0][i:i + 1], engine.h[-1][i:i + 1], "concat", 0.5)[0]
+    want = fuse(engine.h[0][i : i + 1], engine.h[-1][i : i + 1], "concat", 0.5)[0]
     assert torch.equal(engine.vector(k), want)
     assert engine.out_dim == DIM + 5 and abs(float(engine.vector(k).norm()) - 1) < 1e-5
     assert len(engine.model_version) == 12
@@ -573,11 +580,13 @@ def test_featurizer_encodes_products_only_and_once():
 
     text = FakeText()
     engine = IncrementalEngine(make_model(2), "cpu", featurize=Featurizer(text))  # type: ignore[arg-type]
-    batch = [C.node_upsert("Product", "1", 1, {"title": "red mug"}),
-             C.node_upsert("Product", "1", 2, {"title": "blue mug"}),
-             C.node_upsert("User", "u", 3, {"title": "not text"}),
-             C.node_upsert("Product", "2", 4, {}),
-             C.edge_upsert("User:u", "VIEWED", "Product:1", 5)]
+    batch = [
+        C.node_upsert("Product", "1", 1, {"title": "red mug"}),
+        C.node_upsert("Product", "1", 2, {"title": "blue mug"}),
+        C.node_upsert("User", "u", 3, {"title": "not text"}),
+        C.node_upsert("Product", "2", 4, {}),
+        C.edge_upsert("User:u", "VIEWED", "Product:1", 5),
+    ]
     engine.apply(batch)
     assert text.calls == [["blue mug"]]
     assert torch.equal(engine.h[0][engine.replica.index["Product:1"]], feat(len("blue mug")))
@@ -607,14 +616,18 @@ def test_a_node_that_loses_all_its_edges_has_an_exactly_zero_sum():
 def test_event_time_of_each_published_vector_is_the_newest_change_that_reached_it():
     model = make_model(2)
     with torch.no_grad():
-        model.convs[0].lin_l.bias.fill_(10.0)       # no ReLU zeros: every touched row moves
+        model.convs[0].lin_l.bias.fill_(10.0)  # no ReLU zeros: every touched row moves
     engine = IncrementalEngine(model, "cpu")
-    engine.apply([C.edge_upsert("Product:a", "R", "Product:b", 5), C.edge_upsert("Product:b", "R", "Product:c", 6),
-                  C.edge_upsert("Product:c", "R", "Product:d", 7)])
+    engine.apply(
+        [
+            C.edge_upsert("Product:a", "R", "Product:b", 5),
+            C.edge_upsert("Product:b", "R", "Product:c", 6),
+            C.edge_upsert("Product:c", "R", "Product:d", 7),
+        ]
+    )
     r = engine.apply([C.node_upsert("Product", "a", 10)], {"Product:a": feat(1)})
     assert dict(zip(r.changed_keys, r.changed_ts)) == {"Product:a": 10, "Product:b": 10, "Product:c": 10}
-    r = engine.apply([C.node_upsert("Product", "d", 20), C.edge_upsert("Product:a", "R", "User:x", 30)],
-                     {"Product:d": feat(2)})
+    r = engine.apply([C.node_upsert("Product", "d", 20), C.edge_upsert("Product:a", "R", "User:x", 30)], {"Product:d": feat(2)})
     got = dict(zip(r.changed_keys, r.changed_ts))
     assert got == {"Product:d": 20, "Product:c": 20, "Product:b": 30, "Product:a": 30, "User:x": 30}
-    assert bool((engine._ts == -1).all())          # the scratch is clean between batches
+    assert bool((engine._ts == -1).all())  # the scratch is clean between batches

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from encoders.graph import GraphEncoder
 from streamer.contracts import changes as C
 from streamer.embed.state import build_engine, engine_options, graph_model
 from streamer.settings import Settings
@@ -27,8 +26,7 @@ def test_engine_options_from_settings():
     assert engine_options(Settings()) == {"mode": "exact", "reanchor_every": 256}
     opts = engine_options(Settings(embed_mode="bounded", embed_propagate_threshold=1e-3, embed_publish_threshold=2e-3))
     assert opts == {"mode": "bounded", "reanchor_every": 256, "propagate_threshold": 1e-3, "publish_threshold": 2e-3}
-    engine = build_engine(Settings(gnn_hidden=8, gnn_out=8, device="cpu", embed_mode="bounded",
-                                  embed_propagate_threshold=1e-3))
+    engine = build_engine(Settings(gnn_hidden=8, gnn_out=8, device="cpu", embed_mode="bounded", embed_propagate_threshold=1e-3))
     assert engine.mode == "bounded" and engine.thresholds[1] == 1e-3
 
 

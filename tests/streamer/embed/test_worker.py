@@ -63,9 +63,21 @@ def test_a_change_publishes_vectors_for_exactly_the_nodes_it_affects(settings, p
 
     # one product's text changes
     target = f"Product:{prefix}P7"
-    produce_events(settings, [{"type": "product", "id": f"{prefix}P7", "title": "A completely different title",
-                               "brand": f"{prefix}Brand1", "categories": [f"{prefix}Home", f"{prefix}Kitchen1"],
-                               "attributes": {"colour": "blue", "size": 7}, "price": 8.5, "ts": 1_300_001_000}])
+    produce_events(
+        settings,
+        [
+            {
+                "type": "product",
+                "id": f"{prefix}P7",
+                "title": "A completely different title",
+                "brand": f"{prefix}Brand1",
+                "categories": [f"{prefix}Home", f"{prefix}Kitchen1"],
+                "attributes": {"colour": "blue", "size": 7},
+                "price": 8.5,
+                "ts": 1_300_001_000,
+            }
+        ],
+    )
     ingest(settings)
     offsets_before = len(before)
     second = embed(settings)
@@ -94,7 +106,9 @@ def _worker_process(settings) -> subprocess.Popen:
     env = {**os.environ, **settings_env(settings)}
     return subprocess.Popen(
         [sys.executable, "-m", "streamer.cli", "embed", "--until-caught-up", "--max-seconds", "240"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
 
 
@@ -102,16 +116,25 @@ def test_kill_9_of_the_worker_then_restart_equals_a_clean_run(settings, prefix, 
     settings = settings.model_copy(update={"torch_threads": 1})
     produce_events(settings, sample_events(prefix, products=120, users=15))
     ingest(settings)
-    clean = settings.model_copy(update={"state_dir": tmp_path / "clean", "embed_group": settings.embed_group + "-clean",
-                                        "topic_embeddings": settings.topic_embeddings + "-clean"})
+    clean = settings.model_copy(
+        update={
+            "state_dir": tmp_path / "clean",
+            "embed_group": settings.embed_group + "-clean",
+            "topic_embeddings": settings.topic_embeddings + "-clean",
+        }
+    )
     from streamer.kafka.topics import ensure_topics
 
     ensure_topics(clean)
     embed(clean)
-    crash = settings.model_copy(update={
-        "state_dir": tmp_path / "crash", "embed_batch_max_changes": 20, "embed_checkpoint_every_s": 0.5,
-        "group_instance_id": "embed-0" if settings.local_broker == "noida" else None,
-    })
+    crash = settings.model_copy(
+        update={
+            "state_dir": tmp_path / "crash",
+            "embed_batch_max_changes": 20,
+            "embed_checkpoint_every_s": 0.5,
+            "group_instance_id": "embed-0" if settings.local_broker == "noida" else None,
+        }
+    )
     proc = _worker_process(crash)
     deadline = time.monotonic() + 120
     ckpt = crash.state_dir / "embed" / "offsets.json"

@@ -117,8 +117,11 @@ def produce_timed(settings, prefix: str, n: int, partitions: int) -> dict[int, l
         partition = i % partitions
         event = {"type": "product", "id": f"{prefix}L{i}", "title": f"late {i}", "ts": 1_400_000_000 + i}
         sent[partition].append(time.time())
-        futures.append(producer.send(settings.topic_products, key=event["id"].encode(), value=json.dumps(event).encode(),
-                                     partition=partition))
+        futures.append(
+            producer.send(
+                settings.topic_products, key=event["id"].encode(), value=json.dumps(event).encode(), partition=partition
+            )
+        )
     producer.flush()
     for f in futures:
         f.get(timeout=10)
@@ -130,22 +133,34 @@ def test_stopped_consumer_lag_in_messages_and_seconds_then_back_to_zero(settings
     prefix = f"lag{uuid.uuid4().hex[:6]}-"
     group, topic = settings.ingest_group, settings.topic_products
     exporter_port, ingest_port = free_port(), free_port()
-    exporter = kgs_process(settings, ["lag-exporter", "--group", group, "--interval", "1"], exporter_port,
-                           tmp_path / "exporter.log")
-    prometheus = Prometheus(tmp_path, {"kg-lag-exporter": [f"127.0.0.1:{exporter_port}"],
-                                       "kg-ingest": [f"127.0.0.1:{ingest_port}"]}).start()
+    exporter = kgs_process(
+        settings, ["lag-exporter", "--group", group, "--interval", "1"], exporter_port, tmp_path / "exporter.log"
+    )
+    prometheus = Prometheus(
+        tmp_path, {"kg-lag-exporter": [f"127.0.0.1:{exporter_port}"], "kg-ingest": [f"127.0.0.1:{ingest_port}"]}
+    ).start()
     ingest = kgs_process(settings, ["ingest"], ingest_port, tmp_path / "ingest-1.log")
     started = time.monotonic()
     try:
         produced = produce_events(settings, sample_events(prefix, products=6, users=3))
         produced += settings.input_partitions
         produce_timed(settings, prefix + "w", settings.input_partitions, settings.input_partitions)  # every partition
-        wait_for(lambda: (s := status_json(settings, group, capsys))["lag_messages"] == 0
-                 and sum(p["end"] for p in s["partitions"]) == produced,
-                 timeout_s=90, interval_s=0.5, what="ingest caught up")
+        wait_for(
+            lambda: (
+                (s := status_json(settings, group, capsys))["lag_messages"] == 0
+                and sum(p["end"] for p in s["partitions"]) == produced
+            ),
+            timeout_s=90,
+            interval_s=0.5,
+            what="ingest caught up",
+        )
         # the consumer serves its own group's lag as well (its in-process monitor)
-        wait_for(lambda: prometheus.value(f'max(kgs_consumer_lag_messages{{group="{group}",job="kg-ingest"}})') == 0,
-                 timeout_s=30, interval_s=0.5, what="kg-ingest reports lag 0")
+        wait_for(
+            lambda: prometheus.value(f'max(kgs_consumer_lag_messages{{group="{group}",job="kg-ingest"}})') == 0,
+            timeout_s=30,
+            interval_s=0.5,
+            what="kg-ingest reports lag 0",
+        )
         assert stop_process(ingest) == 0
 
         n = 37
@@ -172,15 +187,24 @@ def test_stopped_consumer_lag_in_messages_and_seconds_then_back_to_zero(settings
 
         # the metrics, as Prometheus scraped them from the lag exporter (the consumer is down)
         selector = f'group="{group}",topic="{topic}"'
-        wait_for(lambda: prometheus.value(f"sum(max by (partition) (kgs_consumer_lag_messages{{{selector}}}))") == n,
-                 timeout_s=20, interval_s=0.25, what="Prometheus sees N messages of lag")
+        wait_for(
+            lambda: prometheus.value(f"sum(max by (partition) (kgs_consumer_lag_messages{{{selector}}}))") == n,
+            timeout_s=20,
+            interval_s=0.25,
+            what="Prometheus sees N messages of lag",
+        )
         time.sleep(1.5)
-        values = {r["metric"]["partition"]: float(r["value"][1])
-                  for r in prometheus.query(f"kgs_consumer_lag_seconds{{{selector}}}")}
-        scraped = {r["metric"]["partition"]: float(r["value"][1])
-                   for r in prometheus.query(f"timestamp(kgs_consumer_lag_seconds{{{selector}}})")}
-        stale = {r["metric"]["partition"]: float(r["value"][1])
-                 for r in prometheus.query(f"kgs_consumer_commit_staleness_seconds{{{selector}}}")}
+        values = {
+            r["metric"]["partition"]: float(r["value"][1]) for r in prometheus.query(f"kgs_consumer_lag_seconds{{{selector}}}")
+        }
+        scraped = {
+            r["metric"]["partition"]: float(r["value"][1])
+            for r in prometheus.query(f"timestamp(kgs_consumer_lag_seconds{{{selector}}})")
+        }
+        stale = {
+            r["metric"]["partition"]: float(r["value"][1])
+            for r in prometheus.query(f"kgs_consumer_commit_staleness_seconds{{{selector}}}")
+        }
         for partition, times in sent.items():
             truth = scraped[str(partition)] - times[0]  # age of the oldest unconsumed message at the scrape
             assert abs(values[str(partition)] - truth) < 1.0, (partition, values, truth)
@@ -202,10 +226,16 @@ def test_stopped_consumer_lag_in_messages_and_seconds_then_back_to_zero(settings
 
         # restart: it catches up and lag returns to 0, in messages and seconds
         ingest = kgs_process(settings, ["ingest"], ingest_port, tmp_path / "ingest-2.log")
-        wait_for(lambda: prometheus.value(f'max(kgs_consumer_lag_messages{{group="{group}"}})') == 0
-                 and prometheus.value(f'max(kgs_consumer_lag_seconds{{group="{group}"}})') == 0
-                 and prometheus.value(f'max(kgs_consumer_commit_staleness_seconds{{group="{group}"}})') == 0,
-                 timeout_s=90, interval_s=0.5, what="lag back to 0")
+        wait_for(
+            lambda: (
+                prometheus.value(f'max(kgs_consumer_lag_messages{{group="{group}"}})') == 0
+                and prometheus.value(f'max(kgs_consumer_lag_seconds{{group="{group}"}})') == 0
+                and prometheus.value(f'max(kgs_consumer_commit_staleness_seconds{{group="{group}"}})') == 0
+            ),
+            timeout_s=90,
+            interval_s=0.5,
+            what="lag back to 0",
+        )
         status = status_json(settings, group, capsys)
         assert status["lag_messages"] == 0 and status["lag_seconds"] == 0.0
         assert len(status["members"]) == 1

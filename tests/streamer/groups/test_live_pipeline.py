@@ -53,10 +53,21 @@ class EventStream:
             producer.send(s.topic_products, key=b"bad", value=b"{not json")
             i = 0
             while not self.stop.is_set():
-                product = {"type": "product", "id": f"{self.prefix}N{i}", "title": f"new product {i}",
-                           "brand": f"{self.prefix}Brand{i % 3}", "categories": [f"{self.prefix}Home"], "ts": 1_500_000_000 + i}
-                view = {"type": "interaction", "user_id": f"{self.prefix}U{i % 5}", "product_id": f"{self.prefix}P{i % 20}",
-                        "action": "view", "ts": 1_500_000_000 + i}
+                product = {
+                    "type": "product",
+                    "id": f"{self.prefix}N{i}",
+                    "title": f"new product {i}",
+                    "brand": f"{self.prefix}Brand{i % 3}",
+                    "categories": [f"{self.prefix}Home"],
+                    "ts": 1_500_000_000 + i,
+                }
+                view = {
+                    "type": "interaction",
+                    "user_id": f"{self.prefix}U{i % 5}",
+                    "product_id": f"{self.prefix}P{i % 20}",
+                    "action": "view",
+                    "ts": 1_500_000_000 + i,
+                }
                 for event in (product, view):
                     topic, key, value = event_message(s, event)
                     producer.send(topic, key=key, value=value)
@@ -79,12 +90,14 @@ def test_every_dashboard_query_returns_series_from_a_live_pipeline(settings, tmp
     procs = {
         "ingest": kgs_process(settings, ["ingest"], ports["kg-ingest"], tmp_path / "ingest.log"),
         "embed": kgs_process(settings, ["embed"], ports["kg-embed"], tmp_path / "embed.log"),
-        "lag-exporter": kgs_process(settings, ["lag-exporter", "--interval", "1"], ports["kg-lag-exporter"],
-                                    tmp_path / "lag-exporter.log"),
+        "lag-exporter": kgs_process(
+            settings, ["lag-exporter", "--interval", "1"], ports["kg-lag-exporter"], tmp_path / "lag-exporter.log"
+        ),
     }
     stream = EventStream(settings, f"live{uuid.uuid4().hex[:6]}-")
     embed_group = settings.embed_group
     try:
+
         def all_up() -> bool:
             for name, proc in procs.items():
                 assert proc.poll() is None, f"{name} exited: {(tmp_path / f'{name}.log').read_text()[-3000:]}"
@@ -92,8 +105,18 @@ def test_every_dashboard_query_returns_series_from_a_live_pipeline(settings, tmp
 
         wait_for(all_up, timeout_s=240, interval_s=1, what="every target up")
         # vectors are flowing when the worker has observed freshness over the last window
-        wait_for(lambda: (prometheus.value(f'sum(rate(kgs_freshness_vector_seconds_count{{group="{embed_group}"}}[{RATE_INTERVAL}]))')
-                          or 0) > 0, timeout_s=240, interval_s=1, what="vectors published")
+        wait_for(
+            lambda: (
+                (
+                    prometheus.value(f'sum(rate(kgs_freshness_vector_seconds_count{{group="{embed_group}"}}[{RATE_INTERVAL}]))')
+                    or 0
+                )
+                > 0
+            ),
+            timeout_s=240,
+            interval_s=1,
+            what="vectors published",
+        )
         time.sleep(5)  # a few more scrapes of everything, so every rate window holds two samples
 
         missing, no_values = [], []
@@ -122,10 +145,14 @@ def test_every_dashboard_query_returns_series_from_a_live_pipeline(settings, tmp
         rules = [r for g in prometheus.api("rules")["groups"] for r in g["rules"]]
         assert len([r for r in rules if r["type"] == "alerting"]) >= 8
         assert all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"]
+
         # the one provoked failure alerts; nothing else fires on a healthy pipeline
         def dead_letter_alert() -> list:
-            return [a for a in prometheus.api("alerts")["alerts"]
-                    if a["labels"]["alertname"] == "KgsDeadLetters" and a["state"] == "firing"]
+            return [
+                a
+                for a in prometheus.api("alerts")["alerts"]
+                if a["labels"]["alertname"] == "KgsDeadLetters" and a["state"] == "firing"
+            ]
 
         (alert,) = wait_for(dead_letter_alert, timeout_s=30, what="KgsDeadLetters firing")
         assert alert["labels"]["group"] == settings.ingest_group and alert["labels"]["topic"] == settings.topic_products

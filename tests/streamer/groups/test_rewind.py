@@ -9,7 +9,7 @@ import re
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pytest
@@ -17,10 +17,10 @@ from kafka import KafkaConsumer, KafkaProducer
 
 from streamer.embed.verify import last_vectors
 from streamer.embed.worker import embed_consumer
-from streamer.ingest.step import ingest_consumer
 from streamer.groups.lag import LagSampler
-from streamer.kafka.consumer import parse_commit_metadata
 from streamer.groups.rewind import parse_target
+from streamer.ingest.step import ingest_consumer
+from streamer.kafka.consumer import parse_commit_metadata
 from tests.conftest import wait_for
 from tests.helpers import graph_snapshot, produce_events, sample_events, settings_env
 from tests.ops.prom import kgs_process, stop_process
@@ -52,7 +52,7 @@ def test_parse_target():
     now = 1_700_000_000.0
     assert parse_target("earliest").kind == "earliest" and parse_target("LATEST").kind == "latest"
     assert parse_target("1200") == parse_target(" 1200 ") and parse_target("1200").value == 1200
-    assert parse_target("2024-05-01T12:00:00Z").value == int(datetime(2024, 5, 1, 12, tzinfo=timezone.utc).timestamp() * 1000)
+    assert parse_target("2024-05-01T12:00:00Z").value == int(datetime(2024, 5, 1, 12, tzinfo=UTC).timestamp() * 1000)
     assert parse_target("2024-05-01T12:00:00") == parse_target("2024-05-01T12:00:00+00:00")  # no zone: UTC
     assert parse_target("2024-05-01T14:00:00+02:00") == parse_target("2024-05-01T12:00:00Z")
     assert parse_target("-15m", now=now).value == int((now - 900) * 1000)
@@ -70,7 +70,7 @@ def test_targets_resolve_per_partition(settings, broker_kind, capsys):
         producer.send(topic, value=b"{}", partition=i % parts)
     producer.flush()
     time.sleep(1.2)
-    middle = datetime.now(timezone.utc).isoformat()
+    middle = datetime.now(UTC).isoformat()
     time.sleep(0.2)
     for i in range(5 * parts):
         producer.send(topic, value=b"{}", partition=i % parts)
@@ -84,7 +84,7 @@ def test_targets_resolve_per_partition(settings, broker_kind, capsys):
         assert summary["dry_run"] and summary["state"] is not None
         return {p["partition"]: p["target"] for p in summary["partitions"]}
 
-    every = lambda offset: {p: offset for p in range(parts)}  # noqa: E731
+    every = lambda offset: {p: offset for p in range(parts)}
     assert plan("earliest") == every(0)
     assert plan("latest") == every(15)  # the fetch high watermark (Tansu's ListOffsets LATEST says 11)
     assert plan(middle) == every(10)
@@ -112,9 +112,13 @@ class LiveMember:
     """A consumer in the group that keeps polling (and heartbeating) on its own thread."""
 
     def __init__(self, settings, group: str, topic: str):
-        self.consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=group, enable_auto_commit=False,
-                                      session_timeout_ms=settings.session_timeout_ms,
-                                      heartbeat_interval_ms=settings.heartbeat_interval_ms)
+        self.consumer = KafkaConsumer(
+            bootstrap_servers=settings.bootstrap_servers,
+            group_id=group,
+            enable_auto_commit=False,
+            session_timeout_ms=settings.session_timeout_ms,
+            heartbeat_interval_ms=settings.heartbeat_interval_ms,
+        )
         self.consumer.subscribe([topic])
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
@@ -146,8 +150,9 @@ def test_a_group_with_live_members_is_refused_unless_forced(settings, capsys):
         rc, out, err = cli(settings, capsys, "replay", "--group", group, "--topics", topic, "--to", "earliest", "--dry-run")
         assert rc == 0 and "refused without --force" in err
         # --force removes the members (LeaveGroup on their behalf), then commits
-        rc, out, err = cli(settings, capsys, "replay", "--group", group, "--topics", topic, "--to", "earliest", "--force",
-                           "--json")
+        rc, out, err = cli(
+            settings, capsys, "replay", "--group", group, "--topics", topic, "--to", "earliest", "--force", "--json"
+        )
         assert rc == 0, err
         assert json.loads(out)["removed_members"] >= 1
         assert committed(settings, group) == {p: 0 for p in range(settings.input_partitions)}
@@ -209,13 +214,13 @@ def test_a_backfill_shows_progress_with_rate_and_eta(settings, tmp_path):
     ingest_consumer(settings).run(until_caught_up=True, max_seconds=120)
     group = settings.ingest_group
     log = tmp_path / "replay.log"
-    replay = kgs_process(settings, ["replay", "--group", group, "--to", "earliest", "--follow", "--timeout", "240"],
-                         log_path=log, COLUMNS="160")
+    replay = kgs_process(
+        settings, ["replay", "--group", group, "--to", "earliest", "--follow", "--timeout", "240"], log_path=log, COLUMNS="160"
+    )
     ingest = None
     try:
         # the rewind is committed before the consumers start again (the group must be empty)
-        wait_for(lambda: set(committed(settings, group).values()) == {0}, timeout_s=120, interval_s=0.2,
-                 what="the rewind")
+        wait_for(lambda: set(committed(settings, group).values()) == {0}, timeout_s=120, interval_s=0.2, what="the rewind")
         small_batches = settings.model_copy(update={"batch_max_events": 40})  # several commits: a moving bar
         ingest = kgs_process(small_batches, ["ingest"], log_path=tmp_path / "ingest.log")
         assert replay.wait(240) == 0, log.read_text()[-3000:]

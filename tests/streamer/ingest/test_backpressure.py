@@ -113,9 +113,7 @@ def committed_product_ids(settings: Settings, expect: int) -> set[str]:
     committed = committed_offsets(settings)
     records = read_topic(settings, settings.topic_products, expect=expect)
     assert len(records) == expect
-    return {
-        json.loads(r.value)["id"] for r in records if r.offset < committed[TopicPartition(r.topic, r.partition)]
-    }
+    return {json.loads(r.value)["id"] for r in records if r.offset < committed[TopicPartition(r.topic, r.partition)]}
 
 
 def sample(name: str, settings: Settings, **labels: str) -> float:
@@ -147,7 +145,7 @@ class InThread:
     def _run(self, max_seconds: float) -> None:
         try:
             self.result["stats"] = self.ingest.run(max_seconds=max_seconds)
-        except BaseException as exc:  # noqa: BLE001 - reported by stop()
+        except BaseException as exc:
             self.result["error"] = exc
 
     def alive(self) -> bool:
@@ -229,7 +227,9 @@ def test_sigterm_mid_stream_exits_0_and_commits_whole_batches_only(settings, pre
     proc = ingest_process(run, "--until-caught-up", "--max-seconds", "120")
     wait_for(
         lambda: proc.proc.poll() is not None or len(graph_product_ids(settings, prefix)) >= 20,
-        timeout_s=90, interval_s=0.02, what="the first batches in the graph",
+        timeout_s=90,
+        interval_s=0.02,
+        what="the first batches in the graph",
     )
     assert proc.proc.poll() is None, "ingest ended before the signal:\n" + proc.tail()
     proc.send(signal.SIGTERM)
@@ -290,9 +290,7 @@ class RacingSink(GraphSink):
         if not self.raced and batch.product_upserts:
             self.raced += 1
             with self.driver.session(database=self.database) as other:
-                other.execute_write(
-                    lambda t: t.run("MERGE (p:Product {id: $id})", id=batch.product_upserts[0]["id"]).consume()
-                )
+                other.execute_write(lambda t: t.run("MERGE (p:Product {id: $id})", id=batch.product_upserts[0]["id"]).consume())
 
 
 def test_concurrent_create_of_the_same_node_is_retried_not_dead_lettered(settings, prefix):

@@ -48,7 +48,9 @@ def test_interactions_coalesce_to_distinct_times_and_newest_rating():
 
 
 def test_product_rows_carry_structure_and_attributes_as_json():
-    event = ev(type="product", id="A", brand="Acme", categories=["H", "K"], attributes={"colour": "red", "w": 2, "eco": True}, ts=1)
+    event = ev(
+        type="product", id="A", brand="Acme", categories=["H", "K"], attributes={"colour": "red", "w": 2, "eco": True}, ts=1
+    )
     row = plan_batch([event]).product_upserts[0]
     assert json.loads(row["attributes"]) == {"colour": "red", "w": 2, "eco": True}
     assert row["owned"] == ["HAS_BRAND|Acme", "IN_CATEGORY|H > K", "HAS_ATTRIBUTE|colour=red", "HAS_ATTRIBUTE|eco=true"]
@@ -59,8 +61,12 @@ def test_product_rows_carry_structure_and_attributes_as_json():
 def test_relation_rows_sorted_by_min_endpoint_for_a_stable_lock_order():
     batch = plan_batch(
         [
-            ev(type="relation", src={"label": "Product", "id": "z"}, rel="ALSO_BOUGHT", dst={"label": "Product", "id": "b"}, ts=1),
-            ev(type="relation", src={"label": "Product", "id": "a"}, rel="ALSO_BOUGHT", dst={"label": "Product", "id": "y"}, ts=1),
+            ev(
+                type="relation", src={"label": "Product", "id": "z"}, rel="ALSO_BOUGHT", dst={"label": "Product", "id": "b"}, ts=1
+            ),
+            ev(
+                type="relation", src={"label": "Product", "id": "a"}, rel="ALSO_BOUGHT", dst={"label": "Product", "id": "y"}, ts=1
+            ),
         ]
     )
     rows = batch.relations[("Product", "ALSO_BOUGHT", "Product")]

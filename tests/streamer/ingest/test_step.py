@@ -85,7 +85,8 @@ def test_events_become_nodes_and_relationships(settings, prefix):
     assert r23 == [{"deleted": True}]
     rated = query(
         settings,
-        "MATCH (u:User)-[r:RATED]->(p:Product) WHERE u.id STARTS WITH $p RETURN count(r) AS n, min(r.rating) AS lo, max(r.rating) AS hi",
+        "MATCH (u:User)-[r:RATED]->(p:Product) WHERE u.id STARTS WITH $p "
+        "RETURN count(r) AS n, min(r.rating) AS lo, max(r.rating) AS hi",
         p=prefix,
     )[0]
     assert rated["n"] > 0 and 1 <= rated["lo"] <= rated["hi"] <= 5
@@ -224,7 +225,13 @@ def test_cypher_injection_is_stored_verbatim(settings, prefix):
             }
         )
         events.append(
-            {"type": "interaction", "user_id": f"{prefix}{text}", "product_id": f"{prefix}{text}", "action": "view", "ts": 2000 + i}
+            {
+                "type": "interaction",
+                "user_id": f"{prefix}{text}",
+                "product_id": f"{prefix}{text}",
+                "action": "view",
+                "ts": 2000 + i,
+            }
         )
         events.append(
             {
@@ -250,9 +257,7 @@ def test_cypher_injection_is_stored_verbatim(settings, prefix):
             settings, "MATCH (u:User {id: $id})-[:VIEWED]->(:Product {id: $id}) RETURN count(*) AS n", id=f"{prefix}{text}"
         )
         assert viewed == [{"n": 1}]
-        note = query(
-            settings, "MATCH (:Product {id: $id})-[r:SIMILAR_TO]->() RETURN r.note AS note", id=f"{prefix}{text}"
-        )
+        note = query(settings, "MATCH (:Product {id: $id})-[r:SIMILAR_TO]->() RETURN r.note AS note", id=f"{prefix}{text}")
         assert note == [{"note": text}]
     after = query(settings, "MATCH (n) RETURN count(n) AS n")[0]["n"]
     # exactly the nodes these events name were added (products, users, brands, categories), nothing else changed

@@ -30,20 +30,21 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import TopicPartition
 
-from tests.conftest import wait_for
 from streamer.ingest.step import ingest_consumer
-from streamer.settings import Settings
 from streamer.kafka.topics import ensure_topics
+from streamer.settings import Settings
+from tests.conftest import wait_for
 from tests.helpers import event_message, graph_snapshot, produce_events, query, read_topic, sample_events, settings_env
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 BATCH = 5
 
 
@@ -70,7 +71,9 @@ def clean_run(settings: Settings, events: list[dict]) -> None:
 
 def committed_offsets(settings: Settings) -> dict[TopicPartition, int]:
     """The group's committed offset of every input partition (0 where nothing was committed)."""
-    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=settings.ingest_group, enable_auto_commit=False)
+    consumer = KafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers, group_id=settings.ingest_group, enable_auto_commit=False
+    )
     try:
         return {
             TopicPartition(topic, p): consumer.committed(TopicPartition(topic, p)) or 0
@@ -102,7 +105,8 @@ def assert_same_graph(settings: Settings, prefix: str) -> None:
     got, want = graph_snapshot(settings, prefix + "run-"), graph_snapshot(settings, prefix + "clean-")
     for part in ("nodes", "relationships"):
         assert {"missing": sorted(set(want[part]) - set(got[part])), "extra": sorted(set(got[part]) - set(want[part]))} == {
-            "missing": [], "extra": []
+            "missing": [],
+            "extra": [],
         }, part
     assert got == want
 
@@ -119,7 +123,11 @@ class IngestProcess:
         env = {**os.environ, **settings_env(settings), "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "streamer.cli", "ingest", *args],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         self.out: list[str] = []
         self.log: list[str] = []
@@ -164,7 +172,7 @@ class IngestProcess:
     def summary(self) -> dict:
         text = "".join(self.out)
         assert "{" in text, f"no summary on stdout:\n{text}\n{self.tail()}"
-        return json.loads(text[text.index("{"):])
+        return json.loads(text[text.index("{") :])
 
     def tail(self, lines: int = 40) -> str:
         return "".join(self.log[-lines:])
@@ -205,7 +213,9 @@ def _interrupted_run(settings, broker_kind, prefix, ingest_process, sig):
     first = ingest_process(run, "--until-caught-up", "--max-seconds", "120")
     wait_for(
         lambda: first.proc.poll() is not None or product_count(settings, prefix + "run-") >= 12,
-        timeout_s=90, interval_s=0.02, what="the first batches in the graph",
+        timeout_s=90,
+        interval_s=0.02,
+        what="the first batches in the graph",
     )
     assert first.proc.poll() is None, "ingest ended before the signal:\n" + first.tail()
     first.send(sig)
@@ -285,13 +295,17 @@ def test_a_rebalance_that_gives_the_partitions_back_replays_the_dropped_batch(se
     is the one way to get a rebalance that hands back exactly the same partitions."""
     clean_run(settings, sample_events(prefix + "clean-", products=40))
     events = sample_events(prefix + "run-", products=40)
-    run = derive(settings, batch_max_events=10_000, batch_max_wait_s=3_600)   # hold everything
+    run = derive(settings, batch_max_events=10_000, batch_max_wait_s=3_600)  # hold everything
     produce_events(run, events)
     ends = log_ends(run, topic_counts(run, (event_message(run, e) for e in events)))
     ingest = ingest_consumer(run)
     caplog.set_level(logging.INFO, logger="streamer.ingest.step")
-    wait_for(lambda: (ingest.poll_once(), len(ingest.pending) == len(events))[1],
-             timeout_s=60, interval_s=0, what="the whole stream in hand, unwritten")
+    wait_for(
+        lambda: (ingest.poll_once(), len(ingest.pending) == len(events))[1],
+        timeout_s=60,
+        interval_s=0,
+        what="the whole stream in hand, unwritten",
+    )
     ingest.consumer._coordinator.request_rejoin()
 
     def dropped_and_assigned_again() -> bool:
@@ -300,8 +314,12 @@ def test_a_rebalance_that_gives_the_partitions_back_replays_the_dropped_batch(se
         at = text.find(f"dropping {len(events)} uncommitted")
         return at >= 0 and "assigned [" in text[at:]
 
-    wait_for(dropped_and_assigned_again, timeout_s=60, interval_s=0,
-             what="the rebalance to drop the batch in hand and assign the partitions again")
+    wait_for(
+        dropped_and_assigned_again,
+        timeout_s=60,
+        interval_s=0,
+        what="the rebalance to drop the batch in hand and assign the partitions again",
+    )
     assert ingest.consumer.assignment() == set(ends), "the member got all its partitions back"
     assert product_count(settings, prefix + "run-") == 0, "nothing was written before the rebalance"
     ingest.max_wait_s = 0.2
@@ -362,8 +380,11 @@ def test_invalid_messages_land_in_the_dlq_with_source_headers(settings, broker_k
         (run.topic_products, b'{"type": "product", "id": "x", "price": "cheap", "ts": 3}'): "ValidationError",
         (run.topic_interactions, b'{"type": "interaction", "product_id": "p", "action": "view", "ts": 4}'): "ValidationError",
         (run.topic_interactions, b"[5]"): "NotAnObject",
-        (run.topic_relations, b'{"type": "relation", "src": {"label": "Admin", "id": "a"}, "rel": "R",'
-                              b' "dst": {"label": "Product", "id": "b"}, "ts": 6}'): "ValidationError",
+        (
+            run.topic_relations,
+            b'{"type": "relation", "src": {"label": "Admin", "id": "a"}, "rel": "R",'
+            b' "dst": {"label": "Product", "id": "b"}, "ts": 6}',
+        ): "ValidationError",
         (run.topic_relations, b""): "EmptyMessage",
     }
     messages = []

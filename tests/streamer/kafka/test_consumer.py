@@ -102,8 +102,9 @@ def test_refused_commit_rewinds_so_caught_up_waits_for_the_replay(settings, brok
         joiner.start()
         # `first` does not poll, so it cannot rejoin; once its heartbeat learns of the rebalance
         # the commit is refused (until then each attempt commits the same offsets again)
-        wait_for(lambda: commit_after(first, group, records) == {}, timeout_s=60, interval_s=0.1,
-                 what="the group to refuse the commit")
+        wait_for(
+            lambda: commit_after(first, group, records) == {}, timeout_s=60, interval_s=0.1, what="the group to refuse the commit"
+        )
         # the batch is rewound: not caught up, and the positions are back at the batch's start
         assert not caught_up(first)
         assert {tp: first.position(tp) for tp in starts} == starts
