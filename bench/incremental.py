@@ -80,7 +80,6 @@ from encoders.graph import GraphEncoder, GraphEncoderConfig
 from encoders.text import resolve_device
 from streamer.contracts import changes as C
 from streamer.embed.engine import IncrementalEngine
-from streamer.embed.replica import Replica
 
 DEFAULT_RETAIL = Path(__file__).resolve().parents[2] / "shared" / "data" / "online_retail" / "online_retail.csv.gz"
 REPS = {1: 30, 10: 20, 100: 10, 1000: 5, 10000: 3}
@@ -322,15 +321,8 @@ def snapshot(engine: IncrementalEngine) -> dict[str, Any]:
 
 
 def restore(engine: IncrementalEngine, state: dict[str, Any]) -> None:
-    """Put a ``snapshot`` back: the replica, and every cache row (rows past the snapshot's
-    slots zeroed, as fresh slots are)."""
-    engine.replica = Replica.from_state_dict(state["replica"])
-    n = engine.replica.num_slots
-    for mine, saved in zip(engine.h + engine.S + engine.count, state["h"] + state["S"] + state["count"]):
-        mine[:n] = saved.to(mine.device)
-        mine[n:] = 0
-    engine._ts.fill_(-1)
-    engine._isnew[:] = False
+    """Put a ``snapshot`` back (``IncrementalEngine.restore``)."""
+    engine.restore(state)
 
 
 class Bench:
@@ -421,7 +413,7 @@ class Bench:
             full_cpu.append(self.timer.cpu)
         full_s = min(fulls)
         self.full_cpu_s = min(full_cpu)
-        live = engine._t(engine.replica.live_slots())
+        live = engine.as_index(engine.replica.live_slots())
         err0 = max(float((full[k][live] - engine.h[k][live]).abs().max()) for k in range(1, engine.L + 1))
         del full, adj
         self.emit(
@@ -496,7 +488,7 @@ class Bench:
             cpub.append(khop.cpu_s)
             fracs.append(frac)
             if out is not None:
-                errs.append(float((out - engine.h[L][engine._t(done)]).abs().max()))
+                errs.append(float((out - engine.h[L][engine.as_index(done)]).abs().max()))
         verify_s, (err_full, over) = self.timer(lambda: engine.verify(method="layers"))
         a_med, b_med = float(np.median(ta)), float(np.median(tb))
         self.emit(

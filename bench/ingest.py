@@ -66,7 +66,7 @@ from streamer.ingest.step import ingest_consumer
 from streamer.kafka.topics import ensure_topics
 from streamer.settings import Settings
 
-DEFAULT_DATA = Path("/work/shared/data/online_retail/online_retail.csv.gz")
+DEFAULT_DATA = Settings().data_dir / "online_retail" / "online_retail.csv.gz"
 STAGES = ("decode", "write", "publish", "commit")
 # Broker session settings: Tansu makes a new group wait session_timeout/2 before the join
 # completes, noida-db needs >= 6 s (reference/environment.md).

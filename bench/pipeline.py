@@ -3,7 +3,7 @@
     python bench/pipeline.py [--data PATH] [--limit N] [--broker tansu|noida]
 
 Starts its own embedded broker and graph DB in a temporary state dir on free ports, replays
-UCI Online Retail (default: ../shared/data/online_retail/online_retail.csv.gz) into the input
+UCI Online Retail (default: online_retail/online_retail.csv.gz under KGS_DATA_DIR) into the input
 topics, runs the ingest consumer until caught up, runs the embedding worker until caught up,
 runs `verify` (full recompute vs incremental state, and the last vector per key on
 kg.embeddings), and prints one JSON object: times per stage, events, vectors published,
@@ -24,8 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.ingest import free_port, machine
+from streamer.settings import Settings
 
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "online_retail" / "online_retail.csv.gz"
+DEFAULT_DATA = Settings().data_dir / "online_retail" / "online_retail.csv.gz"
 
 
 def main() -> int:

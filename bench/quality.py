@@ -1,6 +1,6 @@
 """Reproduce docs/quality.md: temporal evaluation of the published vectors on real data.
 
-    python bench/quality.py                       # both data sets from /work/shared/data, CPU
+    python bench/quality.py                       # both data sets from KGS_DATA_DIR, CPU
     python bench/quality.py --write-docs          # ... and rewrite docs/quality.json + the table
     python bench/quality.py --device cuda --text-cache FILE --data-dir DIR --report OUT.json
 
@@ -142,7 +142,7 @@ def determinism(name: str, path, settings, base, text_cache) -> dict:
     from training.train import train
 
     spec = evaluate.DATASETS[name]
-    log = evaluate.load_events(spec["loader"], path or spec["path"])
+    log = evaluate.load_events(spec["loader"], path or settings.data_dir / spec["path"])
     text = evaluate.CacheOnlyText(text_cache) if text_cache else None
     if text is None:
         from encoders.text import TextEncoder

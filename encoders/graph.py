@@ -19,7 +19,7 @@ Contract
 * ``dense(l, agg, x_self)`` is the node-wise half of layer ``l`` (``lin_l(agg) + lin_r(x_self)``
   and the ReLU): exactly what ``SAGEConv.forward`` does after ``propagate``. The incremental
   engine calls it for the rows it recomputes; ``forward_all`` is the plain PyG forward pass.
-* Optional **alignment head** (``align=True``, issue 6): a linear map ``align_text(t)`` from the
+* Optional **alignment head** (``align=True``): a linear map ``align_text(t)`` from the
   text space (``in_dim``) into the structure space (``out``), trained with a contrastive loss
   between a product's text embedding and its structure vector ``hL``
   (``training/train.py``). A text query ``q`` then becomes the vector
@@ -43,7 +43,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,17 @@ from torch_geometric.nn import SAGEConv
 
 DEFAULT_NODE_TYPES: tuple[str, ...] = ("Product", "User", "Brand", "Category", "Attribute")
 Fusion = Literal["concat", "mean"]
+
+
+class SageLinear(Protocol):
+    """What kg-streamer reads of a ``SAGEConv``'s ``lin_l`` / ``lin_r`` (PyG's ``Linear``, which
+    ships no type information): ``torch.nn.Module`` attribute access types them as
+    ``Tensor | Module``, so callers ``cast`` to this."""
+
+    weight: Tensor
+    bias: Tensor | None
+
+    def __call__(self, x: Tensor, /) -> Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -95,7 +106,8 @@ class GraphEncoder(nn.Module):
             torch.manual_seed(config.seed)
             self.convs = nn.ModuleList(SAGEConv(dims[i], dims[i + 1], aggr=config.aggr) for i in range(config.layers))
             emb = torch.randn(len(config.node_types) + 1, config.in_dim)
-        self.type_embedding = nn.Embedding.from_pretrained(F.normalize(emb, dim=1), freeze=True)
+        # torch's stubs leave the classmethod unannotated
+        self.type_embedding = nn.Embedding.from_pretrained(F.normalize(emb, dim=1), freeze=True)  # type: ignore[no-untyped-call]
         if config.align:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(config.seed + 1)
@@ -119,7 +131,8 @@ class GraphEncoder(nn.Module):
     def type_features(self, labels: Sequence[str]) -> Tensor:
         """Node-type embeddings [len(labels), in_dim] (float32, on the model's device)."""
         idx = torch.tensor([self.type_index(x) for x in labels], dtype=torch.long, device=self.type_embedding.weight.device)
-        return self.type_embedding(idx).float()
+        feats: Tensor = self.type_embedding(idx)
+        return feats.float()
 
     # ---- forward -----------------------------------------------------------------------
     def dense(self, layer: int, agg: Tensor, x_self: Tensor) -> Tensor:
@@ -127,7 +140,7 @@ class GraphEncoder(nn.Module):
         conv = self.convs[layer]
         # two fused multiply-adds into one output (what lin_l(agg) + lin_r(x_self) computes, with
         # one allocation instead of three: this runs on every recomputed row of every batch)
-        lin_l, lin_r = conv.lin_l, getattr(conv, "lin_r", None)
+        lin_l, lin_r = cast(SageLinear, conv.lin_l), cast("SageLinear | None", getattr(conv, "lin_r", None))
         if lin_l.bias is not None:
             out = torch.addmm(lin_l.bias, agg, lin_l.weight.t())
         else:
@@ -158,7 +171,8 @@ class GraphEncoder(nn.Module):
         """Text embeddings [n, in_dim] -> the structure space [n, out] (needs ``align=True``)."""
         if not self.config.align:
             raise ValueError("this graph model has no alignment head (train with --align)")
-        return self.align(F.normalize(text, p=2, dim=1))
+        aligned: Tensor = self.align(F.normalize(text, p=2, dim=1))
+        return aligned
 
     # ---- identity and persistence ------------------------------------------------------
     @property

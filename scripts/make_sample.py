@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Cut the committed real-data sample (data/sample/) from the full data sets.
 
-    python scripts/make_sample.py [--source /work/shared/data] [--out data/sample]
+    python scripts/make_sample.py [--source KGS_DATA_DIR] [--out data/sample]
 
 * Online Retail: every line invoiced before --retail-until (default 2011-01-01: December
   2010, 20 trading days from 2010-12-01 to 2010-12-23), header included, copied byte for
@@ -25,6 +25,8 @@ import gzip
 import io
 import json
 from pathlib import Path
+
+from streamer.settings import Settings
 
 META = "meta_Magazine_Subscriptions.json.gz"
 RATINGS = "Magazine_Subscriptions.csv.gz"
@@ -89,7 +91,7 @@ def cut_amazon(source_dir: Path, out_dir: Path, n_products: int, n_titled: int) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", type=Path, default=Path("/work/shared/data"))
+    parser.add_argument("--source", type=Path, default=Settings().data_dir)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "data" / "sample")
     parser.add_argument("--retail-until", default="2011-01-01")
     parser.add_argument("--amazon-products", type=int, default=300)

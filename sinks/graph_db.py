@@ -31,8 +31,9 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field, replace
+from typing import Any, cast
 
-from neo4j import Driver, GraphDatabase
+from neo4j import Driver, GraphDatabase, Transaction
 from neo4j.exceptions import (
     DatabaseUnavailable,
     Neo4jError,
@@ -111,14 +112,14 @@ class GraphSink:
         self.driver.close()
 
     # --- small helpers ---------------------------------------------------------------
-    def query(self, statement: str, **params) -> list[dict]:
+    def query(self, statement: str, **params: Any) -> list[dict[str, Any]]:
         """Run one read (or schema) statement in an auto-commit transaction."""
         with self.driver.session(database=self.database) as session:
             return [record.data() for record in session.run(statement, params)]
 
     def ping(self) -> bool:
         try:
-            return self.query(cypher.PING)[0]["ok"] == 1
+            return bool(self.query(cypher.PING)[0]["ok"] == 1)
         except Exception:  # noqa: BLE001 - any failure means "not answering"
             return False
 
@@ -146,7 +147,7 @@ class GraphSink:
                     raise GraphRejected(str(code), str(exc)) from exc
                 if attempt == attempts:
                     if conflict:  # not a race after all: let the caller isolate the event
-                        raise GraphRejected(str(exc.code), str(exc)) from exc
+                        raise GraphRejected(str(cast(Neo4jError, exc).code), str(exc)) from exc
                     raise GraphUnavailable(f"graph write failed after {attempts} attempts: {exc}") from exc
                 delay = random.uniform(0, min(self.settings.graph_retry_max_s, self.settings.graph_retry_base_s * 2**attempt))
                 log.warning("transient graph error (attempt %d/%d, retry in %.2fs): %s", attempt, attempts, delay, exc)
@@ -171,7 +172,7 @@ class GraphSink:
         result.changes = [replace(c, committed_ms=now_ms, source_ms=source_ms) for c in unique.values()]
         return result
 
-    def _products(self, tx, batch: GraphBatch, result: WriteResult) -> None:
+    def _products(self, tx: Transaction, batch: GraphBatch, result: WriteResult) -> None:
         rows = [_product_params(r) for r in batch.product_upserts]
         applied: set[str] = set()
         if rows:
@@ -223,7 +224,7 @@ class GraphSink:
             if row["id"] in current:
                 result.changes.append(ch.node_delete("Product", row["id"], row["ts"]))
 
-    def _interactions(self, tx, batch: GraphBatch, result: WriteResult) -> None:
+    def _interactions(self, tx: Transaction, batch: GraphBatch, result: WriteResult) -> None:
         for rel in sorted(batch.interactions):
             for rec in tx.run(cypher.interaction_upsert(rel), rows=batch.interactions[rel]):
                 result.relationships_written += 1
@@ -231,7 +232,7 @@ class GraphSink:
                     ch.edge_upsert(ch.node_key("User", rec["user_id"]), rel, ch.node_key("Product", rec["product_id"]), rec["ts"])
                 )
 
-    def _relations(self, tx, batch: GraphBatch, result: WriteResult) -> None:
+    def _relations(self, tx: Transaction, batch: GraphBatch, result: WriteResult) -> None:
         for (src_label, rel, dst_label), rows in sorted(batch.relations.items()):
             upserts = [r for r in rows if r["op"] == "upsert"]
             deletes = [r for r in rows if r["op"] == "delete"]
@@ -253,7 +254,7 @@ class GraphSink:
                 )
 
     @staticmethod
-    def _run_rows(tx, statement: str, rows: list[dict]) -> None:
+    def _run_rows(tx: Transaction, statement: str, rows: list[dict[str, Any]]) -> None:
         if rows:
             tx.run(statement, rows=rows).consume()
 
@@ -261,19 +262,19 @@ class GraphSink:
 _PRODUCT_PARAM_KEYS = ("id", "ts", "version", "title", "description", "brand", "categories", "attributes", "price")
 
 
-def _product_params(row: dict) -> dict:
+def _product_params(row: dict[str, Any]) -> dict[str, Any]:
     return {k: row[k] for k in _PRODUCT_PARAM_KEYS}
 
 
-def _parent_rows(rows: list[dict]) -> list[dict]:
-    pairs = set()
+def _parent_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    pairs: set[tuple[str, str]] = set()
     for row in rows:
         path = [c["id"] for c in row["categories_path"]]
         pairs.update((child, parent) for parent, child in zip(path, path[1:]))
     return [{"child": c, "parent": p} for c, p in sorted(pairs)]
 
 
-def _product_change(row: dict) -> ch.Change:
+def _product_change(row: dict[str, Any]) -> ch.Change:
     props = {k: row[k] for k in ("title", "description", "brand", "categories", "price")}
     props["attributes"] = json.loads(row["attributes"])
     props["out_edges"] = [[rel, f"{_OWNED_LABEL[rel]}:{dst}"] for rel, _, dst in (o.partition("|") for o in row["owned"])]

@@ -12,7 +12,7 @@ Secrets are ``SecretStr``: they print as ``**********`` in logs and reprs.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -138,6 +138,6 @@ class Settings(BaseSettings):
         return path
 
 
-def load_settings(**overrides) -> Settings:
+def load_settings(**overrides: Any) -> Settings:
     """Settings from defaults < .env < environment < explicit overrides."""
     return Settings(**overrides)

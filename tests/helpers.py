@@ -3,15 +3,34 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
+import pytest
 from kafka import KafkaConsumer, KafkaProducer
 from neo4j import GraphDatabase
 
 from streamer.contracts.events import validate_event
 from streamer.settings import Settings
+
+
+def full_dataset(*parts: str) -> Path:
+    """A file or folder of the full public data sets under ``KGS_DATA_DIR`` (default
+    ``../shared/data`` beside the project). Missing: the test fails under CI (``CI=true``)
+    with what to do, and is skipped on a developer's machine without the data."""
+    path = Settings(_env_file=None).data_dir.joinpath(*parts)
+    if path.exists():
+        return path
+    message = (
+        f"the full data set {path} is missing: set KGS_DATA_DIR to the folder that holds "
+        "online_retail/ and amazon_magazine_2018/ (see data/sample/README.md)"
+    )
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 def produce(settings: Settings, messages: Iterable[tuple[str, bytes | None, bytes | None]]) -> int:

@@ -32,7 +32,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -96,7 +96,8 @@ class VectorIndex:
         version = state.get("model_version", "")
         if offsets.exists():
             version = json.loads(offsets.read_text()).get("model_version", version)
-        keys = [rep.keys[int(s)] for s in live]
+        rep_keys = cast(list[str], rep.keys)  # live slots have keys
+        keys = [rep_keys[int(s)] for s in live]
         return cls(keys, vec, [version] * len(keys), f"checkpoint {path}", settings, rep)
 
     @classmethod

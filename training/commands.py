@@ -1,4 +1,4 @@
-"""Sub-commands of the model lifecycle (issue 6), registered into ``kg-streamer``::
+"""Sub-commands of the model lifecycle , registered into ``kg-streamer``::
 
     kg-streamer train [--source replica|graph] [--out FILE] [--align 0.1] ...
     kg-streamer evaluate [--datasets online_retail,amazon_magazine] [--report FILE] [--quality-json FILE]
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +74,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace, settings: Any) -> int:
     from encoders.graph import GraphEncoder, GraphEncoderConfig
     from encoders.text import TextEncoder
-    from training import graph as graph_mod
+    from training import dataset as graph_mod
     from training.train import published_version, save, train
 
     if settings.torch_threads > 0:
@@ -249,9 +248,3 @@ def register(sub: Any) -> None:
     p.add_argument("--source", choices=sources, default="auto")
     p.add_argument("--batch", type=int, default=1000)
     p.set_defaults(func=cmd_write_vectors)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    from streamer.cli import main
-
-    sys.exit(main())

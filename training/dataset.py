@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -176,7 +176,7 @@ def encode_texts(keys: Sequence[str], texts: Sequence[str], text_encoder: Any, d
     has = np.asarray([bool(t) for t in texts], dtype=bool)
     idx = np.flatnonzero(has)
     if len(idx) and text_encoder is not None:
-        feats[torch.as_tensor(idx)] = text_encoder.encode([texts[i] for i in idx])
+        feats[torch.as_tensor(idx)] = text_encoder.encode([texts[int(i)] for i in idx])
     elif text_encoder is None:
         has[:] = False
     return feats, has
@@ -197,7 +197,8 @@ def from_engine_state(path: str | Path) -> GraphData:
     remap[live] = np.arange(len(live))
     src = remap[live[seg[out]]]
     dst = remap[rep.nbr[pos[out]].astype(np.int64)]
-    keys = [rep.keys[int(s)] for s in live]
+    rep_keys = cast(list[str], rep.keys)  # live slots have keys
+    keys = [rep_keys[int(s)] for s in live]
     labels = [rep.label_of(int(s)) for s in live]
     h0 = state["h"][0][torch.as_tensor(live, dtype=torch.long)].float()
     # Products hold text features (or the frozen Product type row, which training never changes);

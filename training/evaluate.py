@@ -1,4 +1,4 @@
-"""Temporal evaluation of the published vectors on real data (issue 6).
+"""Temporal evaluation of the published vectors on real data .
 
 Protocol (``evaluate_dataset``)
 -------------------------------
@@ -56,14 +56,13 @@ from training.train import TrainConfig, edge_index, target_pairs, train
 
 log = logging.getLogger(__name__)
 
-SHARED_DATA = Path("/work/shared/data")
 DATASETS: dict[str, dict[str, Any]] = {
     # split_quantile: Online Retail's last 20 % of purchases (2011-11-01 .. 12-09); Amazon
     # Magazine's users rate ~1.2 items each, so its test period must be longer (the last 40 %,
     # 2015-05-23 .. 2018-09) to hold ~1,250 returning users; chosen for sample size, before
     # any model was trained.
-    "online_retail": {"loader": "online_retail", "path": SHARED_DATA / "online_retail", "split_quantile": 0.8},
-    "amazon_magazine": {"loader": "amazon", "path": SHARED_DATA / "amazon_magazine_2018", "split_quantile": 0.6},
+    "online_retail": {"loader": "online_retail", "path": "online_retail", "split_quantile": 0.8},
+    "amazon_magazine": {"loader": "amazon", "path": "amazon_magazine_2018", "split_quantile": 0.6},
 }
 METHODS = ("fused_trained", "popularity", "text_only", "untrained")
 
@@ -389,7 +388,7 @@ def run(
     start = time.monotonic()
     for i, name in enumerate(datasets):
         spec = DATASETS[name]
-        path = (paths or {}).get(name, spec["path"])
+        path = (paths or {}).get(name, settings.data_dir / spec["path"])
         deadline = None
         if budget_s is not None:  # an even share of what is left for each remaining data set
             deadline = time.monotonic() + (budget_s - (time.monotonic() - start)) / (len(datasets) - i) * 0.6

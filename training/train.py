@@ -66,14 +66,14 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from encoders.graph import GraphEncoder, GraphEncoderConfig, fuse
+from encoders.graph import GraphEncoder, GraphEncoderConfig, SageLinear, fuse
 from encoders.text import resolve_device
 from training.dataset import INTERACTION_RELS, GraphData
 from training.ranking import rank_metrics
@@ -197,12 +197,12 @@ class _Spmm(torch.autograd.Function):
     """``A @ X`` for a sparse ``A`` whose transpose ``At`` is given."""
 
     @staticmethod
-    def forward(ctx, a: Tensor, at: Tensor, x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, a: Tensor, at: Tensor, x: Tensor) -> Tensor:
         ctx.at = at
         return a @ x
 
     @staticmethod
-    def backward(ctx, g: Tensor):  # type: ignore[override]
+    def backward(ctx, g: Tensor):
         return None, None, ctx.at @ g.contiguous()
 
 
@@ -210,12 +210,12 @@ class _SymSpmm(torch.autograd.Function):
     """``A @ X`` for a symmetric sparse ``A``; the gradient is ``A @ G`` (no transpose needed)."""
 
     @staticmethod
-    def forward(ctx, a: Tensor, x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, a: Tensor, x: Tensor) -> Tensor:
         ctx.a = a
         return a @ x
 
     @staticmethod
-    def backward(ctx, g: Tensor):  # type: ignore[override]
+    def backward(ctx, g: Tensor):
         return None, ctx.a @ g.contiguous()
 
 
@@ -281,21 +281,25 @@ def train_forward(
 
     L = model.num_layers
     conv0 = model.convs[0]
+    lin_l0, lin_r0 = cast(SageLinear, conv0.lin_l), cast(SageLinear, conv0.lin_r)
+    bias0 = lin_l0.bias
+    assert bias0 is not None  # SAGEConv's lin_l has a bias (the default)
     last = L == 1
-    hid = conv0.lin_l.weight.shape[0]
-    PU = U @ torch.cat([conv0.lin_l.weight, conv0.lin_r.weight]).t()
+    hid = lin_l0.weight.shape[0]
+    PU = U @ torch.cat([lin_l0.weight, lin_r0.weight]).t()
     P = _Spmm.apply(tg.onehot, tg.onehot_t, PU)  # = PU[xid]
-    h = agg(P[:, :hid]) + conv0.lin_l.bias + P[:, hid:]
+    h = agg(P[:, :hid]) + bias0 + P[:, hid:]
     if last:
         return U[tg.xid[rows]], h[rows]
     h = h.relu()
     for layer in range(1, L):
         conv = model.convs[layer]
+        lin_l, lin_r = cast(SageLinear, conv.lin_l), cast(SageLinear, conv.lin_r)
         a = agg(h)
         if layer == L - 1:
-            out = conv.lin_l(a[rows]) + conv.lin_r(h[rows])
+            out = lin_l(a[rows]) + lin_r(h[rows])
             return U[tg.xid[rows]], out
-        h = (conv.lin_l(a) + conv.lin_r(h)).relu()
+        h = (lin_l(a) + lin_r(h)).relu()
     raise AssertionError("unreachable")
 
 
@@ -423,7 +427,7 @@ def _supervision(
 
     Without interaction times, ``random``."""
     sources: list[_Source] = []
-    temporal = cfg.supervision in ("temporal", "both", "auto") and len(tr) and (tr.ts >= 0).all()
+    temporal = bool(cfg.supervision in ("temporal", "both", "auto") and len(tr) and (tr.ts >= 0).all())
     if temporal:
         sources += _windows(train_graph, tr, cfg, model, device)
         temporal = bool(sources)

@@ -140,7 +140,8 @@ def parse_price(raw: Any) -> float | None:
 def product_fields(doc: dict[str, Any]) -> dict[str, Any]:
     """The product event fields (without ts) of one metadata record."""
     categories = [c for c in (clean_short(c) for c in doc.get("category") or []) if c][:MAX_CATEGORIES]
-    details = doc.get("details") if isinstance(doc.get("details"), dict) else {}
+    raw_details = doc.get("details")
+    details: dict[str, Any] = raw_details if isinstance(raw_details, dict) else {}
     attributes: dict[str, Any] = {}
     for key, name in (("Format:", "format"), ("Publisher:", "publisher")):
         value = clean_short(details.get(key))

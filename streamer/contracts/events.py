@@ -1,6 +1,6 @@
 """Input events: the contract with producers, validated at the edge.
 
-Three kinds of JSON event arrive, one per Kafka message (ARCHITECTURE.md "Events"):
+Three kinds of JSON event arrive, one per Kafka message:
 
 * ``product``     -- upsert or delete of a product with its text, brand, category path, attributes
 * ``interaction`` -- a user viewed / clicked / carted / purchased / rated a product
@@ -158,7 +158,7 @@ class InvalidEvent(Exception):
         self.message = message
 
 
-def decode_event(raw: bytes | None, max_bytes: int = 256 * 1024):
+def decode_event(raw: bytes | None, max_bytes: int = 256 * 1024) -> Event:
     """Bytes of one Kafka message -> ProductEvent | InteractionEvent | RelationEvent.
 
     Raises InvalidEvent("EmptyMessage" | "EventTooLarge" | "NotJson" | "NotAnObject" |
@@ -175,7 +175,7 @@ def decode_event(raw: bytes | None, max_bytes: int = 256 * 1024):
     return validate_event(doc)
 
 
-def validate_event(doc: Any):
+def validate_event(doc: Any) -> Event:
     """A decoded JSON document -> typed event, or InvalidEvent."""
     if not isinstance(doc, dict):
         raise InvalidEvent("NotAnObject", f"an event is a JSON object, got {type(doc).__name__}")
@@ -189,7 +189,7 @@ def validate_event(doc: Any):
         raise InvalidEvent("ValidationError", problems) from None
 
 
-def json_schema() -> dict:
+def json_schema() -> dict[str, Any]:
     """The JSON Schema of one input event (a oneOf over the three kinds)."""
     schema = _EVENT.json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"

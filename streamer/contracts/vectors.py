@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,7 +53,7 @@ class VectorRecord:
         return self.key.encode(), json.dumps(doc, separators=(",", ":")).encode(), headers
 
 
-def decode_vector(key: bytes, value: bytes | None, headers=None) -> VectorRecord:
+def decode_vector(key: bytes, value: bytes | None, headers: Iterable[tuple[str, bytes]] | None = None) -> VectorRecord:
     """Inverse of ``VectorRecord.to_kafka`` (for consumers, tests and `verify --against-topic`)."""
     header_map = dict(headers or [])
     if value is None:

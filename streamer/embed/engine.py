@@ -67,13 +67,13 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from encoders.graph import GraphEncoder, fuse, fused_dim, vector_version
+from encoders.graph import GraphEncoder, SageLinear, fuse, fused_dim, vector_version
 from encoders.text import resolve_device
 from streamer.contracts.changes import Change
 from streamer.embed.replica import Replica
@@ -199,9 +199,10 @@ def _lipschitz(model: GraphEncoder) -> list[float]:
     ``||W_l||_inf + ||W_r||_inf`` (max absolute row sums; ReLU is 1-Lipschitz)."""
     out = [0.0]
     for conv in model.convs:
-        lip = float(conv.lin_l.weight.detach().abs().sum(1).max())
-        if getattr(conv, "lin_r", None) is not None:
-            lip += float(conv.lin_r.weight.detach().abs().sum(1).max())
+        lip = float(cast(SageLinear, conv.lin_l).weight.detach().abs().sum(1).max())
+        lin_r = cast("SageLinear | None", getattr(conv, "lin_r", None))
+        if lin_r is not None:
+            lip += float(lin_r.weight.detach().abs().sum(1).max())
         out.append(lip)
     return out
 
@@ -322,7 +323,7 @@ class IncrementalEngine:
         self._isnew = isnew
         self.cap = new
 
-    def _t(self, a: np.ndarray | Sequence[int]) -> Tensor:
+    def as_index(self, a: np.ndarray | Sequence[int]) -> Tensor:
         """int64 index array -> tensor on the device (zero-copy on CPU)."""
         t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
         return t if self.device.type == "cpu" else t.to(self.device)
@@ -337,7 +338,8 @@ class IncrementalEngine:
             return idx
         ar = np.arange(len(idx), dtype=np.int64)
         self._pos[idx] = ar
-        return idx[self._pos[idx] == ar]
+        distinct: np.ndarray = idx[self._pos[idx] == ar]
+        return distinct
 
     def _count(self, layer: int, idx: np.ndarray) -> None:
         """count[layer][idx] += 1 per occurrence (host int32; torch's index_add_ is much
@@ -349,7 +351,7 @@ class IncrementalEngine:
     def _set_default_features(self, slots: np.ndarray) -> None:
         if len(slots):
             labels = [self.replica.label_of(int(s)) for s in slots]
-            self.h[0][self._t(slots)] = self.model.type_features(labels).to(self.device)
+            self.h[0][self.as_index(slots)] = self.model.type_features(labels).to(self.device)
 
     # ---- the incremental step ----------------------------------------------------------
     @torch.no_grad()
@@ -363,7 +365,7 @@ class IncrementalEngine:
             features = self.featurize(changes)
         features = features or {}
         rep = self.replica
-        index, rel_ids = rep.index, rep._rel_id
+        index, rel_ids = rep.index, rep.rel_index
         structure = _Structure()
         run = _EdgeRun()
         x_new: dict[int, tuple[Tensor | None, int]] = {}  # slot -> (features or None=type emb, ts)
@@ -392,9 +394,9 @@ class IncrementalEngine:
                 run.add(s, rep.rel_id(ch.rel), node(ch.dst, None, ts), 1, ts)
             elif op == "edge_delete":
                 assert ch.src is not None and ch.dst is not None and ch.rel is not None
-                s, d, r = index.get(ch.src), index.get(ch.dst), rel_ids.get(ch.rel)
-                if s is not None and d is not None and r is not None:
-                    run.add(s, r, d, 0, ts)
+                s_old, d_old, r_old = index.get(ch.src), index.get(ch.dst), rel_ids.get(ch.rel)
+                if s_old is not None and d_old is not None and r_old is not None:
+                    run.add(s_old, r_old, d_old, 0, ts)
             elif op == "node_upsert":
                 assert ch.key is not None
                 slot = node(ch.key, ch.label, ts)
@@ -403,14 +405,14 @@ class IncrementalEngine:
             elif op == "node_delete":
                 assert ch.key is not None
                 deleted[ch.key] = None
-                slot = index.get(ch.key)
-                if slot is None:
+                gone = index.get(ch.key)
+                if gone is None:
                     continue
                 self._apply_edges(run, structure)
-                nbrs = rep.remove_node(slot)
-                structure.add(nbrs[nbrs != slot], slot, -1.0, ts)
-                removed.append(slot)
-                x_new.pop(slot, None)
+                nbrs = rep.remove_node(gone)
+                structure.add(nbrs[nbrs != gone], gone, -1.0, ts)
+                removed.append(gone)
+                x_new.pop(gone, None)
             else:
                 raise ValueError(f"unknown change op {op!r}")
         self._apply_edges(run, structure)
@@ -481,9 +483,9 @@ class IncrementalEngine:
         ends = self._union(owners, new_slots)
         zero = ends[rep.length[ends] == 0] if len(ends) else ends  # no neighbours: the sum is exactly 0
         if len(owners):
-            o, src = self._t(owners), self._t(srcs)
+            o, src = self.as_index(owners), self.as_index(srcs)
             sign = torch.from_numpy(signs).to(dev).unsqueeze(1)
-            self._ts.scatter_reduce_(0, o, self._t(tss), reduce="amax")
+            self._ts.scatter_reduce_(0, o, self.as_index(tss), reduce="amax")
             touched_ts.append(o)
 
         def structure_into(layer: int) -> None:
@@ -492,7 +494,7 @@ class IncrementalEngine:
                 self._count(layer, owners)
                 report.delta_messages += len(owners)
             if len(zero):
-                self.S[layer][self._t(zero)] = 0
+                self.S[layer][self.as_index(zero)] = 0
                 self.count[layer].numpy()[zero] = 0
 
         structure_into(0)
@@ -500,13 +502,13 @@ class IncrementalEngine:
 
         # 2. input features
         slots = np.fromiter((s for s in x_new if alive[s]), dtype=np.int64)
-        rows_t = self._t(slots)
+        rows_t = self.as_index(slots)
         old0 = self.h[0][rows_t]
         default = np.asarray([s for s in slots.tolist() if x_new[s][0] is None], dtype=np.int64)
         self._set_default_features(default)
         given = [(s, x) for s in slots.tolist() if (x := x_new[s][0]) is not None]
         if given:
-            self.h[0][self._t([s for s, _ in given])] = torch.stack([x for _, x in given]).to(dev, torch.float32)
+            self.h[0][self.as_index([s for s, _ in given])] = torch.stack([x for _, x in given]).to(dev, torch.float32)
         if len(slots):
             ts = torch.as_tensor([x_new[s][1] for s in slots.tolist()], dtype=torch.int64, device=dev)
             self._ts.scatter_reduce_(0, rows_t, ts, reduce="amax")
@@ -527,15 +529,15 @@ class IncrementalEngine:
                 break
             seg, w = rep.gather(changed)
             if len(w):
-                recv, seg_t = self._t(w), self._t(seg)
+                recv, seg_t = self.as_index(w), self.as_index(seg)
                 self.S[layer].index_add_(0, recv, delta.to(self.agg_dtype)[seg_t])  # convert |C| rows, not messages
                 self._count(layer, w)
-                self._ts.scatter_reduce_(0, recv, self._ts[self._t(changed)][seg_t], reduce="amax")
+                self._ts.scatter_reduce_(0, recv, self._ts[self.as_index(changed)][seg_t], reduce="amax")
                 touched_ts.append(recv)
                 report.delta_messages += len(w)
             rows = self._union(changed, w, ends)
             self._reanchor(layer, rows, report)
-            rt = self._t(rows)
+            rt = self.as_index(rows)
             agg = self.S[layer][rt].to(torch.float32)
             if self.mean:
                 deg = torch.from_numpy(rep.length[rows].astype(np.float32)).to(dev).clamp_(min=1)
@@ -549,7 +551,7 @@ class IncrementalEngine:
                 if not full_next:
                     structure_into(layer + 1)  # h[layer+1] still holds the old rows
             if len(changed):
-                self.h[layer + 1][self._t(changed)] = new if len(idx) == len(rows) else new[self._t(idx)]
+                self.h[layer + 1][self.as_index(changed)] = new if len(idx) == len(rows) else new[self.as_index(idx)]
             held_last = held
             report.affected.append(len(rows))
             report.changed.append(len(changed))
@@ -564,14 +566,15 @@ class IncrementalEngine:
         if self.mode == "bounded":
             report.error_bound = self.error_bound
         if with_vectors:
-            report.changed_keys = [rep.keys[i] for i in out.tolist()]  # type: ignore[misc]
-            report.changed_ts = self._ts[self._t(out)].tolist()
+            keys = cast(list[str], rep.keys)  # changed rows are live slots: they have keys
+            report.changed_keys = [keys[i] for i in out.tolist()]
+            report.changed_ts = self._ts[self.as_index(out)].tolist()
             report.vectors = self.vectors(out)
         if touched_ts:
             self._ts[torch.cat(touched_ts)] = -1
         self._isnew[new_slots] = False
         if removed:
-            self.clear_rows(self._t(removed))
+            self.clear_rows(self.as_index(removed))
             rep.release(removed)
         return report
 
@@ -598,12 +601,13 @@ class IncrementalEngine:
         other row stays bit-identical."""
         rep, dev, n = self.replica, self.device, self.replica.num_slots
         crow, col, row = self._csr(with_rows=True)
+        assert row is not None  # with_rows=True
         adj = self._sparse(crow, col, self.agg_dtype)
         alive = torch.from_numpy(rep.alive[:n]).to(dev)
         end_mask = torch.zeros(n, dtype=torch.bool, device=dev)
-        end_mask[self._t(ends)] = True
+        end_mask[self.as_index(ends)] = True
         in_c = torch.zeros(n, dtype=torch.bool, device=dev)
-        in_c[self._t(changed)] = True
+        in_c[self.as_index(changed)] = True
         deg = torch.from_numpy(rep.length[:n].astype(np.float32)).to(dev).clamp_(min=1)
         for layer in range(first, self.L):
             reached = self._spmm(adj, in_c.to(adj.dtype).unsqueeze(1)).squeeze(1) > 0
@@ -627,10 +631,10 @@ class IncrementalEngine:
             rows = rows_t.cpu().numpy()
             changed, idx, _, held = self._select(layer + 1, rows, self.h[layer + 1][rows_t], new, report, need_delta=False)
             if len(changed):
-                c_t = self._t(changed)
-                self.h[layer + 1][c_t] = new if len(idx) == len(rows) else new[self._t(idx)]
+                c_t = self.as_index(changed)
+                self.h[layer + 1][c_t] = new if len(idx) == len(rows) else new[self.as_index(idx)]
             in_c = torch.zeros_like(in_c)
-            in_c[self._t(changed)] = True
+            in_c[self.as_index(changed)] = True
             report.affected.append(len(rows))
             report.changed.append(len(changed))
             report.affected_rows.append(torch.from_numpy(rows))
@@ -662,8 +666,8 @@ class IncrementalEngine:
             held_rows = rows[held]
         else:
             diff = new - old  # exact mode: any bit moved
-            mag = diff.abs() if need_delta else diff.abs_()  # amax of |diff|: 3-4x faster than any(diff != 0)
-            move = (mag.amax(1) != 0).cpu().numpy()
+            absdiff = diff.abs() if need_delta else diff.abs_()  # amax of |diff|: 3-4x faster than any(diff != 0)
+            move = (absdiff.amax(1) != 0).cpu().numpy()
             move |= self._isnew[rows]
             held_rows = rows[:0]
             idx = np.flatnonzero(move)
@@ -671,13 +675,13 @@ class IncrementalEngine:
                 return rows[idx], idx, new[:0], held_rows
             if len(idx) == len(rows):
                 return rows, idx, diff, held_rows
-            return rows[idx], idx, diff[self._t(idx)], held_rows
+            return rows[idx], idx, diff[self.as_index(idx)], held_rows
         idx = np.flatnonzero(move)
         if not need_delta:  # layer L: nothing propagates further
             return rows[idx], idx, new[:0], held_rows
         if len(idx) == len(rows):
             return rows, idx, new - old, held_rows
-        it = self._t(idx)
+        it = self.as_index(idx)
         return rows[idx], idx, new[it] - old[it], held_rows
 
     def _reanchor(self, layer: int, rows: np.ndarray, report: BatchReport, chunk: int = 1 << 18) -> None:
@@ -689,8 +693,9 @@ class IncrementalEngine:
         seg, w = self.replica.gather(over)
         fresh = torch.zeros(len(over), self.dims[layer], dtype=self.agg_dtype, device=self.device)
         for lo in range(0, len(w), chunk):  # a hub can have millions of neighbours
-            fresh.index_add_(0, self._t(seg[lo : lo + chunk]), self.h[layer][self._t(w[lo : lo + chunk])].to(self.agg_dtype))
-        self.S[layer][self._t(over)] = fresh
+            rows_in = self.h[layer][self.as_index(w[lo : lo + chunk])].to(self.agg_dtype)
+            fresh.index_add_(0, self.as_index(seg[lo : lo + chunk]), rows_in)
+        self.S[layer][self.as_index(over)] = fresh
         cnt[over] = 0
         report.reanchored_rows += len(over)
         report.neighbour_reads += len(w)
@@ -707,7 +712,7 @@ class IncrementalEngine:
     def vectors(self, rows: Tensor | np.ndarray | Sequence[int]) -> Tensor:
         """Published (fused, unit-norm) vectors of slots, float32 on CPU."""
         if isinstance(rows, np.ndarray):
-            rows = self._t(rows)
+            rows = self.as_index(rows)
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.device)
         return fuse(self.h[0][rows], self.h[-1][rows], self.fusion, self.fusion_text_weight).cpu()
 
@@ -754,7 +759,7 @@ class IncrementalEngine:
             buf[: rep.top] = torch.from_numpy(rep.nbr[: rep.top]).to(self.device)
             self._nbr_dev = buf
         elif len(writes):
-            buf[self._t(writes)] = torch.from_numpy(rep.nbr[writes]).to(self.device)
+            buf[self.as_index(writes)] = torch.from_numpy(rep.nbr[writes]).to(self.device)
         return buf[: rep.top]
 
     def _sparse(self, crow: Tensor, col: Tensor, dtype: torch.dtype) -> Tensor:
@@ -814,7 +819,7 @@ class IncrementalEngine:
         by ~1e-5 of the mean, before the weights amplify it); ``layers`` sums in float64."""
         if tol is None:
             tol = 1e-5 + self.error_bound
-        live = self._t(self.replica.live_slots())
+        live = self.as_index(self.replica.live_slots())
         if not len(live):
             return 0.0, 0
         if method == "auto":
@@ -846,7 +851,7 @@ class IncrementalEngine:
             del s, agg
         for t in self.count:
             t.zero_()
-        dead = self._t(np.flatnonzero(~self.replica.alive[:n]))
+        dead = self.as_index(np.flatnonzero(~self.replica.alive[:n]))
         if len(dead):
             self.clear_rows(dead)
 
@@ -879,11 +884,11 @@ class IncrementalEngine:
         if features is None or feature_rows is not None:
             labels = rep.labels
             ntype = rep.ntype[slots]
-            table = self.model.type_features(labels).to(self.device)
-            self.h[0][self._t(slots)] = table[self._t(ntype)]
+            type_table = self.model.type_features(labels).to(self.device)
+            self.h[0][self.as_index(slots)] = type_table[self.as_index(ntype)]
         if features is not None:
             rows = slots if feature_rows is None else slots[np.asarray(feature_rows, dtype=np.int64)]
-            self.h[0][self._t(rows)] = features.to(self.device, torch.float32)
+            self.h[0][self.as_index(rows)] = features.to(self.device, torch.float32)
         self.rebuild()
 
     # ---- persistence -------------------------------------------------------------------
@@ -900,6 +905,19 @@ class IncrementalEngine:
             "S": [t[:n].cpu() for t in self.S],
             "count": [t[:n].cpu() for t in self.count],
         }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Put a ``state_dict()`` of this same model back in place: the replica and every cache
+        row (rows past the state's slots zeroed, as fresh slots are); the scratch is cleared.
+        For benchmarks that run the same batches again from one snapshot."""
+        self.replica = Replica.from_state_dict(state["replica"])
+        n = self.replica.num_slots
+        self.ensure_capacity(max(n, 16))
+        for mine, saved in zip(self.h + self.S + self.count, state["h"] + state["S"] + state["count"], strict=True):
+            mine[:n] = saved.to(mine.device)
+            mine[n:] = 0
+        self._ts.fill_(-1)
+        self._isnew[:] = False
 
     def restore_caches(self, state: Mapping[str, Any]) -> None:
         """Set ``h[1..L]``, the sums and the drift counters from ``state_dict()`` output whose

@@ -37,7 +37,7 @@ Contract
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -89,7 +89,7 @@ class Replica:
         self.labels: list[str] = []
         self._label_id: dict[str, int] = {}
         self.rels: list[str] = []
-        self._rel_id: dict[str, int] = {}
+        self.rel_index: dict[str, int] = {}  # relationship type -> id (read-only outside)
         self.free: list[int] = []
         self.num_slots = 0  # high-water mark of slots ever used
         self.num_edges = 0  # typed edges
@@ -118,11 +118,11 @@ class Replica:
         return i
 
     def rel_id(self, rel: str) -> int:
-        i = self._rel_id.get(rel)
+        i = self.rel_index.get(rel)
         if i is None:
             if len(self.rels) >= 1 << 14:
                 raise ValueError("too many relation types")
-            i = self._rel_id[rel] = len(self.rels)
+            i = self.rel_index[rel] = len(self.rels)
             self.rels.append(rel)
         return i
 
@@ -261,7 +261,7 @@ class Replica:
 
     def find_edge(self, s: int, rel: str, d: int) -> int:
         """Position of the half-edge of (s, rel, d) in the smaller endpoint's block, or -1."""
-        r = self._rel_id.get(rel)
+        r = self.rel_index.get(rel)
         if r is None:
             return -1
         if s == d or self.length[s] <= self.length[d]:
@@ -488,12 +488,13 @@ class Replica:
 
     def edges(self) -> list[tuple[str, str, str]]:
         """Every typed edge as (src key, rel, dst key) (for tests and debugging)."""
-        out = []
+        keys = cast(list[str], self.keys)  # live slots (and their neighbours) always have a key
+        out: list[tuple[str, str, str]] = []
         for v in self.live_slots():
             s, n = int(self.start[v]), int(self.length[v])
             for w, c in zip(self.nbr[s : s + n], self.code[s : s + n]):
                 if c % 2 == 0:
-                    out.append((self.keys[v], self.rels[c // 2], self.keys[int(w)]))
+                    out.append((keys[v], self.rels[c // 2], keys[int(w)]))
         return out
 
     def out_edges(self, key: str, rels: set[str] | None = None) -> set[tuple[str, str]]:
@@ -501,19 +502,21 @@ class Replica:
         v = self.index.get(key)
         if v is None:
             return set()
+        keys = cast(list[str], self.keys)  # a live slot's neighbours always have a key
         s, n = int(self.start[v]), int(self.length[v])
-        out = set()
+        out: set[tuple[str, str]] = set()
         for w, c in zip(self.nbr[s : s + n], self.code[s : s + n]):
             if c % 2 == 0:
                 rel = self.rels[c // 2]
                 if rels is None or rel in rels:
-                    out.add((rel, self.keys[int(w)]))
+                    out.add((rel, keys[int(w)]))
         return out
 
     # ---- bulk load and compaction ------------------------------------------------------
-    def bulk_add_edges(self, src: np.ndarray, rel: np.ndarray, dst: np.ndarray) -> int:
+    def bulk_add_edges(self, src: np.ndarray, rel: np.ndarray | int, dst: np.ndarray) -> int:
         """Load many edges at once into a replica that has nodes but no edges yet.
-        ``rel`` holds ids from ``rel_id``. Duplicates are dropped; returns the edges stored."""
+        ``rel`` holds ids from ``rel_id`` (one per edge, or one id for all of them). Duplicates
+        are dropped; returns the edges stored."""
         if self.num_edges or self.top:
             raise ValueError("bulk_add_edges needs a replica without edges")
         src, dst = np.asarray(src, np.int64), np.asarray(dst, np.int64)
@@ -626,7 +629,7 @@ class Replica:
         rep.labels = list(state["labels"])
         rep._label_id = {x: i for i, x in enumerate(rep.labels)}
         rep.rels = list(state["rels"])
-        rep._rel_id = {x: i for i, x in enumerate(rep.rels)}
+        rep.rel_index = {x: i for i, x in enumerate(rep.rels)}
         rep.free = list(state["free"])
         rep.num_slots, rep.num_edges, rep.top, rep.garbage = n, int(state["num_edges"]), t, int(state["garbage"])
         return rep

@@ -1,2 +1,3 @@
-"""Operations: consumer lag from the broker (``lag``), rewinding groups to backfill (``replay``)
-and their sub-commands ``status``, ``replay`` and ``lag-exporter`` (``cli``)."""
+"""Consumer groups, seen from the broker: lag in messages and seconds (``lag``), rewinding a
+group to backfill (``rewind``), and the operator commands ``status``, ``replay`` and
+``lag-exporter`` (``admin``)."""

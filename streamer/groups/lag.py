@@ -43,6 +43,7 @@ dashboards and alerts aggregate with ``max by (group, topic, partition)``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -403,8 +404,8 @@ class LagMonitor:
                 p.commit_ts = track.observed_commit_ts
             self._tracks[key] = track
             if previous is None:
-                m.LAG_SECONDS.labels(*labels).set_function(lambda key=key: self._lag_seconds(key))
-                m.COMMIT_STALENESS.labels(*labels).set_function(lambda key=key: self._staleness(key))
+                m.LAG_SECONDS.labels(*labels).set_function(functools.partial(self._lag_seconds, key))
+                m.COMMIT_STALENESS.labels(*labels).set_function(functools.partial(self._staleness, key))
             m.LAG_MESSAGES.labels(*labels).set(p.lag_messages)
             if p.committed is not None:
                 m.COMMITTED_OFFSET.labels(*labels).set(p.committed)
@@ -417,14 +418,14 @@ class LagMonitor:
     def _now_for(self, track: _Track) -> float:
         return time.time() if track.stalled else track.lag.sampled_at
 
-    def _lag_seconds(self, key) -> float:
+    def _lag_seconds(self, key: tuple[str, str, int]) -> float:
         track = self._tracks.get(key)
         if track is None:
             return 0.0
         value = track.lag.lag_seconds(self._now_for(track))
         return math.nan if value is None else value
 
-    def _staleness(self, key) -> float:
+    def _staleness(self, key: tuple[str, str, int]) -> float:
         track = self._tracks.get(key)
         if track is None:
             return 0.0

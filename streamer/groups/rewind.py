@@ -70,6 +70,7 @@ class Target:
 
     def describe(self) -> str:
         if self.kind == "timestamp":
+            assert self.value is not None, "a timestamp target has a value"
             return datetime.fromtimestamp(self.value / 1000, tz=UTC).isoformat()
         return self.kind if self.value is None else str(self.value)
 
@@ -150,8 +151,10 @@ def plan_replay(sampler: LagSampler, group: str, topics: list[str], target: Targ
     elif target.kind == "latest":
         raw = dict(ends)
     elif target.kind == "offset":
+        assert target.value is not None, "an offset target has a value"
         raw = {tp: int(target.value) for tp in tps}
     else:
+        assert target.value is not None, "a timestamp target has a value"
         answer = sampler.admin.list_partition_offsets({tp: int(target.value) for tp in tps})
         # Kafka and noida-db answer offset -1 when no message is that new; Tansu answers offset 0
         # with timestamp -1. Either way: nothing at or after the time -> the log end.

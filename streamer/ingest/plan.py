@@ -16,7 +16,7 @@ Coalescing rules (an older or repeated event never overwrites newer state):
   (``count``, ``first_ts``, ``last_ts``), so replays and duplicates change nothing.
 * relations: per (src, rel, dst) keep the newest event (upsert or delete by ts).
 
-Graph model built from a product event (ARCHITECTURE.md "Graph model"):
+Graph model built from a product event (docs/design.md, README "Events and the graph"):
   (:Product)-[:HAS_BRAND]->(:Brand {id: brand})
   (:Product)-[:IN_CATEGORY]->(:Category {id: "A > B > C"})   the leaf of the category path
   (:Category {id: "A > B > C"})-[:PARENT]->(:Category {id: "A > B"})   one node per path prefix
@@ -95,9 +95,9 @@ def plan_batch(events: list) -> GraphBatch:
         elif isinstance(event, InteractionEvent):
             interactions.setdefault((event.user_id, event.product_id, event.rel_type), []).append(event)
         elif isinstance(event, RelationEvent):
-            key = (event.src.label, event.src.id, event.rel, event.dst.label, event.dst.id)
-            current = relations.get(key)
-            if current is None or event.ts_ms >= current.ts_ms:
+            key: tuple[str, str, str, str, str] = (event.src.label, event.src.id, event.rel, event.dst.label, event.dst.id)
+            current_rel = relations.get(key)
+            if current_rel is None or event.ts_ms >= current_rel.ts_ms:
                 relations[key] = event
         else:  # pragma: no cover - decode_event only returns the three kinds
             raise TypeError(f"not an event: {type(event).__name__}")

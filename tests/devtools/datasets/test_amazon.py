@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 
 from devtools.datasets import LoadReport, amazon, iso_utc
-from tests.helpers import check_valid_and_ordered
+from tests.helpers import check_valid_and_ordered, full_dataset
 
 ROOT = Path(__file__).resolve().parents[3]
 SAMPLE = ROOT / "data" / "sample" / "amazon_magazine"
-FULL = Path("/work/shared/data/amazon_magazine_2018")
 
 P1 = {
     "asin": "P000000001",
@@ -199,9 +198,8 @@ def test_committed_sample() -> None:
     assert all("<" not in (p["title"] or "") and "<" not in (p["description"] or "") for p in products)
 
 
-@pytest.mark.skipif(not FULL.is_dir(), reason="full data set not on this machine")
 def test_full_data_set() -> None:
-    events, report = load(FULL)
+    events, report = load(full_dataset("amazon_magazine_2018"))
     check_valid_and_ordered(events)
     assert dict(report.events) == {"product": 2320, "relation": 15230, "interaction": 88467}
     assert report.rows == {"meta_lines": 3385, "rating_rows": 89689}

@@ -11,11 +11,10 @@ import pytest
 
 from devtools.datasets import LoadReport, online_retail
 from streamer.contracts.events import InteractionEvent, ProductEvent, validate_event
-from tests.helpers import check_valid_and_ordered
+from tests.helpers import check_valid_and_ordered, full_dataset
 
 ROOT = Path(__file__).resolve().parents[3]
 SAMPLE = ROOT / "data" / "sample" / "online_retail_sample.csv.gz"
-FULL = Path("/work/shared/data/online_retail/online_retail.csv.gz")
 HEADER = "InvoiceNo,StockCode,Description,Quantity,InvoiceDate,UnitPrice,CustomerID,Country\n"
 
 ROWS = """\
@@ -183,10 +182,9 @@ def test_committed_sample() -> None:
     assert all(isinstance(validate_event(e), (ProductEvent, InteractionEvent)) for e in events[:10])
 
 
-@pytest.mark.skipif(not FULL.is_file(), reason="full data set not on this machine")
 def test_full_data_set() -> None:
     started = time.perf_counter()
-    events, report = load(FULL)
+    events, report = load(full_dataset("online_retail", "online_retail.csv.gz"))
     parse_s = time.perf_counter() - started
     check_valid_and_ordered(events)
     assert dict(report.events) == {"product": 4015, "interaction": 391071}

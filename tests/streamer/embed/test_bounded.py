@@ -27,7 +27,7 @@ THRESHOLDS = st.sampled_from([(0.0, 1e-3), (1e-3, 0.0), (1e-4, 1e-4), (1e-2, 1e-
 def sums_match_stored_rows(engine: IncrementalEngine, tol: float = 1e-5) -> None:
     """S[l] must be the neighbour sum of the *stored* rows h[l] (what bounded mode keeps)."""
     n = engine.replica.num_slots
-    live = engine._t(engine.replica.live_slots())
+    live = engine.as_index(engine.replica.live_slots())
     if not n or not len(live):
         return
     adj = engine.adjacency(torch.float64)
