@@ -299,7 +299,7 @@ def test_a_rebalance_that_gives_the_partitions_back_replays_the_dropped_batch(se
     produce_events(run, events)
     ends = log_ends(run, topic_counts(run, (event_message(run, e) for e in events)))
     ingest = ingest_consumer(run)
-    caplog.set_level(logging.INFO, logger="streamer.ingest.step")
+    caplog.set_level(logging.INFO, logger="streamer.kafka.consumer")
     wait_for(
         lambda: (ingest.poll_once(), len(ingest.pending) == len(events))[1],
         timeout_s=60,
