@@ -89,7 +89,7 @@ def run_demo(settings: Settings, sample_dir: Path, limit: int | None = None, ver
             [
                 f"  events in            {ing['events_in']:,} ({ing['events_per_s']:,} events/s), "
                 f"{ing['dead_letters']:,} to the dead-letter topic",
-                f"  written              {ing['nodes_written']:,} nodes, {ing['relationships_written']:,} relationships",
+                f"  written              {ing['nodes_written']:,} products, {ing['relationships_written']:,} relationship rows",
                 f"  graph now            {nodes:,} nodes, {relationships:,} relationships",
                 f"  vectors published    {emb['vectors_published']:,} ({emb['rows_recomputed']:,} rows recomputed)",
                 f"  freshness            p50 {emb['freshness_p50_s']} s, p99 {emb['freshness_p99_s']} s "
