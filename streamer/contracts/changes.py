@@ -30,6 +30,7 @@ A node key is ``"<Label>:<id>"``; labels never contain ':' so the key splits on 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -69,6 +70,7 @@ class Change:
 
     @staticmethod
     def from_json(raw: bytes) -> Change:
+        """Trusted input (our own records); the worker uses ``decode_change``."""
         return Change(**json.loads(raw))
 
 
@@ -86,3 +88,75 @@ def edge_upsert(src: str, rel: str, dst: str, ts: int) -> Change:
 
 def edge_delete(src: str, rel: str, dst: str, ts: int) -> Change:
     return Change("edge_delete", ts, src=src, rel=rel, dst=dst)
+
+
+class InvalidChange(Exception):
+    """A kg.changes record the embedding worker cannot use. ``error_class`` names why."""
+
+    def __init__(self, error_class: str, message: str):
+        super().__init__(message)
+        self.error_class = error_class
+        self.message = message
+
+
+_NODE_OPS = ("node_upsert", "node_delete")
+_EDGE_OPS = ("edge_upsert", "edge_delete")
+_FIELDS = frozenset(Change.__dataclass_fields__)
+
+
+def decode_change(raw: bytes | None, labels: Iterable[str], max_bytes: int = 1 << 20) -> Change:
+    """Bytes of one kg.changes message -> ``Change``, checked so that the engine only ever sees
+    well-formed records: a known op with the fields it needs, node keys ``<Label>:<id>`` with an
+    allowlisted label, integer times, an object of props (``out_edges`` a list of [rel, key]).
+    Raises ``InvalidChange`` and nothing else, whatever the bytes."""
+    allowed = set(labels)
+    if raw is None or len(raw) == 0:
+        raise InvalidChange("EmptyMessage", "empty kg.changes record")
+    if len(raw) > max_bytes:
+        raise InvalidChange("ChangeTooLarge", f"record is {len(raw)} bytes, the limit is {max_bytes}")
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise InvalidChange("NotJson", f"not JSON: {type(exc).__name__}") from None
+    if not isinstance(doc, dict):
+        raise InvalidChange("NotAnObject", f"a change is a JSON object, got {type(doc).__name__}")
+    unknown = set(doc) - _FIELDS
+    if unknown:
+        raise InvalidChange("UnknownField", f"unknown fields {sorted(map(str, unknown))[:5]}")
+
+    def check_key(name: str, value: Any) -> None:
+        label, _, node_id = value.partition(":") if isinstance(value, str) else ("", "", "")
+        if label not in allowed or not node_id:
+            raise InvalidChange("BadKey", f"{name} must be '<Label>:<id>' with a known label, got {str(value)[:100]!r}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidChange("InvalidUnicode", f"{name} holds a lone surrogate") from None
+
+    op = doc.get("op")
+    if op in _NODE_OPS:
+        check_key("key", doc.get("key"))
+    elif op in _EDGE_OPS:
+        check_key("src", doc.get("src"))
+        check_key("dst", doc.get("dst"))
+        if not isinstance(doc.get("rel"), str) or not doc["rel"]:
+            raise InvalidChange("BadRelationship", "an edge change needs a relationship type")
+    else:
+        raise InvalidChange("UnknownOp", f"unknown op {str(op)[:40]!r}")
+    for name in ("ts", "committed_ms", "source_ms"):
+        value = doc.get(name)
+        if (value is None and name == "ts") or (value is not None and (type(value) is not int or not 0 <= value < 1 << 62)):
+            raise InvalidChange("BadTime", f"{name} must be epoch milliseconds, got {str(value)[:40]!r}")
+    props = doc.get("props")
+    if props is not None:
+        if not isinstance(props, dict):
+            raise InvalidChange("BadProps", "props must be an object")
+        edges = props.get("out_edges")
+        if edges is not None:
+            if not isinstance(edges, list) or not all(
+                isinstance(e, list) and len(e) == 2 and all(isinstance(x, str) for x in e) for e in edges
+            ):
+                raise InvalidChange("BadProps", "out_edges must be a list of [relationship type, node key]")
+            for _rel, dst in edges:
+                check_key("out_edges", dst)
+    return Change(**doc)

@@ -158,11 +158,17 @@ class InvalidEvent(Exception):
         self.message = message
 
 
+MAX_DEPTH = 16  # an event nests 3 levels (relation -> src -> id); anything deeper is not an event
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # what a graph property (and Bolt) can hold
+
+
 def decode_event(raw: bytes | None, max_bytes: int = 256 * 1024) -> Event:
     """Bytes of one Kafka message -> ProductEvent | InteractionEvent | RelationEvent.
 
-    Raises InvalidEvent("EmptyMessage" | "EventTooLarge" | "NotJson" | "NotAnObject" |
-    "UnknownEventType" | "ValidationError", message).
+    Raises InvalidEvent("EmptyMessage" | "EventTooLarge" | "NotJson" | "TooDeep" |
+    "NonFiniteNumber" | "NumberOutOfRange" | "InvalidUnicode" | "NotAnObject" |
+    "UnknownEventType" | "ValidationError", message). Nothing else: whatever the bytes, a
+    message either becomes an event or an ``InvalidEvent`` (tests/streamer/contracts fuzz it).
     """
     if raw is None or len(raw) == 0:
         raise InvalidEvent("EmptyMessage", "message value is empty (tombstones are not events)")
@@ -172,11 +178,46 @@ def decode_event(raw: bytes | None, max_bytes: int = 256 * 1024) -> Event:
         doc = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidEvent("NotJson", f"not JSON: {exc}") from None
+    except RecursionError:  # the parser's own recursion limit (~1,000 levels of [ or {)
+        raise InvalidEvent("TooDeep", f"JSON nested deeper than the parser's limit; an event nests at most {MAX_DEPTH}") from None
     return validate_event(doc)
 
 
+def check_values(doc: Any) -> None:
+    """Every value of a decoded document is one the graph can store, or InvalidEvent: nesting
+    at most ``MAX_DEPTH``, finite numbers (JSON has no NaN or Infinity, Python's parser takes
+    them, and 1e400 overflows to inf), integers within int64, strings that are valid Unicode
+    (a lone surrogate escape such as \\ud800 is not). Iterative: depth costs no recursion."""
+    stack: list[tuple[Any, int]] = [(doc, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            if depth >= MAX_DEPTH:
+                raise InvalidEvent("TooDeep", f"JSON nested more than {MAX_DEPTH} levels; an event nests at most 3")
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                if isinstance(key, str):
+                    _check_text(key)
+                stack.append((item, depth + 1))
+        elif isinstance(value, str):
+            _check_text(value)
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise InvalidEvent("NonFiniteNumber", f"{value!r} is not a number JSON or a graph property can hold")
+        elif isinstance(value, int) and not isinstance(value, bool) and not INT64_MIN <= value <= INT64_MAX:
+            raise InvalidEvent("NumberOutOfRange", f"integer with {len(str(value))} digits is outside int64")
+
+
+def _check_text(value: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidEvent("InvalidUnicode", f"string holds a lone surrogate ({exc.reason} at {exc.start})") from None
+
+
 def validate_event(doc: Any) -> Event:
-    """A decoded JSON document -> typed event, or InvalidEvent."""
+    """A decoded JSON document -> typed event, or InvalidEvent (``check_values``, then the schema)."""
+    check_values(doc)
     if not isinstance(doc, dict):
         raise InvalidEvent("NotAnObject", f"an event is a JSON object, got {type(doc).__name__}")
     kind = doc.get("type")

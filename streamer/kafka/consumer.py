@@ -39,9 +39,9 @@ Lifecycle (one thread; kafka-python heartbeats from its own thread):
    (or, while backpressure holds it, abandoned uncommitted), every step's ``close(finished)``
    runs (``finished`` is False when a batch was abandoned), then the clients close.
 
-``--until-caught-up`` stops once no batch is in hand and every assigned partition's position
-has reached its high watermark (``caught_up``; Tansu's ``end_offsets()`` is wrong, and the
-highwater is what the last fetch saw).
+``--until-caught-up`` stops once no batch is in hand, every assigned partition's position has
+reached its high watermark and the group's committed offset equals the position
+(``caught_up``).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from typing import Any, Protocol
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import CommitFailedError, RebalanceInProgressError
+from kafka.errors import CommitFailedError, KafkaError, RebalanceInProgressError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from streamer import metrics as m
@@ -162,7 +162,11 @@ def make_consumer(settings: Settings, group: str, client_id: str, max_poll_recor
 
 
 def caught_up(consumer: KafkaConsumer) -> bool:
-    """Lag 0 on every assigned partition, from ``highwater()``."""
+    """Nothing left to read and everything read committed, on every assigned partition: the
+    position has reached the high watermark (``highwater()``, what the last fetch saw; Tansu's
+    ``end_offsets()`` is wrong) and the group's committed offset equals the position. The second
+    half is what keeps ``--until-caught-up`` from stopping while a rebalance is pending: a batch
+    dropped on revoke and not yet rewound leaves its partition committed behind its position."""
     assigned = consumer.assignment()
     if not assigned:
         return False
@@ -170,7 +174,18 @@ def caught_up(consumer: KafkaConsumer) -> bool:
         highwater = consumer.highwater(tp)
         if highwater is None or consumer.position(tp) < highwater:
             return False
-    return True
+    try:
+        never = []  # partitions this group never committed on: fine if nothing was ever read there
+        for tp in assigned:
+            committed = consumer.committed(tp)
+            if committed is None:
+                never.append(tp)
+            elif committed != consumer.position(tp):
+                return False
+        starts = consumer.beginning_offsets(never) if never else {}
+        return all(consumer.position(tp) == starts.get(tp) for tp in never)
+    except KafkaError:  # the coordinator is busy (a rebalance): not now
+        return False
 
 
 def first_offsets(records: Sequence[ConsumerRecord]) -> dict[TopicPartition, int]:

@@ -65,9 +65,10 @@ def test_caught_up_and_commit_after(settings, broker_kind):
         consumer.subscribe([topic])
         assert not caught_up(consumer), "no assignment yet"
         records = _poll_all(consumer, n)
-        assert caught_up(consumer)
+        assert not caught_up(consumer), "read to the end, but not committed yet"
         _, ends = _bounds(records)
         assert commit_after(consumer, group, records) == ends
+        assert caught_up(consumer)
     finally:
         consumer.close()
     assert _committed(settings, group, list(ends)) == ends
@@ -89,7 +90,7 @@ def test_refused_commit_rewinds_so_caught_up_waits_for_the_replay(settings, brok
     try:
         first.subscribe([topic])
         records = _poll_all(first, n)
-        assert caught_up(first)
+        assert not caught_up(first), "read to the end, but not committed yet"
         starts, _ = _bounds(records)
 
         # a second member joins: the group starts rebalancing while `first` holds its batch
@@ -105,9 +106,9 @@ def test_refused_commit_rewinds_so_caught_up_waits_for_the_replay(settings, brok
         wait_for(
             lambda: commit_after(first, group, records) == {}, timeout_s=60, interval_s=0.1, what="the group to refuse the commit"
         )
-        # the batch is rewound: not caught up, and the positions are back at the batch's start
-        assert not caught_up(first)
+        # the batch is rewound: the positions are back at the batch's start (and it is not caught up)
         assert {tp: first.position(tp) for tp in starts} == starts
+        assert not caught_up(first)
     finally:
         stop.set()
         if joiner is not None:
