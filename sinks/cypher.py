@@ -132,11 +132,16 @@ RETURN row.user_id AS user_id, row.product_id AS product_id, last_ts AS ts"""
 # --- relations between allowlisted labels -------------------------------------------------
 @cache
 def relation_upsert(src_label: str, rel: str, dst_label: str) -> str:
+    # Tombstones are checked before either end is created: a relation naming a deleted node
+    # must not leave the other end behind as a bare node (the graph would then hold a node no
+    # change was published for).
     return f"""UNWIND $rows AS row
+OPTIONAL MATCH (a0:{_label(src_label)} {{id: row.src}})
+OPTIONAL MATCH (b0:{_label(dst_label)} {{id: row.dst}})
+WITH row, a0, b0
+WHERE coalesce(a0.deleted, false) = false AND coalesce(b0.deleted, false) = false
 MERGE (a:{_label(src_label)} {{id: row.src}})
 MERGE (b:{_label(dst_label)} {{id: row.dst}})
-WITH a, b, row
-WHERE coalesce(a.deleted, false) = false AND coalesce(b.deleted, false) = false
 MERGE (a)-[r:{_rel(rel)}]->(b)
 WITH r, row
 WHERE r.ts IS NULL OR row.ts > r.ts
@@ -183,6 +188,11 @@ WHERE coalesce(r.deleted, false) = false AND coalesce(a.deleted, false) = false
 RETURN labels(a)[0] AS a_label, a.id AS a, type(r) AS rel, labels(b)[0] AS b_label, b.id AS b,
        r.first_ts AS ts"""
 
+# Every live node, for `kg-streamer verify --against-graph` (with SNAPSHOT_RELATIONSHIPS).
+EXPORT_NODES = """MATCH (n)
+WHERE coalesce(n.deleted, false) = false
+RETURN labels(n)[0] AS label, n.id AS id"""
+
 # The products a user has an interaction edge to (``recommend`` leaves the bought ones out).
 USER_PRODUCTS = """MATCH (u:User {id: $id})-[r]->(p:Product)
 WHERE coalesce(p.deleted, false) = false
@@ -219,6 +229,7 @@ def all_statements() -> list[tuple[str, str]]:
         "SNAPSHOT_PRODUCTS",
         "SNAPSHOT_RELATIONSHIPS",
         "USER_PRODUCTS",
+        "EXPORT_NODES",
     ):
         out.append((name, globals()[name]))
     for rel in ACTION_TYPES.values():

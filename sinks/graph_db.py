@@ -15,10 +15,13 @@ Contract of ``GraphSink.write(batch)``:
   first -- ArcadeDB's optimistic MVCC reports that at commit. It is retried like a transient
   error (the retry MERGEs onto the node that now exists); only if it persists through every
   attempt is it treated as a refusal (``GraphRejected``);
-* a database error that is not transient (the database refused the statement or its data)
-  raises ``GraphRejected``: the caller bisects the batch to find the event to dead-letter;
-* anything else (a bug) propagates and stops the consumer: nothing is committed, so the
-  batch is replayed after the fix instead of being dead-lettered.
+* refusals of the credentials or of the database itself (``Neo.ClientError.Security.*``,
+  ``Neo.ClientError.Database.*``) and driver-state errors are infrastructure: retried, then
+  ``GraphUnavailable``; they must never dead-letter good events;
+* any other database error (the database refused the statement or its data) raises
+  ``GraphRejected``: the caller bisects the batch to find the event to dead-letter;
+* anything else (the driver refusing to pack a value, say) propagates; the ingest step
+  bisects it like a refusal, so that one event cannot stop the consumer.
 
 The Bolt driver's own managed-transaction retry is not used: retries are bounded here so the
 consumer decides what happens next (pause partitions) instead of blocking for 30 s.
@@ -36,6 +39,7 @@ from typing import Any, cast
 from neo4j import Driver, GraphDatabase, Transaction
 from neo4j.exceptions import (
     DatabaseUnavailable,
+    DriverError,
     Neo4jError,
     ServiceUnavailable,
     SessionExpired,
@@ -81,12 +85,21 @@ def _is_conflict(exc: BaseException) -> bool:
     return isinstance(exc, Neo4jError) and (getattr(exc, "code", "") or "") in CONFLICT_CODES
 
 
+# Refusals that are not about the data: the credentials or the database itself. Dead-lettering
+# would empty the input into kg.dlq; they are infrastructure, so the consumer waits instead.
+UNAVAILABLE_CODE_PREFIXES = ("Neo.ClientError.Security.", "Neo.ClientError.Database.")
+
+
 def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, TRANSIENT):
+    """Worth retrying, then backpressure: connection and driver-state errors, transient codes
+    (deadlocks, lock timeouts; some servers report those as ClientError), and refusals of the
+    credentials or the database (``UNAVAILABLE_CODE_PREFIXES``)."""
+    if isinstance(exc, TRANSIENT | DriverError):
         return True
-    # Some servers report deadlocks / lock timeouts as ClientError with a transient code.
     code = getattr(exc, "code", "") or ""
-    return isinstance(exc, Neo4jError) and (".Transient." in code or "Deadlock" in code)
+    return isinstance(exc, Neo4jError) and (
+        ".Transient." in code or "Deadlock" in code or code.startswith(UNAVAILABLE_CODE_PREFIXES)
+    )
 
 
 def open_driver(settings: Settings, timeout_s: float = 10.0) -> Driver:
@@ -140,7 +153,7 @@ class GraphSink:
                 result = self._write_once(batch, source_ms)
                 result.attempts = attempt
                 return result
-            except (Neo4jError, *TRANSIENT) as exc:
+            except (Neo4jError, DriverError, *TRANSIENT) as exc:
                 conflict = _is_conflict(exc)
                 if not conflict and not _is_transient(exc):
                     code = getattr(exc, "code", None) or type(exc).__name__

@@ -204,3 +204,70 @@ def check_valid_and_ordered(events: list[dict]) -> None:
         typed = validate_event(event)
         assert previous is None or typed.ts >= previous, f"out of order: {event}"
         previous = typed.ts
+
+
+def nasty_event_cases(prefix: str = "") -> list[tuple[str, bytes, bool]]:
+    """(name, message value, valid?) for the families of bad and nasty input a producer can send.
+
+    The invalid ones must each become one dead letter; the valid ones (odd but legal: NUL,
+    emoji, right-to-left text, Cypher in a title, 20k characters) must be stored verbatim.
+    ``prefix`` keeps their ids apart between tests."""
+
+    def product(**fields: Any) -> dict[str, Any]:
+        return {"type": "product", "id": f"{prefix}nasty-{fields.pop('n')}", "ts": "2011-01-01T00:00:00Z", **fields}
+
+    def raw(doc: Any) -> bytes:
+        return json.dumps(doc, ensure_ascii=False).encode()
+
+    deep = "[" * 5000 + "]" * 5000  # 10 KB of valid UTF-8 JSON: deeper than Python's parser goes
+    return [
+        ("deep_array", deep.encode(), False),
+        (
+            "deep_object_in_attributes",
+            raw(product(n=1))[:-1] + b',"attributes":{"k":' + b'{"a":' * 3000 + b"1" + b"}" * 3000 + b"}}",
+            False,
+        ),
+        ("moderately_deep", raw(product(n=2, attributes={"k": [[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]})), False),
+        ("three_megabytes", b'{"type":"product","id":"big","ts":1,"title":"' + b"x" * 3_000_000 + b'"}', False),
+        ("not_json", b"\x00\x01\x02 hello \xff", False),
+        ("latin1_not_utf8", '{"type":"product","id":"caf\xe9","ts":1}'.encode("latin-1"), False),
+        ("empty", b"", False),
+        ("json_null", b"null", False),
+        ("json_array", b"[1, 2, 3]", False),
+        ("json_string", b'"product"', False),
+        ("nan", raw(product(n=3))[:-1] + b',"price":NaN}', False),
+        ("infinity_in_attributes", raw(product(n=4))[:-1] + b',"attributes":{"w":Infinity}}', False),
+        ("overflowing_float", raw(product(n=5))[:-1] + b',"attributes":{"w":1e400}}', False),
+        ("int_past_int64_version", raw(product(n=6))[:-1] + b',"version":123456789012345678901234567890}', False),
+        (
+            "int_below_int64_in_props",
+            b'{"type":"relation","src":{"label":"Product","id":"a"},"rel":"also_bought","dst":{"label":"Product","id":"b"},'
+            b'"props":{"w":-9223372036854775809},"ts":1}',
+            False,
+        ),
+        ("lone_surrogate_id", b'{"type":"product","id":"\\ud800","ts":1}', False),
+        ("lone_surrogate_attribute_key", raw(product(n=7))[:-1] + b',"attributes":{"\\udfff":"x"}}', False),
+        ("unknown_type", b'{"type":"order","id":"o1","ts":1}', False),
+        (
+            "label_injection",
+            b'{"type":"relation","src":{"label":"Product {id: 1}) DETACH DELETE n //","id":"a"},"rel":"also_bought",'
+            b'"dst":{"label":"Product","id":"b"},"ts":1}',
+            False,
+        ),
+        (
+            "relationship_outside_allowlist",
+            b'{"type":"relation","src":{"label":"Product","id":"a"},"rel":"OWNS","dst":{"label":"Product","id":"b"},"ts":1}',
+            False,
+        ),
+        ("time_past_year_9999", raw(product(n=8, ts=1e300)), False),
+        ("rate_without_rating", b'{"type":"interaction","user_id":"u","product_id":"p","action":"rate","ts":1}', False),
+        # nasty but valid: stored verbatim
+        ("duplicate_keys_last_wins", raw(product(n=9))[:-1] + b',"title":"first","title":"last"}', True),
+        ("nul_and_emoji", raw(product(n=10, title="a\x00b \U0001f600 \u202eevil")), True),
+        ("cypher_in_title", raw(product(n=11, title='"}) DETACH DELETE n // MATCH (m) SET m.x = 1')), True),
+        ("twenty_thousand_characters", raw(product(n=12, description="é" * 20_000)), True),
+        ("utf16_with_bom", json.dumps(product(n=13, title="utf-16")).encode("utf-16"), True),
+    ]
+
+
+NASTY_EVENT_CASES = nasty_event_cases()

@@ -12,7 +12,8 @@ A value larger than ``max_value_bytes`` (what the broker takes, less room for th
 goes there **truncated** to that size, with headers ``kgs.original.size`` (bytes, decimal)
 and ``kgs.original.sha256`` (hex) so the original can be identified and fetched from the
 source topic while it is retained. A key larger than 4 KiB is truncated the same way
-(``kgs.original.key.size``, ``kgs.original.key.sha256``).
+(``kgs.original.key.size``, ``kgs.original.key.sha256``), and the original headers are kept
+up to 16 KiB in all (``kgs.original.headers.dropped``: how many did not fit).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ Header = tuple[str, bytes]
 KafkaRecord = tuple[bytes | None, bytes | None, list[Header]]
 
 MAX_KEY_BYTES = 4096
+MAX_HEADER_BYTES = 16 * 1024
 MAX_MESSAGE_CHARS = 2000
 
 
@@ -41,7 +43,17 @@ class DeadLetter:
 
     def to_kafka(self, max_value_bytes: int) -> KafkaRecord:
         """(key, value, headers) for the producer; the value cut to ``max_value_bytes``."""
-        headers = [(str(k), bytes(v) if v is not None else b"") for k, v in self.headers]
+        headers: list[Header] = []
+        room, dropped = MAX_HEADER_BYTES, 0
+        for k, v in self.headers:
+            name, raw = str(k).encode("utf-8", "replace").decode("utf-8"), bytes(v) if v is not None else b""
+            if len(name) + len(raw) > room:
+                dropped += 1
+                continue
+            room -= len(name) + len(raw)
+            headers.append((name, raw))
+        if dropped:
+            headers.append(("kgs.original.headers.dropped", str(dropped).encode()))
         headers += [
             ("__connect.errors.topic", self.topic.encode()),
             ("__connect.errors.partition", str(self.partition).encode()),

@@ -4,26 +4,34 @@ Loads the worker's checkpoint (replica, features and every cached layer), runs t
 forward pass over the whole replica with the same weights and compares: max abs error and
 the number of rows over the tolerance. With ``against_topic`` it also reads kg.embeddings
 and checks that the last record per key is the engine's current vector (same model version,
-equal within the tolerance) and that deleted nodes end in a tombstone.
+equal within the tolerance) and that deleted nodes end in a tombstone. With ``against_graph``
+it exports the live nodes and relationships of the graph DB over Bolt and checks that the
+worker's replica holds exactly those (the replica is built from kg.changes only, so this is
+what catches a graph write whose change was never published).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
 
 from streamer.contracts.vectors import decode_vector
+from streamer.embed.replica import Replica, block_ranges
 from streamer.embed.state import open_checkpoint
 from streamer.settings import Settings
 
 
-def verify(settings: Settings, against_topic: bool = False, tol: float | None = None) -> dict:
+def verify(
+    settings: Settings, against_topic: bool = False, tol: float | None = None, against_graph: bool = False
+) -> dict[str, Any]:
     """``tol`` defaults to 1e-5 plus the engine's reported error bound (0 in exact mode)."""
     engine = open_checkpoint(settings, require=True, progress=False).engine
     if tol is None:
         tol = 1e-5 + engine.error_bound
     max_err, rows_over = engine.verify(tol=tol)
-    report = {
+    report: dict[str, Any] = {
         "nodes": engine.replica.num_nodes,
         "edges": engine.replica.num_edges,
         "model_version": engine.model_version,
@@ -59,8 +67,62 @@ def verify(settings: Settings, against_topic: bool = False, tol: float | None = 
             "deleted_without_tombstone": not_tombstoned,
         }
         ok = ok and missing == stale == wrong_version == not_tombstoned == 0
+    if against_graph:
+        report["graph"] = compare_with_graph(engine.replica, settings)
+        ok = ok and report["graph"]["ok"]
     report["ok"] = ok
     return report
+
+
+def replica_sets(replica: Replica) -> tuple[set[str], set[tuple[str, str, str]]]:
+    """The replica's live node keys and typed edges (src key, rel, dst key)."""
+    live = replica.live_slots()
+    keys = np.asarray(replica.keys, dtype=object)
+    seg, pos = block_ranges(replica.start[live], replica.length[live])
+    code = replica.code[pos].astype(np.int64)
+    out = code % 2 == 0  # each typed edge once: the half in its source's block
+    src = keys[live[seg[out]]]
+    dst = keys[replica.nbr[pos[out]].astype(np.int64)]
+    rels = np.asarray(replica.rels, dtype=object)[code[out] // 2]
+    return set(keys[live].tolist()), set(zip(src.tolist(), rels.tolist(), dst.tolist(), strict=True))
+
+
+def graph_sets(settings: Settings) -> tuple[set[str], set[tuple[str, str, str]]]:
+    """The graph DB's live node keys and relationships, in one read transaction."""
+    from sinks import cypher
+    from sinks.graph_db import open_driver
+
+    nodes: set[str] = set()
+    edges: set[tuple[str, str, str]] = set()
+
+    def read(tx: Any) -> None:
+        nodes.update(f"{r['label']}:{r['id']}" for r in tx.run(cypher.EXPORT_NODES))
+        edges.update(
+            (f"{r['a_label']}:{r['a']}", r["rel"], f"{r['b_label']}:{r['b']}") for r in tx.run(cypher.SNAPSHOT_RELATIONSHIPS)
+        )
+
+    with open_driver(settings) as driver, driver.session(database=settings.bolt_database) as session:
+        session.execute_read(read)
+    return nodes, edges
+
+
+def compare_with_graph(replica: Replica, settings: Settings, examples: int = 5) -> dict[str, Any]:
+    """Replica vs graph DB: nodes and edges each side has that the other does not."""
+    r_nodes, r_edges = replica_sets(replica)
+    g_nodes, g_edges = graph_sets(settings)
+    diff: dict[str, list[Any]] = {
+        "nodes_only_in_graph": sorted(g_nodes - r_nodes),
+        "nodes_only_in_replica": sorted(r_nodes - g_nodes),
+        "edges_only_in_graph": sorted(g_edges - r_edges),
+        "edges_only_in_replica": sorted(r_edges - g_edges),
+    }
+    out: dict[str, Any] = {"nodes": len(g_nodes), "edges": len(g_edges)}
+    for name, items in diff.items():
+        out[name] = len(items)
+        if items:
+            out[name + "_examples"] = [list(x) if isinstance(x, tuple) else x for x in items[:examples]]
+    out["ok"] = not any(diff.values())
+    return out
 
 
 def last_vectors(settings: Settings, timeout_s: float = 10.0) -> dict:

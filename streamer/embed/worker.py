@@ -16,7 +16,9 @@ group ``embed_group`` over ``kg.changes``.
    (``seek``), or at the beginning when there is none: the replica is a function of the
    changelog, so the worker's own checkpoint decides where it resumes, not the group commit
    (the group commit is kept up to date for lag monitoring and operators).
-3. **process** -- a product's ``out_edges`` are expanded into edge changes against the
+3. **process** -- each record is decoded and checked (``decode_change``); one the worker
+   cannot use goes to ``kg.dlq`` with its reason (stage ``apply``) and is counted, and the rest
+   go on. A product's ``out_edges`` are expanded into edge changes against the
    replica; the engine applies the batch exactly, recomputing only the affected rows per
    layer, and reports the keys whose vectors moved (bitwise) and the deleted keys. Those
    vectors (and tombstones) go to kg.embeddings, keyed by node, and the step waits for the
@@ -51,7 +53,9 @@ from kafka.structs import TopicPartition
 
 from sinks.kafka_publisher import KafkaPublisher, PublishFailed
 from streamer import metrics as m
-from streamer.contracts.changes import Change, edge_delete, edge_upsert
+from streamer.contracts.changes import Change, InvalidChange, decode_change, edge_delete, edge_upsert
+from streamer.contracts.dead_letters import DeadLetter
+from streamer.contracts.events import NODE_LABELS
 from streamer.contracts.vectors import VectorRecord
 from streamer.embed.engine import BatchReport
 from streamer.embed.replica import Replica
@@ -90,6 +94,7 @@ def expand_out_edges(changes: list[Change], replica: Replica) -> list[Change]:
 @dataclass
 class EmbedStats:
     changes_in: int = 0
+    dead_letters: int = 0
     batches: int = 0
     vectors_published: int = 0
     tombstones_published: int = 0
@@ -116,6 +121,7 @@ class EmbedStats:
         fresh = np.asarray(self.freshness_s) if self.freshness_s else None
         return {
             "changes_in": self.changes_in,
+            "dead_letters": self.dead_letters,
             "batches": self.batches,
             "vectors_published": self.vectors_published,
             "tombstones_published": self.tombstones_published,
@@ -134,11 +140,13 @@ class EmbedStats:
 
 @dataclass
 class Unpublished:
-    """A batch the engine applied whose vectors the broker has not acknowledged yet."""
+    """A batch the engine applied whose vectors (and dead letters) the broker has not
+    acknowledged yet."""
 
     records: list[KafkaRecord]
     report: BatchReport
     source_ms: int | None
+    dead: list[DeadLetter] = field(default_factory=list)
 
 
 class EmbedStep:
@@ -207,18 +215,42 @@ class EmbedStep:
         try:
             with m.STAGE_SECONDS.labels(self.group, "publish").time():
                 self.publisher.publish(self.settings.topic_embeddings, pending.records)
+                max_bytes = self.settings.dlq_max_value_bytes
+                self.publisher.publish(self.settings.topic_dlq, (d.to_kafka(max_bytes) for d in pending.dead))
         except PublishFailed as exc:
             raise Backpressure(f"broker did not acknowledge vectors: {exc}", self.settings.backpressure_pause_s) from exc
         acked = time.time()
         self.unpublished = None
         for tp, offset in batch.next_offsets().items():
             self.positions[f"{tp.topic}:{tp.partition}"] = offset
-        self.account(len(batch), pending.report, pending.source_ms, acked)
+        self.account(len(batch), pending.report, pending.source_ms, acked, pending.dead)
         if time.monotonic() - self.last_checkpoint >= self.settings.embed_checkpoint_every_s:
             self.checkpoint()
 
+    def decode(self, batch: Batch) -> tuple[list[Change], list[DeadLetter]]:
+        changes: list[Change] = []
+        dead: list[DeadLetter] = []
+        for r in batch.records:
+            try:
+                changes.append(decode_change(r.value, NODE_LABELS))
+            except InvalidChange as exc:
+                dead.append(
+                    DeadLetter(
+                        r.topic,
+                        r.partition,
+                        r.offset,
+                        r.key,
+                        r.value,
+                        tuple(r.headers or ()),
+                        exc.error_class,
+                        exc.message,
+                        "apply",
+                    )
+                )
+        return changes, dead
+
     def apply(self, batch: Batch) -> Unpublished:
-        changes = [Change.from_json(r.value) for r in batch.records]
+        changes, dead = self.decode(batch)
         source_ms = min((c.source_ms for c in changes if c.source_ms), default=None)
         t0 = time.perf_counter()
         with m.STAGE_SECONDS.labels(self.group, "embed").time():
@@ -231,7 +263,7 @@ class EmbedStep:
             for key, vec, ts in zip(report.changed_keys, _numpy(report.vectors), report.changed_ts, strict=False)
         ]
         records += [VectorRecord(key, None, version).to_kafka() for key in report.deleted_keys]
-        return Unpublished(records, report, source_ms)
+        return Unpublished(records, report, source_ms, dead)
 
     def publish_all(self) -> None:
         """Full re-embed after a model change: every live node's vector with the new version."""
@@ -263,9 +295,13 @@ class EmbedStep:
         save_checkpoint(self.opened, self.positions)
         self.last_checkpoint = time.monotonic()
 
-    def account(self, n_records: int, report: BatchReport, source_ms: int | None, acked: float) -> None:
+    def account(self, n_records: int, report: BatchReport, source_ms: int | None, acked: float, dead: list[DeadLetter]) -> None:
         s = self.stats
         s.changes_in += n_records
+        s.dead_letters += len(dead)
+        for d in dead:
+            m.EVENTS_DLQ.labels(self.group, d.topic, d.error_class).inc()
+            log.warning("dead-lettered %s[%d]@%d (%s): %s", d.topic, d.partition, d.offset, d.error_class, d.message[:500])
         s.batches += 1
         s.vectors_published += len(report.changed_keys)
         s.tombstones_published += len(report.deleted_keys)

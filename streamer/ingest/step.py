@@ -165,32 +165,53 @@ class IngestStep:
                 valid.append((record, decode_event(record.value, self.settings.max_event_bytes)))
             except InvalidEvent as exc:
                 dead.append(dead_letter(record, exc.error_class, exc.message, "decode"))
+            except Exception as exc:  # a message our validation did not foresee: it must not stop ingest
+                log.exception("unexpected error decoding %s[%d]@%d", record.topic, record.partition, record.offset)
+                dead.append(dead_letter(record, f"Unexpected:{type(exc).__name__}", str(exc), "decode"))
         return valid, dead
 
     # --- write --------------------------------------------------------------------------------
     def write(self, valid: list[Decoded], source_ms: int) -> Written:
-        """Write the events; bisect on refusal so one bad event cannot block the batch."""
+        """Write the events; bisect on refusal so one bad event cannot block the batch.
+
+        A refusal is the database's (``GraphRejected``: a constraint, a value it will not store)
+        or anything else raised while planning or sending these rows (the driver refusing to
+        pack a value, say): both are about the data, and both are bisected down to the one event
+        that causes them, which is dead-lettered (stage ``write``). Only ``GraphUnavailable``
+        (infrastructure) goes up, as backpressure.
+        """
         if not valid:
             return Written()
         try:
             result = self.graph.write(plan_batch([event for _, event in valid]), source_ms)
+        except GraphUnavailable:
+            raise
         except GraphRejected as exc:
             m.GRAPH_ERRORS.labels(self.group, "rejected").inc()
+            error_class, message = f"GraphRejected:{exc.error_class}", exc.message
+        except Exception as exc:
+            m.GRAPH_ERRORS.labels(self.group, "rejected").inc()
             if len(valid) == 1:
-                record = valid[0][0]
-                log.error("graph refused %s[%d]@%d: %s", record.topic, record.partition, record.offset, exc.message)
-                return Written(dead=[dead_letter(record, f"GraphRejected:{exc.error_class}", exc.message, "write")])
-            mid = len(valid) // 2
-            first, second = self.write(valid[:mid], source_ms), self.write(valid[mid:], source_ms)
-            return Written(
-                first.changes + second.changes,
-                first.dead + second.dead,
-                first.nodes + second.nodes,
-                first.relationships + second.relationships,
+                log.exception("unexpected error writing one event")
+            error_class, message = f"Unexpected:{type(exc).__name__}", str(exc)
+        else:
+            if result.attempts > 1:
+                m.GRAPH_RETRIES.labels(self.group).inc(result.attempts - 1)
+            return Written(result.changes, [], result.nodes_written, result.relationships_written)
+        if len(valid) == 1:
+            record = valid[0][0]
+            log.error(
+                "graph refused %s[%d]@%d (%s): %s", record.topic, record.partition, record.offset, error_class, message[:500]
             )
-        if result.attempts > 1:
-            m.GRAPH_RETRIES.labels(self.group).inc(result.attempts - 1)
-        return Written(result.changes, [], result.nodes_written, result.relationships_written)
+            return Written(dead=[dead_letter(record, error_class, message, "write")])
+        mid = len(valid) // 2
+        first, second = self.write(valid[:mid], source_ms), self.write(valid[mid:], source_ms)
+        return Written(
+            first.changes + second.changes,
+            first.dead + second.dead,
+            first.nodes + second.nodes,
+            first.relationships + second.relationships,
+        )
 
     # --- accounting ---------------------------------------------------------------------------
     def account(
