@@ -13,7 +13,9 @@ goes there **truncated** to that size, with headers ``kgs.original.size`` (bytes
 and ``kgs.original.sha256`` (hex) so the original can be identified and fetched from the
 source topic while it is retained. A key larger than 4 KiB is truncated the same way
 (``kgs.original.key.size``, ``kgs.original.key.sha256``), and the original headers are kept
-up to 16 KiB in all (``kgs.original.headers.dropped``: how many did not fit).
+up to 16 KiB in all (``kgs.original.headers.dropped``: how many did not fit). A message with
+neither key nor value (a producer may send one; ours cannot) goes with an empty value and the
+header ``kgs.original.null``.
 """
 
 from __future__ import annotations
@@ -75,4 +77,7 @@ class DeadLetter:
                 ("kgs.original.sha256", hashlib.sha256(value).hexdigest().encode()),
             ]
             value = value[:max_value_bytes]
+        if key is None and value is None:  # a Kafka producer needs one of the two
+            headers.append(("kgs.original.null", b"key,value"))
+            value = b""
         return key, value, headers

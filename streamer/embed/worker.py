@@ -60,7 +60,7 @@ from streamer.contracts.vectors import VectorRecord
 from streamer.embed.engine import BatchReport
 from streamer.embed.replica import Replica
 from streamer.embed.state import Opened, open_checkpoint, save_checkpoint
-from streamer.kafka.consumer import Backpressure, Batch, BatchingConsumer
+from streamer.kafka.consumer import Backpressure, Batch, BatchingConsumer, UnreadableRecord, unreadable_reason
 from streamer.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -232,6 +232,8 @@ class EmbedStep:
         dead: list[DeadLetter] = []
         for r in batch.records:
             try:
+                if isinstance(r, UnreadableRecord):
+                    raise InvalidChange("CorruptRecord", unreadable_reason(r))
                 changes.append(decode_change(r.value, NODE_LABELS))
             except InvalidChange as exc:
                 dead.append(

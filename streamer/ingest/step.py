@@ -44,7 +44,7 @@ from streamer.contracts.changes import Change
 from streamer.contracts.dead_letters import DeadLetter
 from streamer.contracts.events import Event, InvalidEvent, decode_event
 from streamer.ingest.plan import plan_batch
-from streamer.kafka.consumer import Backpressure, Batch, BatchingConsumer
+from streamer.kafka.consumer import Backpressure, Batch, BatchingConsumer, UnreadableRecord, unreadable_reason
 from streamer.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -161,6 +161,9 @@ class IngestStep:
         valid: list[Decoded] = []
         dead: list[DeadLetter] = []
         for record in records:
+            if isinstance(record, UnreadableRecord):
+                dead.append(dead_letter(record, "CorruptRecord", unreadable_reason(record), "decode"))
+                continue
             try:
                 valid.append((record, decode_event(record.value, self.settings.max_event_bytes)))
             except InvalidEvent as exc:

@@ -56,13 +56,30 @@ from typing import Any, Protocol
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import CommitFailedError, KafkaError, RebalanceInProgressError
+from kafka.errors import CommitFailedError, CorruptRecordError, KafkaError, RebalanceInProgressError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from streamer import metrics as m
 from streamer.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+class UnreadableRecord(ConsumerRecord):  # type: ignore[misc]
+    """A record the Kafka client could not parse: only where it is and why (``value`` None,
+    the reason in the header ``kgs.unreadable``). The steps dead-letter it (``CorruptRecord``)."""
+
+    @classmethod
+    def at(cls, tp: TopicPartition, offset: int, reason: str) -> UnreadableRecord:
+        now_ms = int(time.time() * 1000)
+        return cls(
+            tp.topic, tp.partition, -1, offset, now_ms, 0, None, None, [("kgs.unreadable", reason.encode())], None, -1, -1, -1
+        )
+
+
+def unreadable_reason(record: ConsumerRecord) -> str:
+    raw: bytes = dict(record.headers or []).get("kgs.unreadable", b"")
+    return raw.decode("utf-8", "replace")
 
 
 class Backpressure(Exception):
@@ -251,6 +268,35 @@ class CommitOffsets:
         pass
 
 
+def find_unreadable(settings: Settings, positions: dict[TopicPartition, int], timeout_s: float = 5.0) -> TopicPartition | None:
+    """The partition whose record at ``positions[tp]`` the Kafka client cannot parse, read with
+    a consumer of its own (no group); None when every one reads or has nothing there."""
+    probe = KafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers,
+        group_id=None,
+        enable_auto_commit=False,
+        max_poll_records=1,
+        client_id="kgs-probe",
+    )
+    try:
+        for tp, offset in positions.items():
+            probe.assign([tp])
+            probe.seek(tp, offset)
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                try:
+                    if probe.poll(timeout_ms=200, max_records=1):
+                        break  # it reads: not this one
+                except CorruptRecordError:
+                    return tp
+                highwater = probe.highwater(tp)
+                if highwater is not None and offset >= highwater:
+                    break  # nothing there
+        return None
+    finally:
+        probe.close()
+
+
 # --- the consumer -----------------------------------------------------------------------------
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, owner: BatchingConsumer):
@@ -351,16 +397,50 @@ class BatchingConsumer:
     # --- poll ---------------------------------------------------------------------------------
     def poll_once(self) -> None:
         room = self.max_batch - len(self.batch)
-        if self.held_since is not None or room <= 0:
-            self.consumer.poll(timeout_ms=100, max_records=1)  # paused or full: keeps membership
+        try:
+            if self.held_since is not None or room <= 0:
+                self.consumer.poll(timeout_ms=100, max_records=1)  # paused or full: keeps membership
+                return
+            timeout_ms = 2000 if not self.consumer.assignment() else 100
+            polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=room)
+        except CorruptRecordError as exc:
+            self.skip_unreadable(exc)
             return
-        timeout_ms = 2000 if not self.consumer.assignment() else 100
-        polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=room)
+        self.add(polled)
+
+    def add(self, polled: dict[TopicPartition, list[ConsumerRecord]]) -> None:
         for tp, records in polled.items():
             m.EVENTS_CONSUMED.labels(self.group, tp.topic).inc(len(records))
             if not self.batch.records:
                 self.batch.opened = time.monotonic()
             self.batch.records.extend(records)
+
+    def skip_unreadable(self, exc: CorruptRecordError) -> None:
+        """kafka-python cannot parse a record it fetched (a header key that is not UTF-8 is the
+        one case known: legal on the wire, refused by its parser) and raises at that offset on
+        every poll, or busy-loops when polled again at the same position. A throw-away consumer
+        without a group reads each assigned partition at this member's position to find the one
+        that fails; the record there goes into the batch as an ``UnreadableRecord`` (the steps
+        dead-letter it with its offset) and this member moves past it (a seek to another offset
+        also makes kafka-python drop the broken fetch). The producer's other records in the same
+        record batch after it are unreadable to this client too: each follows the same way.
+        Nothing else moves, so nothing else is skipped."""
+        positions = {tp: self.consumer.position(tp) for tp in sorted(self.consumer.assignment())}
+        culprit = find_unreadable(self.settings, positions)
+        if culprit is None:
+            log.warning("%s: a fetched record could not be parsed (%s) and was not found again; polling on", self.group, exc)
+            return
+        offset = positions[culprit]
+        log.error(
+            "%s: %s[%d]@%d cannot be parsed by the Kafka client (%s): dead-lettered, skipped",
+            self.group,
+            culprit.topic,
+            culprit.partition,
+            offset,
+            exc,
+        )
+        self.consumer.seek(culprit, offset + 1)
+        self.add({culprit: [UnreadableRecord.at(culprit, offset, str(exc))]})
 
     def batch_ready(self) -> bool:
         if not self.batch.records:

@@ -225,6 +225,7 @@ def test_change_shaped_records_decode_to_well_formed_changes_or_are_invalid(doc)
 def test_a_dead_letter_always_fits(key, value, headers, message):
     dead = DeadLetter("kg.products", 0, 7, key, value, tuple(headers), "NotJson", message, "decode")
     k, v, h = dead.to_kafka(max_value_bytes=900_000)
+    assert k is not None or v is not None, "a producer refuses a record with neither"
     assert k is None or len(k) <= MAX_KEY_BYTES
     assert v is None or len(v) <= 900_000
     assert sum(len(n) + len(x) for n, x in h) <= MAX_HEADER_BYTES + 4 * 1024

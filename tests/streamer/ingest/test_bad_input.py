@@ -125,3 +125,51 @@ def test_bad_messages_go_to_the_dlq_exactly_once_and_ingest_keeps_running(settin
             event = decode_event(raw)
             stored = query(settings, "MATCH (p:Product {id: $id}) RETURN p.title AS t, p.description AS d", id=event.id)
             assert stored == [{"t": event.title, "d": event.description}], name
+
+
+class NotUtf8(str):
+    """A header key whose bytes on the wire are not UTF-8 (legal in Kafka's protocol, and what
+    a librdkafka producer can send); kafka-python's producer asks the key for its bytes."""
+
+    def encode(self, *_args, **_kwargs) -> bytes:  # type: ignore[override]
+        return b"\xff\xfebad-key"
+
+
+def test_a_record_the_kafka_client_cannot_parse_is_dead_lettered_and_skipped(settings, prefix):
+    """kafka-python refuses a header key that is not UTF-8 (CorruptRecordError on every poll,
+    then a busy loop). The consumer finds the partition, dead-letters the offset as
+    CorruptRecord and goes on; records in other partitions and after it are applied."""
+    clean_run(settings, sample_events(prefix + "clean-"))
+    events = sample_events(prefix + "run-")
+    run = derive(settings, batch_max_events=20, batch_max_wait_s=0.1)
+    producer = KafkaProducer(bootstrap_servers=run.bootstrap_servers, acks="all", max_in_flight_requests_per_connection=1)
+    half = len(events) // 2
+    for e in events[:half]:
+        topic, key, value = event_message(run, e)
+        producer.send(topic, key=key, value=value)
+    producer.flush()
+    poison = producer.send(
+        run.topic_products,
+        key=b"poison",
+        value=b'{"type":"product","id":"p","ts":1}',
+        partition=0,
+        headers=[(NotUtf8("k"), b"v")],
+    ).get(timeout=30)
+    for e in events[half:]:
+        topic, key, value = event_message(run, e)
+        producer.send(topic, key=key, value=value)
+    producer.flush()
+    producer.close()
+
+    stats = ingest_consumer(run).run(until_caught_up=True, max_seconds=120)
+    dlq = read_topic(run, run.topic_dlq, expect=1)
+    assert len(dlq) == 1
+    headers = dict(dlq[0].headers)
+    assert headers["__connect.errors.exception.class.name"] == b"CorruptRecord"
+    assert (
+        headers["__connect.errors.topic"].decode(),
+        int(headers["__connect.errors.partition"]),
+        int(headers["__connect.errors.offset"]),
+    ) == (poison.topic, poison.partition, poison.offset)
+    assert stats.dead_letters == 1
+    assert_same_graph(settings, prefix)
