@@ -283,6 +283,10 @@ class LocalServices:
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
+    def pid(self, name: ServiceName) -> int | None:
+        """The pid of the running server ``name`` started from this state dir, or None."""
+        return self._recorded(name)[0]
+
     def _recorded(self, name: ServiceName) -> tuple[int | None, str | None]:
         """(pid, kind) of the live server recorded in the pid file, or (None, None)."""
         try:

@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
-from neo4j import Driver, GraphDatabase, Transaction
+from neo4j import Driver, GraphDatabase, Result, Transaction
 from neo4j.exceptions import (
     DatabaseUnavailable,
     DriverError,
@@ -94,7 +94,7 @@ def _is_transient(exc: BaseException) -> bool:
     """Worth retrying, then backpressure: connection and driver-state errors, transient codes
     (deadlocks, lock timeouts; some servers report those as ClientError), and refusals of the
     credentials or the database (``UNAVAILABLE_CODE_PREFIXES``)."""
-    if isinstance(exc, TRANSIENT | DriverError):
+    if isinstance(exc, (*TRANSIENT, DriverError)):
         return True
     code = getattr(exc, "code", "") or ""
     return isinstance(exc, Neo4jError) and (
@@ -189,11 +189,11 @@ class GraphSink:
         rows = [_product_params(r) for r in batch.product_upserts]
         applied: set[str] = set()
         if rows:
-            applied = {rec["id"] for rec in tx.run(cypher.PRODUCT_UPSERT, rows=rows)}
+            applied = {rec["id"] for rec in _run(tx, cypher.PRODUCT_UPSERT, rows=rows)}
             result.nodes_written += len(applied)
             if applied:
                 fresh = [r for r in batch.product_upserts if r["id"] in applied]
-                tx.run(cypher.PRODUCT_DROP_STALE_EDGES, rows=[{"id": r["id"], "owned": r["owned"]} for r in fresh]).consume()
+                _run(tx, cypher.PRODUCT_DROP_STALE_EDGES, rows=[{"id": r["id"], "owned": r["owned"]} for r in fresh]).consume()
                 self._run_rows(
                     tx, cypher.PRODUCT_BRANDS, [{"product_id": r["id"], "id": b} for r in fresh for b in r["brand_ids"]]
                 )
@@ -208,10 +208,10 @@ class GraphSink:
                 )
         deletes = batch.product_deletes
         if deletes:
-            deleted = [rec["id"] for rec in tx.run(cypher.PRODUCT_DELETE, rows=deletes)]
+            deleted = [rec["id"] for rec in _run(tx, cypher.PRODUCT_DELETE, rows=deletes)]
             result.nodes_written += len(deleted)
             if deleted:
-                tx.run(cypher.PRODUCT_DETACH, ids=deleted).consume()
+                _run(tx, cypher.PRODUCT_DETACH, ids=deleted).consume()
                 applied.update(deleted)
         # A row this transaction applied is current (one row per product after coalescing);
         # only the others need the read that tells a replay of the stored state from a stale event.
@@ -225,7 +225,7 @@ class GraphSink:
         ]
         current = set(applied)
         if others:
-            current |= {rec["id"] for rec in tx.run(cypher.PRODUCT_CURRENT, rows=others)}
+            current |= {rec["id"] for rec in _run(tx, cypher.PRODUCT_CURRENT, rows=others)}
         for row in batch.product_upserts:
             if row["id"] in current:
                 result.changes.append(_product_change(row))
@@ -239,7 +239,7 @@ class GraphSink:
 
     def _interactions(self, tx: Transaction, batch: GraphBatch, result: WriteResult) -> None:
         for rel in sorted(batch.interactions):
-            for rec in tx.run(cypher.interaction_upsert(rel), rows=batch.interactions[rel]):
+            for rec in _run(tx, cypher.interaction_upsert(rel), rows=batch.interactions[rel]):
                 result.relationships_written += 1
                 result.changes.append(
                     ch.edge_upsert(ch.node_key("User", rec["user_id"]), rel, ch.node_key("Product", rec["product_id"]), rec["ts"])
@@ -250,12 +250,14 @@ class GraphSink:
             upserts = [r for r in rows if r["op"] == "upsert"]
             deletes = [r for r in rows if r["op"] == "delete"]
             if upserts:
-                tx.run(cypher.relation_upsert(src_label, rel, dst_label), rows=upserts).consume()
+                _run(tx, cypher.relation_upsert(src_label, rel, dst_label), rows=upserts).consume()
             if deletes:
-                tx.run(cypher.relation_delete(src_label, rel, dst_label), rows=deletes).consume()
+                _run(tx, cypher.relation_delete(src_label, rel, dst_label), rows=deletes).consume()
             by_key = {(r["src"], r["dst"]): r for r in rows}
-            for rec in tx.run(
-                cypher.relation_current(src_label, rel, dst_label), rows=[{k: r[k] for k in ("src", "dst", "ts")} for r in rows]
+            for rec in _run(
+                tx,
+                cypher.relation_current(src_label, rel, dst_label),
+                rows=[{k: r[k] for k in ("src", "dst", "ts")} for r in rows],
             ):
                 row = by_key[(rec["src"], rec["dst"])]
                 if rec["deleted"] != (row["op"] == "delete"):
@@ -269,7 +271,18 @@ class GraphSink:
     @staticmethod
     def _run_rows(tx: Transaction, statement: str, rows: list[dict[str, Any]]) -> None:
         if rows:
-            tx.run(statement, rows=rows).consume()
+            _run(tx, statement, rows=rows).consume()
+
+
+def _run(tx: Transaction, statement: str, **params: Any) -> Result:
+    """``tx.run`` with one difference: a parameter value the driver refuses to pack (it raises
+    ValueError, TypeError or OverflowError before anything is sent) is the data's fault, so it
+    becomes ``GraphRejected`` and the caller can isolate the event. Validation at the edge
+    should make this unreachable; it is the last line of defence."""
+    try:
+        return tx.run(statement, params)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise GraphRejected(f"ValueRefused:{type(exc).__name__}", str(exc)) from exc
 
 
 _PRODUCT_PARAM_KEYS = ("id", "ts", "version", "title", "description", "brand", "categories", "attributes", "price")

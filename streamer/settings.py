@@ -131,6 +131,17 @@ class Settings(BaseSettings):
     def input_topics(self) -> list[str]:
         return [self.topic_products, self.topic_interactions, self.topic_relations]
 
+    def to_env(self) -> dict[str, str]:
+        """``KGS_*`` environment variables that reproduce these settings in a child process."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            env[f"KGS_{name.upper()}"] = str(value)
+        return env
+
     def local_dir(self, name: str) -> Path:
         """A sub-directory of the state dir, created on demand."""
         path = self.state_dir / name

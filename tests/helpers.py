@@ -187,14 +187,7 @@ def sample_events(prefix: str, products: int = 20, users: int = 7, ts0: int = 1_
 
 def settings_env(settings: Settings) -> dict[str, str]:
     """Environment variables that reproduce `settings` in a child process (KGS_* overrides)."""
-    env: dict[str, str] = {}
-    for name, value in settings.model_dump().items():
-        if value is None:
-            continue
-        if hasattr(value, "get_secret_value"):
-            value = value.get_secret_value()
-        env[f"KGS_{name.upper()}"] = str(value)
-    return env
+    return settings.to_env()
 
 
 def check_valid_and_ordered(events: list[dict]) -> None:

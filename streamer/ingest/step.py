@@ -177,26 +177,19 @@ class IngestStep:
     def write(self, valid: list[Decoded], source_ms: int) -> Written:
         """Write the events; bisect on refusal so one bad event cannot block the batch.
 
-        A refusal is the database's (``GraphRejected``: a constraint, a value it will not store)
-        or anything else raised while planning or sending these rows (the driver refusing to
-        pack a value, say): both are about the data, and both are bisected down to the one event
-        that causes them, which is dead-lettered (stage ``write``). Only ``GraphUnavailable``
-        (infrastructure) goes up, as backpressure.
+        A refusal (``GraphRejected``: the database refused a statement or a value, or the driver
+        refused to pack one) is about the data: the batch is bisected down to the one event that
+        causes it, which is dead-lettered (stage ``write``). ``GraphUnavailable``
+        (infrastructure) goes up, as backpressure. Anything else is a bug in this code and stops
+        the consumer with nothing committed: dead-lettering it would empty the input into kg.dlq.
         """
         if not valid:
             return Written()
         try:
             result = self.graph.write(plan_batch([event for _, event in valid]), source_ms)
-        except GraphUnavailable:
-            raise
         except GraphRejected as exc:
             m.GRAPH_ERRORS.labels(self.group, "rejected").inc()
             error_class, message = f"GraphRejected:{exc.error_class}", exc.message
-        except Exception as exc:
-            m.GRAPH_ERRORS.labels(self.group, "rejected").inc()
-            if len(valid) == 1:
-                log.exception("unexpected error writing one event")
-            error_class, message = f"Unexpected:{type(exc).__name__}", str(exc)
         else:
             if result.attempts > 1:
                 m.GRAPH_RETRIES.labels(self.group).inc(result.attempts - 1)

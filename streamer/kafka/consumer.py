@@ -9,7 +9,8 @@ Lifecycle (one thread; kafka-python heartbeats from its own thread):
 
 1. **start** -- every step's ``start()`` (graph schema, a full re-embed ...).
 2. **poll** -- ``consumer.poll`` adds records to the batch in hand until it holds
-   ``max_batch`` records or its oldest has waited ``max_wait_s`` (or the loop is stopping).
+   ``max_batch`` records, or its oldest has waited as long as the last batches took to process
+   (``wait_s``: adaptive, at most ``max_wait_s``), or the loop is stopping.
 3. **process** -- the batch goes through the steps in order. A step's ``process(batch)``
    returns only when its work is durable (written, acknowledged); the next step sees only a
    batch every earlier step finished. The last step is always ``CommitOffsets``: the offsets
@@ -63,6 +64,9 @@ from streamer import metrics as m
 from streamer.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+MIN_WAIT_S = 0.005  # a batch waits at least this long for company
 
 
 class UnreadableRecord(ConsumerRecord):  # type: ignore[misc]
@@ -335,6 +339,7 @@ class BatchingConsumer:
         self.on_close = list(on_close)
         self.batch = Batch()
         self.held_since: float | None = None  # set while backpressure holds the batch
+        self.process_s = 0.0  # moving average of the seconds a batch takes through the steps
         self.retry_at = 0.0
         self.dropped: dict[TopicPartition, int] = {}  # first offsets of a batch dropped on revoke
         self.stopping = False
@@ -402,6 +407,9 @@ class BatchingConsumer:
                 self.consumer.poll(timeout_ms=100, max_records=1)  # paused or full: keeps membership
                 return
             timeout_ms = 2000 if not self.consumer.assignment() else 100
+            if self.batch.records:  # wake up when the batch is due, not later
+                due = self.batch.opened + self.wait_s() - time.monotonic()
+                timeout_ms = int(min(100, max(1, due * 1000)))
             polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=room)
         except CorruptRecordError as exc:
             self.skip_unreadable(exc)
@@ -442,24 +450,34 @@ class BatchingConsumer:
         self.consumer.seek(culprit, offset + 1)
         self.add({culprit: [UnreadableRecord.at(culprit, offset, str(exc))]})
 
+    def wait_s(self) -> float:
+        """How long a batch waits for more records: as long as the last batches took to process
+        (an average), within [``MIN_WAIT_S``, ``max_wait_s``]. Waiting longer than processing
+        takes no longer pays: under load the records that arrive while a batch is processed
+        make the next batch (batches grow with the load by themselves), and a light load is not
+        kept waiting for a fixed time."""
+        return min(self.max_wait_s, max(MIN_WAIT_S, self.process_s))
+
     def batch_ready(self) -> bool:
         if not self.batch.records:
             return False
         if self.held_since is not None:
             return time.monotonic() >= self.retry_at
         full = len(self.batch) >= self.max_batch
-        return full or self.stopping or time.monotonic() - self.batch.opened >= self.max_wait_s
+        return full or self.stopping or time.monotonic() - self.batch.opened >= self.wait_s()
 
     # --- process ------------------------------------------------------------------------------
     def process_batch(self) -> bool:
         """Run the chain over the batch in hand; False when backpressure holds it."""
         batch = self.batch
+        began = time.monotonic()
         try:
             for step in self.steps:
                 step.process(batch)
         except Backpressure as exc:
             self._hold(exc)
             return False
+        self.process_s += 0.3 * (time.monotonic() - began - self.process_s)  # moving average
         self._release()
         m.BATCH_EVENTS.labels(self.group).observe(len(batch))
         self.batch = Batch()

@@ -53,3 +53,24 @@ def test_nasty_but_valid_values_are_stored_verbatim(settings):
             assert stored == [{"title": event.title, "description": event.description}], name
     finally:
         sink.close()
+
+
+def test_a_value_the_driver_cannot_pack_is_a_refusal_not_a_crash(settings):
+    """Validation keeps such values out; if one got past it, the sink must still report it as
+    the data's fault (GraphRejected: the ingest step bisects and dead-letters the event)."""
+    import pytest
+
+    from streamer.contracts.graph_batch import GraphBatch
+
+    event = decode_event(b'{"type":"product","id":"too-big","ts":1}')
+    batch = plan_batch([event])
+    row = batch.product_upserts[0]
+    bad = GraphBatch(product_upserts=[{**row, "version": 2**70}], events=1)
+    sink = GraphSink(settings)
+    try:
+        with pytest.raises(GraphRejected) as refused:
+            sink.write(bad)
+        assert refused.value.error_class.startswith("ValueRefused:")
+        assert sink.write(batch).nodes_written == 1, "the sink is usable afterwards"
+    finally:
+        sink.close()

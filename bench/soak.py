@@ -1,0 +1,744 @@
+"""Soak and fault harness: the pipeline long-lived under a sustained rate, with faults.
+
+    python bench/soak.py [--minutes 30] [--rate 400] [--faults all | kind,kind,...] [--per-kind 2]
+                         [--data online-retail | sample] [--seed 1] [--out bench/results/soak.json]
+                         [--plots docs/reliability]
+
+Setup: the embedded services in a temporary state dir (noida-db, which persists, so that the
+broker can restart without losing data; ArcadeDB), ``kg-streamer ingest`` and ``kg-streamer
+embed`` as separate OS processes (static group membership, metrics served), and a producer in
+this process that replays real data at ``--rate`` events/s with event times re-based to the
+wall clock (the data set is cycled when it runs out: the next pass repeats its purchases at
+newer times, as returning customers would).
+
+Faults, on a seeded schedule (``--per-kind`` of each kind, spread over the run after a
+minute of warm-up): ``kill_ingest`` / ``kill_embed`` (kill -9, restarted 2 s later, as a
+supervisor would), ``term_ingest`` / ``term_embed`` (SIGTERM: the exit time is measured
+against ``TERM_BOUND_S`` and must be clean; restarted), ``kill_graph`` (kill -9 of the graph
+DB, restarted 30 s later), ``restart_broker`` (stop and start of the broker), ``bad_burst``
+(20 fuzzed bad messages mixed into the input topics).
+
+Checks at the end, independent of the code under test:
+* ``graph_equal``: the graph equals a reference graph built by a clean ingest of the same
+  input topics (a fresh group reading them from the start) into a second graph DB; both are
+  exported over Bolt in a canonical form (every node and relationship with all properties);
+* ``replica_equal``: the worker's replica equals the graph DB (``verify --against-graph``);
+* ``vectors_ok``: the last vector per key on kg.embeddings equals a full recompute
+  (``verify --against-topic``);
+* ``dlq_found`` == ``dlq_expected``: every invalid message on kg.dlq exactly once (by source
+  topic, partition and offset), none of the valid ones;
+* ``lost``: nodes and relationships of the reference missing from the graph under test.
+
+Reports: sustained rate, freshness (produce to published vector: ``published_ms -
+source_ms`` of every record on kg.embeddings) p50/p99/max in steady state and in the minute
+after each fault, the recovery time of each fault (until a vector of an input produced after
+the fault is published within the freshness SLO), the maximum lag in seconds, CPU seconds per
+event and the RSS of each process over time. ``--plots`` writes PNGs of lag and freshness over
+time with the faults marked (docs/reliability.md shows them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from devtools.datasets import online_retail
+from devtools.local_services import LocalServices
+from streamer.kafka.topics import ensure_topics
+from streamer.settings import Settings
+
+FAULT_KINDS = ("kill_ingest", "kill_embed", "term_ingest", "term_embed", "kill_graph", "restart_broker", "bad_burst")
+TERM_BOUND_S = 30.0  # a SIGTERM must end the process (batch in hand finished) within this
+SLO_S = 1.0  # freshness target: produce to published vector
+GRAPH_DOWN_S = 30.0
+AFTER_FAULT_S = 60.0  # "the minute after each fault"
+WARMUP_S = 60.0
+
+
+def log(msg: str) -> None:
+    print(f"[soak {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --- the input: real events, re-based to the wall clock ----------------------------------------
+def source_events(data: str, settings: Settings) -> list[dict[str, Any]]:
+    if data == "sample":
+        path = ROOT / "data" / "sample" / "online_retail_sample.csv.gz"
+    else:
+        path = settings.data_dir / "online_retail" / "online_retail.csv.gz"
+        if not path.exists():
+            raise SystemExit(f"{path} is missing: set KGS_DATA_DIR, or use --data sample")
+    return list(online_retail.events(path))
+
+
+def rebased(events: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The data set over and over, each event stamped with the time it is sent (epoch ms)."""
+    while True:
+        for e in events:
+            yield {**e, "ts": int(time.time() * 1000)}
+
+
+def route(event: dict[str, Any], s: Settings) -> tuple[str, bytes]:
+    if event["type"] == "product":
+        return s.topic_products, event["id"].encode()
+    if event["type"] == "interaction":
+        return s.topic_interactions, event["user_id"].encode()
+    return s.topic_relations, event["src"]["id"].encode()
+
+
+def bad_messages(rng: random.Random, n: int) -> list[bytes]:
+    """Invalid messages of the families a producer sends by mistake (each must be dead-lettered)."""
+    families = [
+        lambda: b"[" * rng.randint(2000, 6000) + b"]" * 10,
+        lambda: bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 200))) + b"\xff",
+        lambda: b'{"type":"product","id":"x","ts":1,"price":NaN}',
+        lambda: b'{"type":"product","id":"x","ts":1,"version":' + str(2**64 + rng.randint(0, 99)).encode() + b"}",
+        lambda: b'{"type":"product","id":"\\udc80","ts":1}',
+        lambda: b'{"type":"interaction","user_id":"u","product_id":"p","action":"steal","ts":1}',
+        lambda: b'{"type":"product","id":"big","ts":1,"title":"' + b"y" * 600_000 + b'"}',
+        lambda: b"",
+        lambda: b"null",
+    ]
+    return [rng.choice(families)() for _ in range(n)]
+
+
+class Producer:
+    """Sends events at ``rate`` per second (token bucket), each one until the broker acknowledges
+    it (a send that fails while the broker restarts is sent again), on a thread."""
+
+    def __init__(self, settings: Settings, events: list[dict[str, Any]], rate: float):
+        from kafka import KafkaProducer
+
+        self.settings = settings
+        self.source = rebased(events)
+        self.rate = rate
+        self.producer = KafkaProducer(
+            bootstrap_servers=settings.bootstrap_servers,
+            acks="all",
+            linger_ms=5,
+            max_in_flight_requests_per_connection=1,
+            retries=10,
+            request_timeout_ms=15_000,
+            max_request_size=2 << 20,
+            reconnect_backoff_max_ms=2000,
+        )
+        self.sent = 0
+        self.acked = 0
+        self.resent = 0
+        self.stop_flag = threading.Event()
+        self.retry: list[tuple[str, bytes | None, bytes]] = []
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, name="producer", daemon=True)
+
+    def start(self) -> Producer:
+        self.started = time.monotonic()
+        self.thread.start()
+        return self
+
+    def send(self, topic: str, key: bytes | None, value: bytes) -> None:
+        future = self.producer.send(topic, key=key, value=value)
+
+        def ok(_meta: Any) -> None:
+            with self.lock:
+                self.acked += 1
+
+        def failed(_exc: BaseException) -> None:
+            with self.lock:
+                self.retry.append((topic, key, value))
+                self.resent += 1
+
+        future.add_callback(ok)
+        future.add_errback(failed)
+
+    def _run(self) -> None:
+        interval = 1.0 / self.rate
+        next_at = time.monotonic()
+        while not self.stop_flag.is_set():
+            with self.lock:
+                again, self.retry = self.retry, []
+            for topic, key, value in again:
+                self.send(topic, key, value)
+            now = time.monotonic()
+            if now < next_at:
+                time.sleep(min(next_at - now, 0.01))
+                continue
+            event = next(self.source)
+            topic, key = route(event, self.settings)
+            self.send(topic, key, json.dumps(event, separators=(",", ":")).encode())
+            self.sent += 1
+            next_at += interval
+            if now - next_at > 1.0:  # fell behind by more than a second (a stall): do not burst
+                next_at = now
+
+    def stop(self) -> None:
+        self.stop_flag.set()
+        self.thread.join(30)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            self.producer.flush(timeout=30)
+            with self.lock:
+                again, self.retry = self.retry, []
+            if not again:
+                break
+            for topic, key, value in again:
+                self.send(topic, key, value)
+        self.producer.close(timeout=10)
+
+
+# --- observation: vectors, lag, processes ---------------------------------------------------
+class VectorWatch:
+    """Reads kg.embeddings from the start (no group) and records, per vector record, the time it
+    arrived and its freshness (``published_ms - source_ms``)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.points: list[tuple[float, float, float]] = []  # (arrival unix s, source unix s, freshness s)
+        self.records = 0
+        self.stop_flag = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="vectors", daemon=True)
+
+    def start(self) -> VectorWatch:
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        from kafka import KafkaConsumer
+        from kafka.structs import TopicPartition
+
+        consumer = None
+        while not self.stop_flag.is_set():
+            try:
+                if consumer is None:
+                    consumer = KafkaConsumer(
+                        bootstrap_servers=self.settings.bootstrap_servers,
+                        group_id=None,
+                        enable_auto_commit=False,
+                        fetch_max_bytes=16 << 20,
+                    )
+                    parts = consumer.partitions_for_topic(self.settings.topic_embeddings) or set()
+                    tps = [TopicPartition(self.settings.topic_embeddings, p) for p in sorted(parts)]
+                    consumer.assign(tps)
+                    consumer.seek_to_beginning(*tps)
+                for records in consumer.poll(timeout_ms=500).values():
+                    now = time.time()
+                    for r in records:
+                        self.records += 1
+                        if r.value is None:
+                            continue
+                        doc = json.loads(r.value)
+                        if doc.get("source_ms") and doc.get("published_ms"):
+                            fresh = (doc["published_ms"] - doc["source_ms"]) / 1000
+                            self.points.append((now, doc["source_ms"] / 1000, fresh))
+            except Exception as exc:  # the broker restarts under it: reconnect  # noqa: BLE001
+                log(f"vector watch: {type(exc).__name__}: {exc}")
+                time.sleep(1)
+        if consumer is not None:
+            consumer.close()
+
+    def stop(self) -> None:
+        self.stop_flag.set()
+        self.thread.join(30)
+
+
+def proc_stats(pid: int) -> tuple[float, float] | None:
+    """(cpu seconds, rss MiB) of a process from /proc, None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = (int(stat[11]) + int(stat[12])) / ticks
+    rss = next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmRSS:")), 0.0)
+    return cpu, rss
+
+
+@dataclass
+class Sampler:
+    """Every few seconds: the groups' lag in seconds (from the broker) and each process's CPU
+    and RSS. CPU of a process that restarts is summed over its lives."""
+
+    settings: Settings
+    processes: dict[str, Any]  # name -> callable returning the pid now (or None)
+    interval_s: float = 2.0
+    lag: list[tuple[float, str, float]] = field(default_factory=list)  # (unix s, group, lag seconds)
+    rss: list[tuple[float, str, float]] = field(default_factory=list)
+    cpu_done: dict[str, float] = field(default_factory=dict)  # finished lives
+    cpu_live: dict[tuple[str, int], float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.stop_flag = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="sampler", daemon=True)
+
+    def start(self) -> Sampler:
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        from streamer.groups.lag import LagSampler, pipeline_groups
+
+        sampler: LagSampler | None = None
+        groups = pipeline_groups(self.settings)
+        while not self.stop_flag.is_set():
+            now = time.time()
+            for name, pid_of in self.processes.items():
+                pid = pid_of()
+                stats = proc_stats(pid) if pid else None
+                if stats is not None:
+                    self.cpu_live[(name, pid)] = stats[0]
+                    self.rss.append((now, name, stats[1]))
+            try:
+                sampler = sampler or LagSampler(self.settings.bootstrap_servers)
+                for g in sampler.sample(groups):
+                    seconds = g.lag_seconds
+                    if seconds is not None:
+                        self.lag.append((now, g.group, seconds))
+            except Exception:  # noqa: BLE001 - the broker restarts under it
+                if sampler is not None:
+                    sampler.close()
+                sampler = None
+            self.stop_flag.wait(self.interval_s)
+        if sampler is not None:
+            sampler.close()
+
+    def cpu_seconds(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for (name, _pid), cpu in self.cpu_live.items():
+            out[name] = out.get(name, 0.0) + cpu
+        return out
+
+    def stop(self) -> None:
+        self.stop_flag.set()
+        self.thread.join(30)
+
+
+# --- the consumers as OS processes ------------------------------------------------------------
+class Consumer:
+    """``python -m streamer.cli <command>`` as a child process with the run's settings."""
+
+    def __init__(self, command: str, settings: Settings, log_dir: Path, instance: str):
+        self.command = command
+        self.settings = settings.model_copy(update={"group_instance_id": instance, "metrics_addr": f"127.0.0.1:{free_port()}"})
+        self.log_dir = log_dir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.lives = 0
+
+    def start(self) -> None:
+        self.lives += 1
+        out = open(self.log_dir / f"{self.command}.{self.lives}.log", "wb")
+        env = {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "streamer.cli", self.command], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def terminate(self) -> tuple[float, int]:
+        """SIGTERM; (seconds to exit, exit code)."""
+        assert self.proc is not None
+        began = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(TERM_BOUND_S * 4)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait(30)
+        return time.monotonic() - began, rc
+
+
+# --- the run ------------------------------------------------------------------------------
+def schedule(kinds: list[str], per_kind: int, minutes: float, seed: int) -> list[tuple[float, str]]:
+    """Fault times: a minute of warm-up, then evenly spaced slots in a seeded order, ending
+    two minutes (one in a short run) before the end so that the last one can recover."""
+    rng = random.Random(seed)
+    faults = [k for k in kinds for _ in range(per_kind)]
+    rng.shuffle(faults)
+    start = min(WARMUP_S, minutes * 60 / 4)
+    end = minutes * 60 - (120 if minutes >= 10 else minutes * 60 / 4)
+    step = (end - start) / max(len(faults), 1)
+    return [(start + (i + 0.5) * step, kind) for i, kind in enumerate(faults)]
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return round(s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))], 3)
+
+
+def canonical_graph(settings: Settings) -> tuple[set[str], set[str]]:
+    """Every node and relationship with all its properties, as canonical JSON strings."""
+    from sinks.graph_db import open_driver
+
+    def norm(props: dict[str, Any]) -> str:
+        return json.dumps(props, sort_keys=True, default=str)
+
+    nodes: set[str] = set()
+    rels: set[str] = set()
+    with open_driver(settings, timeout_s=60) as driver, driver.session(database=settings.bolt_database) as session:
+        for r in session.run("MATCH (n) RETURN labels(n)[0] AS label, properties(n) AS props"):
+            nodes.add(f"{r['label']} {norm(r['props'])}")
+        for r in session.run(
+            "MATCH (a)-[r]->(b) RETURN labels(a)[0] AS al, a.id AS a, type(r) AS t, labels(b)[0] AS bl, b.id AS b, "
+            "properties(r) AS props"
+        ):
+            rels.add(f"{r['al']}:{r['a']} -{r['t']}-> {r['bl']}:{r['b']} {norm(r['props'])}")
+    return nodes, rels
+
+
+def read_dlq(settings: Settings) -> list[tuple[str, int, int]]:
+    from kafka import KafkaConsumer
+    from kafka.structs import TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None, enable_auto_commit=False)
+    tps = [TopicPartition(settings.topic_dlq, p) for p in sorted(consumer.partitions_for_topic(settings.topic_dlq) or [])]
+    consumer.assign(tps)
+    consumer.seek_to_beginning(*tps)
+    out: list[tuple[str, int, int]] = []
+    idle = 0
+    while idle < 4:
+        batch = consumer.poll(timeout_ms=500)
+        idle = 0 if batch else idle + 1
+        for records in batch.values():
+            for r in records:
+                h = dict(r.headers)
+                out.append(
+                    (
+                        h["__connect.errors.topic"].decode(),
+                        int(h["__connect.errors.partition"]),
+                        int(h["__connect.errors.offset"]),
+                    )
+                )
+    consumer.close()
+    return out
+
+
+def wait_caught_up(settings: Settings, timeout_s: float) -> bool:
+    from streamer.groups.lag import LagSampler, pipeline_groups
+
+    sampler = LagSampler(settings.bootstrap_servers)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            try:
+                sample = sampler.sample(pipeline_groups(settings))
+                if all(g.lag_messages == 0 for g in sample):
+                    return True
+            except Exception:  # noqa: BLE001
+                sampler.close()
+            time.sleep(2)
+        return False
+    finally:
+        sampler.close()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import tempfile
+
+    rng = random.Random(args.seed)
+    root = Path(tempfile.mkdtemp(prefix="kgs-soak-"))
+    logs = root / "logs"
+    logs.mkdir()
+    base = Settings(
+        _env_file=None,
+        state_dir=root / "state",
+        local_broker="noida",
+        bootstrap_servers=f"127.0.0.1:{free_port()}",
+        bolt_uri=f"bolt://127.0.0.1:{free_port()}",
+        arcadedb_http_port=free_port(),
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=1000,
+        metrics_addr="",
+        torch_threads=1,
+    )
+    services = LocalServices(base)
+    ref = base.model_copy(
+        update={"state_dir": root / "ref", "bolt_uri": f"bolt://127.0.0.1:{free_port()}", "arcadedb_http_port": free_port()}
+    )
+    ref_graph = LocalServices(ref)
+    kinds = list(FAULT_KINDS) if args.faults == "all" else [k for k in args.faults.split(",") if k]
+    plan = schedule(kinds, args.per_kind, args.minutes, args.seed)
+    report: dict[str, Any] = {"rate_eps": args.rate, "minutes": args.minutes, "data": args.data, "seed": args.seed}
+    ingest = Consumer("ingest", base, logs, "soak-ingest-0")
+    embed = Consumer("embed", base.model_copy(update={"embed_checkpoint_every_s": 10.0}), logs, "soak-embed-0")
+    try:
+        log(f"services up in {root}")
+        services.up()
+        ref_graph.up(("graph",))
+        ensure_topics(base)
+        events = source_events(args.data, base)
+        log(f"{len(events):,} source events; faults {plan}")
+        ingest.start()
+        embed.start()
+        watch = VectorWatch(base).start()
+
+        def graph_pid() -> int | None:
+            return services.pid("graph")
+
+        sampler = Sampler(
+            base,
+            {
+                "ingest": lambda: ingest.pid,
+                "embed": lambda: embed.pid,
+                "graph_db": graph_pid,
+                "broker": lambda: services.pid("broker"),
+            },
+        ).start()
+        producer = Producer(base, events, args.rate).start()
+        t0 = time.time()
+        faults: list[dict[str, Any]] = []
+        dlq_expected = 0
+        for at_s, kind in plan:
+            while time.time() - t0 < at_s:
+                time.sleep(0.2)
+            fault: dict[str, Any] = {"kind": kind, "at_s": round(time.time() - t0, 1)}
+            log(f"fault {kind} at {fault['at_s']} s")
+            if kind == "kill_ingest":
+                ingest.kill()
+                time.sleep(2)
+                ingest.start()
+            elif kind == "kill_embed":
+                embed.kill()
+                time.sleep(2)
+                embed.start()
+            elif kind in ("term_ingest", "term_embed"):
+                target = ingest if kind == "term_ingest" else embed
+                exit_s, rc = target.terminate()
+                fault.update(exit_s=round(exit_s, 2), exit_code=rc, exit_within_bound=exit_s <= TERM_BOUND_S and rc == 0)
+                target.start()
+            elif kind == "kill_graph":
+                pid = graph_pid()
+                if pid:
+                    os.killpg(pid, signal.SIGKILL)
+                time.sleep(GRAPH_DOWN_S)
+                services.up(("graph",))
+            elif kind == "restart_broker":
+                services.down(("broker",))
+                services.up(("broker",))
+            elif kind == "bad_burst":
+                for raw in bad_messages(rng, 20):
+                    producer.send(rng.choice(base.input_topics), None, raw)
+                dlq_expected += 20
+            faults.append(fault)
+        while time.time() - t0 < args.minutes * 60:
+            time.sleep(0.5)
+        producer.stop()
+        duration = time.time() - t0
+        log(f"produced {producer.acked:,} events in {duration:.0f} s; waiting for the pipeline to catch up")
+        caught_up = wait_caught_up(base, 600)
+        time.sleep(5)
+        ingest_exit = ingest.terminate()
+        embed_exit = embed.terminate()
+        watch.stop()
+        sampler.stop()
+
+        log("reference: a clean ingest of the same input topics into a second graph DB")
+        from streamer.embed.verify import verify
+        from streamer.ingest.step import ingest_consumer
+
+        ref_settings = ref.model_copy(
+            update={
+                "ingest_group": "kg-ingest-reference",
+                "topic_changes": "kg.changes.reference",
+                "topic_dlq": "kg.dlq.reference",
+                "topic_embeddings": "kg.embeddings.reference",
+            }
+        )
+        ensure_topics(ref_settings)
+        ref_stats = ingest_consumer(ref_settings).run(until_caught_up=True, max_seconds=1800)
+        got_nodes, got_rels = canonical_graph(base)
+        want_nodes, want_rels = canonical_graph(ref_settings)
+        missing = (want_nodes - got_nodes) | (want_rels - got_rels)
+        extra = (got_nodes - want_nodes) | (got_rels - want_rels)
+        audit = verify(base, against_topic=True, against_graph=True)
+        dlq = read_dlq(base)
+        report.update(
+            events_produced=producer.acked,
+            sends_retried=producer.resent,
+            rate_sustained_eps=round(producer.acked / duration, 1),
+            caught_up=caught_up,
+            faults=faults,
+            lost=len(missing),
+            extra=len(extra),
+            lost_examples=sorted(missing)[:5],
+            extra_examples=sorted(extra)[:5],
+            graph_nodes=len(got_nodes),
+            graph_relationships=len(got_rels),
+            graph_equal=not missing and not extra,
+            replica_equal=bool(audit.get("graph", {}).get("ok")),
+            vectors_ok=bool(
+                audit["rows_over_tol"] == 0
+                and audit.get("topic", {}).get("keys_stale") == 0
+                and audit["topic"]["keys_missing"] == 0
+                and audit["topic"]["deleted_without_tombstone"] == 0
+            ),
+            verify=audit,
+            dlq_expected=dlq_expected,
+            dlq_found=len(dlq),
+            dlq_distinct=len(set(dlq)),
+            dlq_reference=ref_stats.dead_letters,
+            final_exits={"ingest": list(ingest_exit), "embed": list(embed_exit)},
+        )
+        report.update(freshness_report(watch.points, faults, t0, duration))
+        lag_max = {g: max((v for _, gg, v in sampler.lag if gg == g), default=None) for g in {g for _, g, _ in sampler.lag}}
+        report["lag_max_s"] = {g: round(v, 2) if v is not None else None for g, v in lag_max.items()}
+        cpu = sampler.cpu_seconds()
+        report["cpu_s"] = {k: round(v, 1) for k, v in cpu.items()}
+        report["cpu_ms_per_event"] = {k: round(1000 * v / max(producer.acked, 1), 3) for k, v in cpu.items()}
+        report["rss_mib"] = rss_report(sampler.rss, t0)
+        if args.plots:
+            plot(args.plots, watch.points, sampler.lag, faults, t0, base)
+        return report
+    finally:
+        for c in (ingest, embed):
+            if c.pid:
+                c.proc.kill()  # type: ignore[union-attr]
+        services.down()
+        ref_graph.down(("graph",))
+        if not args.keep:
+            import shutil
+
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def freshness_report(
+    points: list[tuple[float, float, float]], faults: list[dict[str, Any]], t0: float, duration: float
+) -> dict[str, Any]:
+    """Steady state: records of inputs produced after the warm-up and outside the minute after
+    any fault. After a fault: inputs produced in the minute after it. Recovery: the first vector
+    of an input produced after the fault that is published within the SLO."""
+    warm = min(WARMUP_S, duration / 4)
+    windows = [
+        (t0 + f["at_s"], t0 + f["at_s"] + AFTER_FAULT_S + (GRAPH_DOWN_S if f["kind"] == "kill_graph" else 0)) for f in faults
+    ]
+    steady = [fr for _, src, fr in points if src >= t0 + warm and not any(a <= src < b for a, b in windows)]
+    out: dict[str, Any] = {
+        "vector_records": len(points),
+        "freshness_p50_s": percentile(steady, 50),
+        "freshness_p99_s": percentile(steady, 99),
+        "freshness_max_s": round(max(steady), 3) if steady else None,
+        "freshness_steady_samples": len(steady),
+    }
+    by_minute = []
+    for m in range(int(duration // 60) + 1):
+        inside = [fr for _, src, fr in points if t0 + 60 * m <= src < t0 + 60 * (m + 1)]
+        by_minute.append({"minute": m, "p50_s": percentile(inside, 50), "p99_s": percentile(inside, 99), "n": len(inside)})
+    out["freshness_by_minute"] = by_minute
+    for f, (a, b) in zip(faults, windows, strict=True):
+        inside = [fr for _, src, fr in points if a <= src < b]
+        f["freshness_p50_s"], f["freshness_p99_s"] = percentile(inside, 50), percentile(inside, 99)
+        f["freshness_max_s"] = round(max(inside), 3) if inside else None
+        recovered = [arr for arr, src, fr in points if src >= a and fr <= SLO_S]
+        f["recovered_s"] = round(min(recovered) - a, 1) if recovered else None
+    return out
+
+
+def rss_report(rss: list[tuple[float, str, float]], t0: float) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in sorted({n for _, n, _ in rss}):
+        series = [(t - t0, v) for t, n, v in rss if n == name]
+        if not series:
+            continue
+        by_minute: dict[int, float] = {}
+        for t, v in series:
+            by_minute[int(t // 60)] = max(by_minute.get(int(t // 60), 0.0), v)
+        out[name] = {
+            "first": round(series[0][1]),
+            "max": round(max(v for _, v in series)),
+            "last": round(series[-1][1]),
+            "max_by_minute": [round(by_minute[m]) for m in sorted(by_minute)],
+        }
+    return out
+
+
+def plot(
+    out_dir: str,
+    points: list[tuple[float, float, float]],
+    lag: list[tuple[float, str, float]],
+    faults: list[dict[str, Any]],
+    t0: float,
+    settings: Settings,
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True)
+    for group in sorted({g for _, g, _ in lag}):
+        series = [(t - t0, v) for t, g, v in lag if g == group]
+        ax1.plot([s[0] / 60 for s in series], [s[1] for s in series], label=group, linewidth=1)
+    ax1.set_ylabel("consumer lag (s)")
+    ax1.set_yscale("symlog", linthresh=1)
+    ax1.legend(loc="upper right")
+    xs = [(src - t0) / 60 for _, src, _ in points]
+    ax2.scatter(xs, [fr for _, _, fr in points], s=1, alpha=0.3)
+    ax2.axhline(SLO_S, color="green", linestyle="--", linewidth=1, label="SLO 1 s")
+    ax2.set_yscale("log")
+    ax2.set_ylabel("freshness: produce -> vector (s)")
+    ax2.set_xlabel("minutes into the run (input produced at)")
+    ax2.legend(loc="upper right")
+    for ax in (ax1, ax2):
+        for f in faults:
+            ax.axvline(f["at_s"] / 60, color="red", alpha=0.4, linewidth=1)
+    for f in faults:
+        ax1.annotate(f["kind"], (f["at_s"] / 60, 1), rotation=90, fontsize=7, color="red", va="bottom")
+    fig.tight_layout()
+    fig.savefig(out / "soak.png", dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=30)
+    parser.add_argument("--rate", type=float, default=400)
+    parser.add_argument("--faults", default="all", help=f"all, or a comma list of {', '.join(FAULT_KINDS)}; '' for none")
+    parser.add_argument("--per-kind", type=int, default=2)
+    parser.add_argument("--data", choices=["online-retail", "sample"], default="online-retail")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", default=None, help="write the JSON report here too")
+    parser.add_argument("--plots", default=None, help="folder for soak.png")
+    parser.add_argument("--keep", action="store_true", help="keep the state dir and logs")
+    args = parser.parse_args()
+    report = run(args)
+    text = json.dumps(report, indent=2, default=str)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    ok = report["lost"] == 0 and report["graph_equal"] and report["replica_equal"] and report["vectors_ok"]
+    ok = ok and report["dlq_found"] == report["dlq_distinct"] == report["dlq_expected"]
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
