@@ -59,7 +59,8 @@ sys.path.insert(0, str(ROOT))
 
 from devtools.datasets import online_retail
 from devtools.local_services import LocalServices
-from streamer.kafka.topics import ensure_topics
+from streamer.contracts.vectors import timing
+from streamer.kafka.topics import ensure_topics, read_to_end
 from streamer.settings import Settings
 
 FAULT_KINDS = ("kill_ingest", "kill_embed", "term_ingest", "term_embed", "kill_graph", "restart_broker", "bad_burst")
@@ -245,10 +246,9 @@ class VectorWatch:
                         self.records += 1
                         if r.value is None:
                             continue
-                        doc = json.loads(r.value)
-                        if doc.get("source_ms") and doc.get("published_ms"):
-                            fresh = (doc["published_ms"] - doc["source_ms"]) / 1000
-                            self.points.append((now, doc["source_ms"] / 1000, fresh))
+                        source_ms, published_ms = timing(r.value)
+                        if source_ms and published_ms:
+                            self.points.append((now, source_ms / 1000, (published_ms - source_ms) / 1000))
             except Exception as exc:  # the broker restarts under it: reconnect  # noqa: BLE001
                 log(f"vector watch: {type(exc).__name__}: {exc}")
                 time.sleep(1)
@@ -414,29 +414,13 @@ def canonical_graph(settings: Settings) -> tuple[set[str], set[str]]:
 
 
 def read_dlq(settings: Settings) -> list[tuple[str, int, int]]:
-    from kafka import KafkaConsumer
-    from kafka.structs import TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None, enable_auto_commit=False)
-    tps = [TopicPartition(settings.topic_dlq, p) for p in sorted(consumer.partitions_for_topic(settings.topic_dlq) or [])]
-    consumer.assign(tps)
-    consumer.seek_to_beginning(*tps)
+    """(source topic, partition, offset) of every record on kg.dlq."""
     out: list[tuple[str, int, int]] = []
-    idle = 0
-    while idle < 4:
-        batch = consumer.poll(timeout_ms=500)
-        idle = 0 if batch else idle + 1
-        for records in batch.values():
-            for r in records:
-                h = dict(r.headers)
-                out.append(
-                    (
-                        h["__connect.errors.topic"].decode(),
-                        int(h["__connect.errors.partition"]),
-                        int(h["__connect.errors.offset"]),
-                    )
-                )
-    consumer.close()
+    for r in read_to_end(settings, settings.topic_dlq):
+        h = dict(r.headers)
+        out.append(
+            (h["__connect.errors.topic"].decode(), int(h["__connect.errors.partition"]), int(h["__connect.errors.offset"]))
+        )
     return out
 
 

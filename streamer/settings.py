@@ -102,6 +102,11 @@ class Settings(BaseSettings):
         "once instead of once per batch)",
     )
     embed_batch_max_wait_s: float = 0.2
+    vector_encoding: Literal["json", "f32", "f16"] = Field(
+        "json",
+        description="kg.embeddings values: JSON (readable anywhere), or the compact binary record with "
+        "float32 or float16 values (streamer/contracts/vectors.py documents both)",
+    )
     embed_checkpoint_every_s: float = Field(30.0, description="how often the worker checkpoints its replica and caches")
 
     # --- embedding engine: exact (default) or bounded mode (docs/engine.md "Bounded mode") ---

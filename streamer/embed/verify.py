@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from streamer.contracts.vectors import decode_vector
+from streamer.contracts.vectors import F16_TOLERANCE, decode_vector
 from streamer.embed.replica import Replica, block_ranges
 from streamer.embed.state import open_checkpoint
 from streamer.settings import Settings
@@ -30,6 +30,7 @@ def verify(
     engine = open_checkpoint(settings, require=True, progress=False).engine
     if tol is None:
         tol = 1e-5 + engine.error_bound
+    topic_tol = tol + (F16_TOLERANCE if settings.vector_encoding == "f16" else 0.0)
     max_err, rows_over = engine.verify(tol=tol)
     report: dict[str, Any] = {
         "nodes": engine.replica.num_nodes,
@@ -43,7 +44,7 @@ def verify(
     if against_topic:
         topic = last_vectors(settings)
         slots = engine.replica.live_slots()
-        keys = [engine.replica.keys[int(s)] for s in slots]
+        keys = [str(engine.replica.keys[int(s)]) for s in slots]
         current = engine.vectors(torch.as_tensor(slots, dtype=torch.long)).cpu().numpy()
         missing = stale = wrong_version = 0
         worst = 0.0
@@ -56,7 +57,7 @@ def verify(
                 wrong_version += 1
             err = float(np.abs(rec.vector - vec).max())
             worst = max(worst, err)
-            stale += err > tol
+            stale += err > topic_tol
         # what is left on the topic is a key the engine no longer has: it must be a tombstone
         not_tombstoned = sum(1 for rec in topic.values() if rec.vector is not None)
         report["topic"] = {
@@ -65,6 +66,7 @@ def verify(
             "wrong_version": wrong_version,
             "max_abs_err": worst,
             "deleted_without_tombstone": not_tombstoned,
+            "tol": topic_tol,
         }
         ok = ok and missing == stale == wrong_version == not_tombstoned == 0
     if against_graph:
@@ -125,31 +127,11 @@ def compare_with_graph(replica: Replica, settings: Settings, examples: int = 5) 
     return out
 
 
-def last_vectors(settings: Settings, timeout_s: float = 10.0) -> dict:
+def last_vectors(settings: Settings, timeout_s: float = 600.0) -> dict[str, Any]:
     """The last record per key on kg.embeddings (what compaction converges to)."""
-    from kafka import KafkaConsumer
-    from kafka.structs import TopicPartition
+    from streamer.kafka.topics import read_to_end
 
-    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False, group_id=None)
-    tps = [
-        TopicPartition(settings.topic_embeddings, p)
-        for p in sorted(consumer.partitions_for_topic(settings.topic_embeddings) or [])
-    ]
-    consumer.assign(tps)
-    consumer.seek_to_beginning(*tps)
-    last: dict = {}
-    idle = 0
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while idle < 3 and time.monotonic() < deadline + 600:
-        batch = consumer.poll(timeout_ms=500)
-        if not batch:
-            done = all(consumer.highwater(tp) is not None and consumer.position(tp) >= consumer.highwater(tp) for tp in tps)
-            idle = idle + 1 if done or time.monotonic() > deadline else 0
-            continue
-        for records in batch.values():
-            for r in records:
-                last[r.key.decode()] = decode_vector(r.key, r.value, r.headers)
-    consumer.close()
+    last: dict[str, Any] = {}
+    for r in read_to_end(settings, settings.topic_embeddings, timeout_s):
+        last[r.key.decode()] = decode_vector(r.key, r.value, r.headers)
     return last

@@ -261,10 +261,10 @@ class EmbedStep:
         published_ms = int(time.time() * 1000)
         version = self.engine.model_version
         records = [
-            VectorRecord(key, vec, version, ts, source_ms, published_ms).to_kafka()
+            VectorRecord(key, vec, version, ts, source_ms, published_ms).to_kafka(self.settings.vector_encoding)
             for key, vec, ts in zip(report.changed_keys, _numpy(report.vectors), report.changed_ts, strict=False)
         ]
-        records += [VectorRecord(key, None, version).to_kafka() for key in report.deleted_keys]
+        records += [VectorRecord(key, None, version).to_kafka(self.settings.vector_encoding) for key in report.deleted_keys]
         return Unpublished(records, report, source_ms, dead)
 
     def publish_all(self) -> None:
@@ -283,7 +283,7 @@ class EmbedStep:
                 self.publisher.publish(
                     self.settings.topic_embeddings,
                     [
-                        VectorRecord(k, v, version, None, None, now).to_kafka()
+                        VectorRecord(k, v, version, None, None, now).to_kafka(self.settings.vector_encoding)
                         for k, v in zip(keys[i : i + chunk], vectors, strict=True)
                     ],
                 )

@@ -28,10 +28,15 @@ What the brokers do (measured with kafka-python 3.0.12):
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Iterator
 from typing import Any
 
+from kafka import KafkaConsumer
 from kafka.admin import KafkaAdminClient
+from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import TopicAlreadyExistsError, for_code
+from kafka.structs import TopicPartition
 
 from streamer.settings import Settings
 
@@ -80,3 +85,38 @@ def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> list[str]:
     if created:
         log.info("created topics %s", ", ".join(created))
     return created
+
+
+def read_to_end(settings: Settings, topic: str, timeout_s: float = 600.0) -> Iterator[ConsumerRecord]:
+    """Every record of ``topic``, all partitions, from the start to the log end as it is when
+    the read reaches it (a consumer without a group; for audits and tools, not the pipeline).
+    Waits for the topic's metadata (a broker that just started may not know it for a moment),
+    and stops when every partition's position has reached its high watermark. Raises
+    ``TimeoutError`` if that does not happen within ``timeout_s``."""
+    consumer = KafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers, group_id=None, enable_auto_commit=False, fetch_max_bytes=32 << 20
+    )
+    try:
+        deadline = time.monotonic() + timeout_s
+        partitions = consumer.partitions_for_topic(topic)
+        metadata_deadline = min(deadline, time.monotonic() + 30)
+        while not partitions and time.monotonic() < metadata_deadline:
+            consumer.topics()  # a metadata request for every topic
+            partitions = consumer.partitions_for_topic(topic)
+            if not partitions:
+                time.sleep(0.2)
+        if not partitions:
+            return
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        while True:
+            batch = consumer.poll(timeout_ms=500)
+            for records in batch.values():
+                yield from records
+            if not batch and all((hw := consumer.highwater(tp)) is not None and consumer.position(tp) >= hw for tp in tps):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{topic}: not read to the end within {timeout_s}s")
+    finally:
+        consumer.close()
