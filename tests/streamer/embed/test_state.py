@@ -23,7 +23,13 @@ def test_graph_model_from_settings(tmp_path):
 
 
 def test_engine_options_from_settings():
-    assert engine_options(Settings()) == {"mode": "exact", "reanchor_every": 256}
+    assert engine_options(Settings(_env_file=None)) == {
+        "mode": "bounded",
+        "reanchor_every": 256,
+        "propagate_threshold": 0.0,
+        "publish_threshold": 1e-4,
+    }
+    assert engine_options(Settings(_env_file=None, embed_mode="exact")) == {"mode": "exact", "reanchor_every": 256}
     opts = engine_options(Settings(embed_mode="bounded", embed_propagate_threshold=1e-3, embed_publish_threshold=2e-3))
     assert opts == {"mode": "bounded", "reanchor_every": 256, "propagate_threshold": 1e-3, "publish_threshold": 2e-3}
     engine = build_engine(Settings(gnn_hidden=8, gnn_out=8, device="cpu", embed_mode="bounded", embed_propagate_threshold=1e-3))
