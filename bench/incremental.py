@@ -80,8 +80,9 @@ from encoders.graph import GraphEncoder, GraphEncoderConfig
 from encoders.text import resolve_device
 from streamer.contracts import changes as C
 from streamer.embed.engine import IncrementalEngine
+from streamer.settings import Settings
 
-DEFAULT_RETAIL = Path(__file__).resolve().parents[2] / "shared" / "data" / "online_retail" / "online_retail.csv.gz"
+DEFAULT_RETAIL = Settings().data_dir / "online_retail" / "online_retail.csv.gz"
 REPS = {1: 30, 10: 20, 100: 10, 1000: 5, 10000: 3}
 QUICK_REPS = {1: 10, 10: 6, 100: 3, 1000: 2, 10000: 1}
 

@@ -59,7 +59,7 @@ sys.path.insert(0, str(ROOT))
 
 from devtools.datasets import online_retail
 from devtools.local_services import LocalServices
-from streamer.contracts.vectors import timing
+from streamer.contracts.vectors import VectorRecord, decode_vector, timing
 from streamer.kafka.topics import ensure_topics, read_to_end
 from streamer.settings import Settings
 
@@ -215,6 +215,9 @@ class VectorWatch:
         self.settings = settings
         self.points: list[tuple[float, float, float]] = []  # (arrival unix s, source unix s, freshness s)
         self.records = 0
+        self.bytes = 0
+        self.last: dict[str, VectorRecord] = {}  # the last record per key: what compaction keeps
+        self.at_end = False
         self.stop_flag = threading.Event()
         self.thread = threading.Thread(target=self._run, name="vectors", daemon=True)
 
@@ -240,10 +243,17 @@ class VectorWatch:
                     tps = [TopicPartition(self.settings.topic_embeddings, p) for p in sorted(parts)]
                     consumer.assign(tps)
                     consumer.seek_to_beginning(*tps)
-                for records in consumer.poll(timeout_ms=500).values():
+                polled = consumer.poll(timeout_ms=500)
+                if not polled:
+                    self.at_end = all(
+                        (hw := consumer.highwater(tp)) is not None and consumer.position(tp) >= hw for tp in consumer.assignment()
+                    )
+                for records in polled.values():
                     now = time.time()
                     for r in records:
                         self.records += 1
+                        self.bytes += len(r.value or b"") + len(r.key or b"")
+                        self.last[r.key.decode()] = decode_vector(r.key, r.value, r.headers)
                         if r.value is None:
                             continue
                         source_ms, published_ms = timing(r.value)
@@ -461,6 +471,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         heartbeat_interval_ms=1000,
         metrics_addr="",
         torch_threads=1,
+        **({"vector_encoding": args.encoding} if args.encoding else {}),
+        **({"embed_mode": args.mode} if args.mode else {}),
     )
     services = LocalServices(base)
     ref = base.model_copy(
@@ -471,7 +483,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     plan = schedule(kinds, args.per_kind, args.minutes, args.seed)
     report: dict[str, Any] = {"rate_eps": args.rate, "minutes": args.minutes, "data": args.data, "seed": args.seed}
     ingest = Consumer("ingest", base, logs, "soak-ingest-0")
-    embed = Consumer("embed", base.model_copy(update={"embed_checkpoint_every_s": 10.0}), logs, "soak-embed-0")
+    embed = Consumer("embed", base, logs, "soak-embed-0")
     try:
         log(f"services up in {root}")
         services.up()
@@ -535,11 +547,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(0.5)
         producer.stop()
         duration = time.time() - t0
+        fresh = freshness_report(watch.points, faults, t0, duration)
+        log(
+            f"freshness p50 {fresh['freshness_p50_s']} s, p99 {fresh['freshness_p99_s']} s, max {fresh['freshness_max_s']} s; "
+            f"{watch.records:,} vector records, {watch.bytes / 1e6:.1f} MB"
+        )
         log(f"produced {producer.acked:,} events in {duration:.0f} s; waiting for the pipeline to catch up")
         caught_up = wait_caught_up(base, 600)
         time.sleep(5)
+        stages = {c.command: stage_means(c) for c in (ingest, embed)}
         ingest_exit = ingest.terminate()
         embed_exit = embed.terminate()
+        watch.at_end = False
+        deadline = time.monotonic() + 600
+        while not watch.at_end and time.monotonic() < deadline:  # the watch has read every vector
+            time.sleep(1)
         watch.stop()
         sampler.stop()
 
@@ -561,7 +583,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         want_nodes, want_rels = canonical_graph(ref_settings)
         missing = (want_nodes - got_nodes) | (want_rels - got_rels)
         extra = (got_nodes - want_nodes) | (got_rels - want_rels)
-        audit = verify(base, against_topic=True, against_graph=True)
+        audit = verify(base, against_topic=True, against_graph=True, topic_vectors=watch.last)
         dlq = read_dlq(base)
         report.update(
             events_produced=producer.acked,
@@ -591,6 +613,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             final_exits={"ingest": list(ingest_exit), "embed": list(embed_exit)},
         )
         report.update(freshness_report(watch.points, faults, t0, duration))
+        report["stages_mean_s"] = stages
+        report.update(
+            vector_records=watch.records,
+            vector_megabytes=round(watch.bytes / 1e6, 1),
+            vector_encoding=base.vector_encoding,
+            embed_mode=base.embed_mode,
+            publish_threshold=base.embed_publish_threshold,
+        )
         lag_max = {g: max((v for _, gg, v in sampler.lag if gg == g), default=None) for g in {g for _, g, _ in sampler.lag}}
         report["lag_max_s"] = {g: round(v, 2) if v is not None else None for g, v in lag_max.items()}
         cpu = sampler.cpu_seconds()
@@ -641,6 +671,43 @@ def freshness_report(
         f["freshness_max_s"] = round(max(inside), 3) if inside else None
         recovered = [arr for arr, src, fr in points if src >= a and fr <= SLO_S]
         f["recovered_s"] = round(min(recovered) - a, 1) if recovered else None
+    return out
+
+
+def stage_means(consumer: Consumer) -> dict[str, Any]:
+    """Mean seconds per batch in each stage, batch size, and the ingest side's freshness (input
+    to graph commit), from the process's own /metrics (this life of it)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"http://{consumer.settings.metrics_addr}/metrics", timeout=10) as response:
+            text = response.read().decode()
+    except OSError as exc:
+        return {"error": str(exc)}
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name in ("kgs_stage_duration_seconds_sum", "kgs_stage_duration_seconds_count"):
+                bucket = sums if s.name.endswith("_sum") else counts
+                bucket[s.labels["stage"]] = bucket.get(s.labels["stage"], 0.0) + s.value
+            elif s.name in (
+                "kgs_batch_events_sum",
+                "kgs_batch_events_count",
+                "kgs_freshness_graph_seconds_sum",
+                "kgs_freshness_graph_seconds_count",
+            ):
+                sums[s.name] = sums.get(s.name, 0.0) + s.value
+    out: dict[str, Any] = {stage: round(sums[stage] / counts[stage], 4) for stage in counts if counts[stage]}
+    if sums.get("kgs_batch_events_count"):
+        out["batch_events"] = round(sums["kgs_batch_events_sum"] / sums["kgs_batch_events_count"], 1)
+        out["batches"] = int(sums["kgs_batch_events_count"])
+    if sums.get("kgs_freshness_graph_seconds_count"):
+        out["input_to_graph_commit_s"] = round(
+            sums["kgs_freshness_graph_seconds_sum"] / sums["kgs_freshness_graph_seconds_count"], 4
+        )
     return out
 
 
@@ -709,6 +776,8 @@ def main() -> int:
     parser.add_argument("--per-kind", type=int, default=2)
     parser.add_argument("--data", choices=["online-retail", "sample"], default="online-retail")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--encoding", choices=["json", "f32", "f16"], default=None, help="KGS_VECTOR_ENCODING for the run")
+    parser.add_argument("--mode", choices=["exact", "bounded"], default=None, help="KGS_EMBED_MODE for the run")
     parser.add_argument("--out", default=None, help="write the JSON report here too")
     parser.add_argument("--plots", default=None, help="folder for soak.png")
     parser.add_argument("--keep", action="store_true", help="keep the state dir and logs")

@@ -17,16 +17,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from streamer.contracts.vectors import F16_TOLERANCE, decode_vector
+from streamer.contracts.vectors import F16_TOLERANCE, VectorRecord, decode_vector
 from streamer.embed.replica import Replica, block_ranges
 from streamer.embed.state import open_checkpoint
 from streamer.settings import Settings
 
 
 def verify(
-    settings: Settings, against_topic: bool = False, tol: float | None = None, against_graph: bool = False
+    settings: Settings,
+    against_topic: bool = False,
+    tol: float | None = None,
+    against_graph: bool = False,
+    topic_vectors: dict[str, VectorRecord] | None = None,
 ) -> dict[str, Any]:
-    """``tol`` defaults to 1e-5 plus the engine's reported error bound (0 in exact mode)."""
+    """``tol`` defaults to 1e-5 plus the engine's reported error bound (0 in exact mode).
+    ``topic_vectors``: the last record per key, when the caller has already read kg.embeddings
+    (a monitor that followed it); otherwise it is read here."""
     engine = open_checkpoint(settings, require=True, progress=False).engine
     if tol is None:
         tol = 1e-5 + engine.error_bound
@@ -42,7 +48,7 @@ def verify(
     }
     ok = rows_over == 0
     if against_topic:
-        topic = last_vectors(settings)
+        topic = dict(topic_vectors) if topic_vectors is not None else last_vectors(settings)
         slots = engine.replica.live_slots()
         keys = [str(engine.replica.keys[int(s)]) for s in slots]
         current = engine.vectors(torch.as_tensor(slots, dtype=torch.long)).cpu().numpy()

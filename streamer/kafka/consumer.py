@@ -179,6 +179,7 @@ def make_consumer(settings: Settings, group: str, client_id: str, max_poll_recor
         max_poll_interval_ms=settings.max_poll_interval_ms,
         max_poll_records=max_poll_records,
         group_instance_id=settings.group_instance_id,
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
     )
 
 
