@@ -290,7 +290,7 @@ class Sampler:
 
     settings: Settings
     processes: dict[str, Any]  # name -> callable returning the pid now (or None)
-    interval_s: float = 2.0
+    interval_s: float = 5.0
     lag: list[tuple[float, str, float]] = field(default_factory=list)  # (unix s, group, lag seconds)
     rss: list[tuple[float, str, float]] = field(default_factory=list)
     cpu_done: dict[str, float] = field(default_factory=dict)  # finished lives
@@ -434,6 +434,25 @@ def read_dlq(settings: Settings) -> list[tuple[str, int, int]]:
     return out
 
 
+def wait_for_members(settings: Settings, timeout_s: float) -> None:
+    """Until the ingest and embed groups each have a live member."""
+    from streamer.groups.lag import LagSampler
+
+    sampler = LagSampler(settings.bootstrap_servers)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            try:
+                if all(sampler.describe(g)[1] for g in (settings.ingest_group, settings.embed_group)):
+                    return
+            except Exception:  # noqa: BLE001 - not up yet
+                sampler.close()
+            time.sleep(1)
+        raise TimeoutError("the consumers did not join their groups")
+    finally:
+        sampler.close()
+
+
 def wait_caught_up(settings: Settings, timeout_s: float) -> bool:
     from streamer.groups.lag import LagSampler, pipeline_groups
 
@@ -463,7 +482,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     base = Settings(
         _env_file=None,
         state_dir=root / "state",
-        local_broker="noida",
+        local_broker=args.broker,
         bootstrap_servers=f"127.0.0.1:{free_port()}",
         bolt_uri=f"bolt://127.0.0.1:{free_port()}",
         arcadedb_http_port=free_port(),
@@ -480,6 +499,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     ref_graph = LocalServices(ref)
     kinds = list(FAULT_KINDS) if args.faults == "all" else [k for k in args.faults.split(",") if k]
+    if args.broker == "tansu" and "restart_broker" in kinds:
+        raise SystemExit("tansu keeps everything in memory: a restart loses the topics; use --broker noida")
     plan = schedule(kinds, args.per_kind, args.minutes, args.seed)
     report: dict[str, Any] = {"rate_eps": args.rate, "minutes": args.minutes, "data": args.data, "seed": args.seed}
     ingest = Consumer("ingest", base, logs, "soak-ingest-0")
@@ -493,6 +514,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log(f"{len(events):,} source events; faults {plan}")
         ingest.start()
         embed.start()
+        wait_for_members(base, 180)  # both consumers joined (the worker has loaded its models)
         watch = VectorWatch(base).start()
 
         def graph_pid() -> int | None:
@@ -775,6 +797,12 @@ def main() -> int:
     parser.add_argument("--faults", default="all", help=f"all, or a comma list of {', '.join(FAULT_KINDS)}; '' for none")
     parser.add_argument("--per-kind", type=int, default=2)
     parser.add_argument("--data", choices=["online-retail", "sample"], default="online-retail")
+    parser.add_argument(
+        "--broker",
+        choices=["noida", "tansu"],
+        default="noida",
+        help="noida persists (the broker can restart); tansu is memory-only (no restart_broker fault)",
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--encoding", choices=["json", "f32", "f16"], default=None, help="KGS_VECTOR_ENCODING for the run")
     parser.add_argument("--mode", choices=["exact", "bounded"], default=None, help="KGS_EMBED_MODE for the run")
