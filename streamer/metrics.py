@@ -30,6 +30,11 @@ GRAPH_ERRORS = Counter(
     "Graph transactions that failed, by outcome (transient, unavailable, rejected).",
     ["group", "outcome"],
 )
+LOG_TRUNCATIONS = Counter(
+    "kgs_log_truncations_total",
+    "Times a partition's log end was found below the consumer's position (the broker lost acknowledged records).",
+    ["group", "topic", "partition"],
+)
 BACKPRESSURE = Gauge("kgs_backpressure_paused", "1 while the consumer has paused its partitions for backpressure.", ["group"])
 
 # --- batches and stages ----------------------------------------------------------------

@@ -416,6 +416,28 @@ class BatchingConsumer:
             self.skip_unreadable(exc)
             return
         self.add(polled)
+        self.follow_truncation()
+
+    def follow_truncation(self) -> None:
+        """A partition whose log end is now below this member's position lost records the
+        broker had acknowledged (an unclean restart: noida-db under load does it, measured in
+        docs/reliability.md; Kafka after an unclean leader election). New records will arrive at
+        the offsets between, so reading on from the position would skip them: seek back to the
+        new log end instead. The records this member already read past it stay processed."""
+        for tp in self.consumer.assignment():
+            highwater = self.consumer.highwater(tp)
+            if highwater is not None and self.consumer.position(tp) > highwater:
+                log.error(
+                    "%s: %s[%d] log end %d is below the position %d: the broker lost acknowledged records; "
+                    "reading on from the log end",
+                    self.group,
+                    tp.topic,
+                    tp.partition,
+                    highwater,
+                    self.consumer.position(tp),
+                )
+                m.LOG_TRUNCATIONS.labels(self.group, tp.topic, str(tp.partition)).inc()
+                self.consumer.seek(tp, highwater)
 
     def add(self, polled: dict[TopicPartition, list[ConsumerRecord]]) -> None:
         for tp, records in polled.items():
