@@ -188,6 +188,13 @@ WHERE coalesce(r.deleted, false) = false AND coalesce(a.deleted, false) = false
 RETURN labels(a)[0] AS a_label, a.id AS a, type(r) AS rel, labels(b)[0] AS b_label, b.id AS b,
        r.first_ts AS ts"""
 
+# The text of some products, for `kg-streamer verify --against-graph --repair`.
+PRODUCTS_BY_ID = """UNWIND $ids AS id
+MATCH (p:Product {id: id})
+WHERE coalesce(p.deleted, false) = false
+RETURN p.id AS id, p.title AS title, p.description AS description, p.brand AS brand,
+       p.categories AS categories, p.price AS price"""
+
 # Every live node, for `kg-streamer verify --against-graph` (with SNAPSHOT_RELATIONSHIPS).
 EXPORT_NODES = """MATCH (n)
 WHERE coalesce(n.deleted, false) = false
@@ -230,6 +237,7 @@ def all_statements() -> list[tuple[str, str]]:
         "SNAPSHOT_RELATIONSHIPS",
         "USER_PRODUCTS",
         "EXPORT_NODES",
+        "PRODUCTS_BY_ID",
     ):
         out.append((name, globals()[name]))
     for rel in ACTION_TYPES.values():

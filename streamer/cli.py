@@ -105,7 +105,13 @@ def cmd_embed(args, settings: Settings) -> int:
 def cmd_verify(args, settings: Settings) -> int:
     from streamer.embed.verify import verify
 
-    report = verify(settings, against_topic=args.against_topic, tol=args.tol, against_graph=args.against_graph)
+    report = verify(
+        settings,
+        against_topic=args.against_topic,
+        tol=args.tol,
+        against_graph=args.against_graph or args.repair,
+        repair=args.repair,
+    )
     print(json.dumps(report, indent=2))
     return 0 if report["ok"] else 1
 
@@ -165,6 +171,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--tol", type=float, default=None, help="default: 1e-5 + the bounded mode's error bound (0 when exact)")
     p.add_argument("--against-topic", action="store_true", help="also compare with the last vector per key on kg.embeddings")
     p.add_argument("--against-graph", action="store_true", help="also compare the replica with the graph DB (nodes, edges)")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="with --against-graph: publish to kg.changes the changes that take the replica to the graph",
+    )
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("schema", help="print or write the JSON Schema of input events")

@@ -12,11 +12,14 @@ what catches a graph write whose change was never published).
 
 from __future__ import annotations
 
+import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 
+from streamer.contracts.changes import Change, edge_delete, edge_upsert, node_delete, node_upsert, split_key
 from streamer.contracts.vectors import F16_TOLERANCE, VectorRecord, decode_vector
 from streamer.embed.replica import Replica, block_ranges
 from streamer.embed.state import open_checkpoint
@@ -29,6 +32,7 @@ def verify(
     tol: float | None = None,
     against_graph: bool = False,
     topic_vectors: dict[str, VectorRecord] | None = None,
+    repair: bool = False,
 ) -> dict[str, Any]:
     """``tol`` defaults to 1e-5 plus the engine's reported error bound (0 in exact mode).
     ``topic_vectors``: the last record per key, when the caller has already read kg.embeddings
@@ -76,7 +80,7 @@ def verify(
         }
         ok = ok and missing == stale == wrong_version == not_tombstoned == 0
     if against_graph:
-        report["graph"] = compare_with_graph(engine.replica, settings)
+        report["graph"] = compare_with_graph(engine.replica, settings, repair=repair)
         ok = ok and report["graph"]["ok"]
     report["ok"] = ok
     return report
@@ -114,8 +118,10 @@ def graph_sets(settings: Settings) -> tuple[set[str], set[tuple[str, str, str]]]
     return nodes, edges
 
 
-def compare_with_graph(replica: Replica, settings: Settings, examples: int = 5) -> dict[str, Any]:
-    """Replica vs graph DB: nodes and edges each side has that the other does not."""
+def compare_with_graph(replica: Replica, settings: Settings, examples: int = 5, repair: bool = False) -> dict[str, Any]:
+    """Replica vs graph DB: nodes and edges each side has that the other does not. With
+    ``repair``, the changes that take the replica to the graph are published to kg.changes
+    (``repair_changes``); the worker applies them like any other change."""
     r_nodes, r_edges = replica_sets(replica)
     g_nodes, g_edges = graph_sets(settings)
     diff: dict[str, list[Any]] = {
@@ -130,7 +136,47 @@ def compare_with_graph(replica: Replica, settings: Settings, examples: int = 5) 
         if items:
             out[name + "_examples"] = [list(x) if isinstance(x, tuple) else x for x in items[:examples]]
     out["ok"] = not any(diff.values())
+    if repair and not out["ok"]:
+        from sinks.kafka_publisher import KafkaPublisher
+
+        changes = repair_changes(settings, g_nodes - r_nodes, r_nodes - g_nodes, g_edges - r_edges, r_edges - g_edges)
+        publisher = KafkaPublisher(settings, client_id="kgs-repair")
+        try:
+            out["repair_changes_published"] = publisher.publish(
+                settings.topic_changes, ((c.partition_key.encode(), c.to_json(), []) for c in changes)
+            )
+        finally:
+            publisher.close()
     return out
+
+
+def repair_changes(
+    settings: Settings,
+    add_nodes: set[str],
+    drop_nodes: set[str],
+    add_edges: set[tuple[str, str, str]],
+    drop_edges: set[tuple[str, str, str]],
+) -> list[Change]:
+    """Changes that take the replica to the graph: edge deletes, node deletes, node upserts
+    (products with their text from the graph), edge upserts; stamped now."""
+    from sinks import cypher
+    from sinks.graph_db import open_driver
+
+    now = int(time.time() * 1000)
+    products = sorted(split_key(k)[1] for k in add_nodes if split_key(k)[0] == "Product")
+    texts: dict[str, dict[str, Any]] = {}
+    if products:
+        with open_driver(settings) as driver:
+            rows, _, _ = driver.execute_query(cypher.PRODUCTS_BY_ID, ids=products, database_=settings.bolt_database)
+        texts = {r["id"]: dict(r) for r in rows}
+    out = [edge_delete(s, r, d, now) for s, r, d in sorted(drop_edges)]
+    out += [node_delete(*split_key(k), now) for k in sorted(drop_nodes)]
+    for key in sorted(add_nodes):
+        label, node_id = split_key(key)
+        props = {k: v for k, v in texts.get(node_id, {}).items() if k != "id"} if label == "Product" else {}
+        out.append(node_upsert(label, node_id, now, props))
+    out += [edge_upsert(s, r, d, now) for s, r, d in sorted(add_edges)]
+    return [replace(c, committed_ms=now, source_ms=now) for c in out]
 
 
 def last_vectors(settings: Settings, timeout_s: float = 600.0) -> dict[str, Any]:

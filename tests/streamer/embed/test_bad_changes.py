@@ -99,3 +99,33 @@ def test_a_relation_to_a_deleted_product_creates_nothing_and_the_replica_agrees(
     report = verify(settings, against_topic=True, against_graph=True)
     assert report["ok"], json.dumps(report, indent=2)
     assert report["graph"]["edges"] > 0 and report["graph"]["nodes_only_in_graph"] == 0
+
+
+def test_a_replica_that_missed_changes_is_found_and_repaired(settings, prefix):
+    """The broker loses changelog records (an unclean restart): the graph has what the replica
+    lacks. ``verify --against-graph`` finds it, ``--repair`` publishes the changes that close the
+    gap, and the worker applies them like any others."""
+    produce_events(settings, sample_events(prefix, products=8))
+    ingest_consumer(settings).run(until_caught_up=True, max_seconds=120)
+    embed_consumer(settings).run(until_caught_up=True, max_seconds=180)
+    # what a lost change looks like: written to the graph, never published
+    query(
+        settings,
+        "MERGE (p:Product {id: $id}) SET p.title = 'lost', p.ts = 1, p.version = 0, p.deleted = false",
+        id=f"{prefix}LOST",
+    )
+    query(
+        settings,
+        "MATCH (u:User {id: $u}), (p:Product {id: $p}) MERGE (u)-[r:PURCHASED]->(p) SET r.count = 1, r.first_ts = 1",
+        u=f"{prefix}U0",
+        p=f"{prefix}LOST",
+    )
+    dropped = query(settings, "MATCH (:User {id: $u})-[r]->(:Product) WITH r LIMIT 1 DELETE r RETURN 1 AS n", u=f"{prefix}U1")
+    assert dropped == [{"n": 1}]
+    report = verify(settings, against_graph=True, repair=True)
+    graph = report["graph"]
+    assert not graph["ok"] and graph["nodes_only_in_graph"] == 1 and graph["edges_only_in_graph"] == 1
+    assert graph["edges_only_in_replica"] >= 1 and graph["repair_changes_published"] >= 3
+    embed_consumer(settings).run(until_caught_up=True, max_seconds=180)
+    after = verify(settings, against_topic=True, against_graph=True)
+    assert after["ok"], json.dumps(after, indent=2)
