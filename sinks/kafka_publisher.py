@@ -4,6 +4,12 @@
 only when each record is acknowledged (acks=all); any failure raises ``PublishFailed`` and the
 caller must not commit the offsets the records cover. Retries are safe for ordering because
 at most one request per connection is in flight.
+
+A publish waits at most ``timeout_s`` (metadata, buffer space and acknowledgements together),
+so a broker that is down turns into ``PublishFailed`` (backpressure upstream) within seconds,
+not minutes. After a failure the producer is replaced by a new one: a broker that restarted
+without its producer state answers the old producer's sequence numbers with
+OutOfOrderSequenceNumber, and a fresh producer starts clean.
 """
 
 from __future__ import annotations
@@ -22,29 +28,51 @@ class PublishFailed(Exception):
 
 
 class KafkaPublisher:
-    def __init__(self, settings: Settings, client_id: str = "kg-streamer"):
-        self.producer = KafkaProducer(
-            bootstrap_servers=settings.bootstrap_servers,
-            client_id=client_id,
+    def __init__(self, settings: Settings, client_id: str = "kg-streamer", timeout_s: float = 20.0):
+        self.settings = settings
+        self.client_id = client_id
+        self.timeout_s = timeout_s
+        self.producer: KafkaProducer | None = self._new_producer()
+
+    def _new_producer(self) -> KafkaProducer:
+        return KafkaProducer(
+            bootstrap_servers=self.settings.bootstrap_servers,
+            client_id=self.client_id,
             acks="all",
             linger_ms=5,
             batch_size=256 * 1024,
             retries=5,
             max_in_flight_requests_per_connection=1,
-            request_timeout_ms=30_000,
+            request_timeout_ms=int(self.timeout_s * 1000),
+            max_block_ms=int(self.timeout_s * 1000),
+            max_request_size=4 * 1024 * 1024,
         )
 
-    def publish(self, topic: str, records: Iterable[Record], timeout_s: float = 60.0) -> int:
-        futures = [self.producer.send(topic, key=key, value=value, headers=headers) for key, value, headers in records]
-        if not futures:
-            return 0
-        self.producer.flush(timeout=timeout_s)
-        for future in futures:
-            try:
+    def publish(self, topic: str, records: Iterable[Record]) -> int:
+        try:
+            if self.producer is None:
+                self.producer = self._new_producer()
+            producer = self.producer
+            futures = [producer.send(topic, key=key, value=value, headers=headers) for key, value, headers in records]
+            if not futures:
+                return 0
+            producer.flush(timeout=self.timeout_s)
+            for future in futures:
                 future.get(timeout=0)
-            except Exception as exc:
-                raise PublishFailed(f"{topic}: {exc}") from exc
+        except Exception as exc:
+            self._replace()
+            raise PublishFailed(f"{topic}: {type(exc).__name__}: {exc}") from exc
         return len(futures)
 
+    def _replace(self) -> None:
+        """Drop the producer; the next publish makes a new one (the broker may still be down)."""
+        if self.producer is not None:
+            try:
+                self.producer.close(timeout=0)
+            except Exception:  # noqa: BLE001 - a broken producer may fail to close; it is dropped anyway
+                pass
+        self.producer = None
+
     def close(self) -> None:
-        self.producer.close(timeout=10)
+        if self.producer is not None:
+            self.producer.close(timeout=10)
