@@ -651,7 +651,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             log(f"replica differs from the graph ({first_audit['graph']}); {repaired} repair changes published")
             from streamer.embed.worker import embed_consumer
 
-            embed_consumer(base.model_copy(update={"group_instance_id": None})).run(until_caught_up=True, max_seconds=600)
+            # as the worker's own static member: a new dynamic member would wait for the stopped
+            # one to rejoin (noida never evicts it), a replacement takes its place at once
+            embed_consumer(embed.settings.model_copy(update={"metrics_addr": ""})).run(until_caught_up=True, max_seconds=600)
         watch.at_end = False
         deadline = time.monotonic() + 900
         while not watch.at_end and time.monotonic() < deadline:  # the watch has read every vector

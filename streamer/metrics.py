@@ -30,6 +30,11 @@ GRAPH_ERRORS = Counter(
     "Graph transactions that failed, by outcome (transient, unavailable, rejected).",
     ["group", "outcome"],
 )
+CLIENT_REBUILDS = Counter(
+    "kgs_consumer_client_rebuilds_total",
+    "Times a consumer rebuilt its Kafka client because the group coordinator stayed unreachable (consumer_stall_s).",
+    ["group"],
+)
 LOG_TRUNCATIONS = Counter(
     "kgs_log_truncations_total",
     "Times a partition's log end was found below the consumer's position (the broker lost acknowledged records).",

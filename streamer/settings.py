@@ -63,6 +63,12 @@ class Settings(BaseSettings):
         "is latency a quiet stream pays on every batch; measured in docs/reliability.md)",
     )
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    consumer_stall_s: float = Field(
+        30.0,
+        gt=0,
+        description="seconds a consumer may go without records while its group coordinator cannot be reached "
+        "before the Kafka client is rebuilt (kafka-python can stay stuck after a broker restart)",
+    )
     group_instance_id: str | None = Field(
         None,
         description="static group membership (KIP-345), e.g. the pod name: a restarted consumer takes its "

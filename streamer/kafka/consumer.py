@@ -36,7 +36,15 @@ Lifecycle (one thread; kafka-python heartbeats from its own thread):
    this member still holds are rewound to the batch's first offsets: the work is durable and
    idempotent, so whoever owns a partition next replays it, and ``caught_up`` cannot call a
    partition whose last batch is uncommitted done.
-7. **stop** -- SIGTERM/SIGINT set the stop flag: the batch in hand is finished through commit
+7. **stuck client** -- kafka-python can stay stuck after a broker restart: it never finds the
+   group coordinator again, rejoins nothing and fetches nothing, while the poll loop spins
+   (seen with noida-db). When no record has arrived for ``consumer_stall_s``, the consumer asks
+   the coordinator for a committed offset (``OffsetFetch``, 5 s bound); while that fails for
+   another ``consumer_stall_s`` it rebuilds the client: the batch in hand is dropped uncommitted
+   (as on a revoke), the old client is closed without a commit, and a new one subscribes with
+   the same group and instance id and reads on from the committed offsets
+   (``kgs_consumer_client_rebuilds_total``).
+8. **stop** -- SIGTERM/SIGINT set the stop flag: the batch in hand is finished through commit
    (or, while backpressure holds it, abandoned uncommitted), every step's ``close(finished)``
    runs (``finished`` is False when a batch was abandoned), then the clients close.
 
@@ -344,6 +352,9 @@ class BatchingConsumer:
         self.retry_at = 0.0
         self.dropped: dict[TopicPartition, int] = {}  # first offsets of a batch dropped on revoke
         self.stopping = False
+        self.client_id = client_id
+        self.alive_at = time.monotonic()  # the last time records arrived or the coordinator answered
+        self.unreachable_since: float | None = None  # the coordinator probe has failed since then
         self.consumer.subscribe(self.topics, listener=_Rebalance(self))
 
     @property
@@ -376,6 +387,7 @@ class BatchingConsumer:
                 step.start()
             while not self.stopping and not (deadline and time.monotonic() > deadline):
                 self.poll_once()
+                self.check_client()
                 if self.batch_ready():
                     self.process_batch()
                 if until_caught_up and not self.batch.records and caught_up(self.consumer):
@@ -439,7 +451,48 @@ class BatchingConsumer:
                 m.LOG_TRUNCATIONS.labels(self.group, tp.topic, str(tp.partition)).inc()
                 self.consumer.seek(tp, highwater)
 
+    def check_client(self) -> None:
+        """Rebuild a Kafka client that cannot reach its group coordinator (module docstring, 7)."""
+        now = time.monotonic()
+        if now - self.alive_at < self.settings.consumer_stall_s:
+            return
+        try:
+            self.consumer.committed(TopicPartition(self.topics[0], 0), timeout_ms=5000)
+        except Exception as exc:  # noqa: BLE001 - any failure to reach the coordinator counts
+            if self.unreachable_since is None:
+                self.unreachable_since = now
+                quiet_s = now - self.alive_at
+                log.warning("%s: no records for %.0fs and the group coordinator does not answer (%s)", self.group, quiet_s, exc)
+            if time.monotonic() - self.unreachable_since >= self.settings.consumer_stall_s:
+                self.rebuild_client()
+            return
+        self.alive_at = time.monotonic()
+        self.unreachable_since = None
+
+    def rebuild_client(self) -> None:
+        log.error(
+            "%s: the group coordinator has not answered for %.0fs: rebuilding the Kafka client (reading on from the commits)",
+            self.group,
+            time.monotonic() - (self.unreachable_since or self.alive_at),
+        )
+        m.CLIENT_REBUILDS.labels(self.group).inc()
+        self.drop_batch()
+        self.dropped = {}  # the new client starts from the committed offsets
+        try:
+            self.consumer.close(autocommit=False, timeout_ms=5000)
+        except Exception:  # the old client is being thrown away
+            log.exception("%s: closing the stuck client", self.group)
+        self.consumer = make_consumer(self.settings, self.group, self.client_id, self.max_batch)
+        commit = self.steps[-1]
+        assert isinstance(commit, CommitOffsets)
+        commit.consumer = self.consumer
+        self.consumer.subscribe(self.topics, listener=_Rebalance(self))
+        self.alive_at = time.monotonic()
+        self.unreachable_since = None
+
     def add(self, polled: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        if polled:
+            self.alive_at = time.monotonic()
         for tp, records in polled.items():
             m.EVENTS_CONSUMED.labels(self.group, tp.topic).inc(len(records))
             if not self.batch.records:

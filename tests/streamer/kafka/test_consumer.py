@@ -115,3 +115,59 @@ def test_refused_commit_rewinds_so_caught_up_waits_for_the_replay(settings, brok
             joiner.join(timeout=10)
         first.close()
         second.close()
+
+
+class _Collect:
+    """A step that keeps what it is given (the chain's contract: ``process`` sees whole batches)."""
+
+    def __init__(self) -> None:
+        self.values: list[bytes] = []
+        self.stats = None
+
+    def start(self) -> None:
+        pass
+
+    def process(self, batch) -> None:
+        self.values.extend(r.value for r in batch.records)
+
+    def on_revoked(self) -> None:
+        pass
+
+    def on_assigned(self, consumer, partitions) -> None:
+        pass
+
+    def close(self, finished: bool) -> None:
+        pass
+
+
+def test_a_client_cut_off_from_its_coordinator_is_rebuilt_and_reads_on(make_services):
+    """The broker goes away for longer than ``consumer_stall_s`` twice over: the consumer rebuilds
+    its Kafka client (counted) and, once the broker is back, reads what is produced after, with
+    nothing skipped and nothing read twice past the commit."""
+    from streamer import metrics as m
+    from streamer.kafka.consumer import BatchingConsumer
+    from streamer.kafka.topics import ensure_topics
+
+    services = make_services(("broker",), local_broker="noida")
+    settings = services.settings.model_copy(update={"consumer_stall_s": 2.0, "session_timeout_ms": 6000})
+    ensure_topics(settings)
+    group = f"stall-{time.monotonic_ns()}"
+    collect = _Collect()
+    consumer = BatchingConsumer(settings, group, [settings.topic_products], "t-stall", [collect], max_batch=50, max_wait_s=0.05)
+    rebuilds = m.CLIENT_REBUILDS.labels(group)
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    thread.start()
+    try:
+        produce(settings, ((settings.topic_products, f"a{i}".encode(), f"a{i}".encode()) for i in range(10)))
+        wait_for(lambda: len(collect.values) >= 10, timeout_s=60, what="the first messages")
+        before = rebuilds._value.get()
+        services.down(("broker",))
+        wait_for(lambda: rebuilds._value.get() > before, timeout_s=60, what="a client rebuild while the broker is down")
+        services.up(("broker",))
+        produce(settings, ((settings.topic_products, f"b{i}".encode(), f"b{i}".encode()) for i in range(10)))
+        wait_for(lambda: {f"b{i}".encode() for i in range(10)} <= set(collect.values), timeout_s=90, what="the messages after")
+        assert thread.is_alive()
+        assert sorted(set(collect.values)) == sorted({f"{p}{i}".encode() for p in "ab" for i in range(10)})
+    finally:
+        consumer.stop()
+        thread.join(60)
