@@ -81,3 +81,18 @@ class DeadLetter:
             headers.append(("kgs.original.null", b"key,value"))
             value = b""
         return key, value, headers
+
+
+def source_of(headers: list[tuple[str, bytes]] | None) -> tuple[str, int, int] | None:
+    """(topic, partition, offset) of the message a dead letter stands for, read from its
+    ``__connect.errors.*`` headers (the last of each name: ours come after the original
+    message's own headers); None when they are missing or malformed."""
+    found = dict(headers or [])
+    try:
+        return (
+            bytes(found["__connect.errors.topic"]).decode(),
+            int(found["__connect.errors.partition"]),
+            int(found["__connect.errors.offset"]),
+        )
+    except (KeyError, ValueError, TypeError, UnicodeDecodeError):
+        return None

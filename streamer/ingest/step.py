@@ -18,6 +18,8 @@ pause/resume, rebalance and the commit, always the last step). Contract of
    node) and the dead letters to ``kg.dlq``; both wait for the broker's acknowledgement. A
    broker that does not acknowledge is backpressure too: the batch comes again, the version
    guards make the second write a no-op and the "current" reads republish its changes.
+   A dead letter already on ``kg.dlq`` for the same source offset (a replayed batch) is not
+   sent again (``streamer.ingest.dead_letter_ledger``, loaded on every assignment).
 
 Then the consumer commits. A crash anywhere before the commit replays the batch, which the
 version guards make harmless (and the changes are republished, so the embedding worker
@@ -43,6 +45,7 @@ from streamer import metrics as m
 from streamer.contracts.changes import Change
 from streamer.contracts.dead_letters import DeadLetter
 from streamer.contracts.events import Event, InvalidEvent, decode_event
+from streamer.ingest.dead_letter_ledger import DeadLetterLedger
 from streamer.ingest.plan import plan_batch
 from streamer.kafka.consumer import Backpressure, Batch, BatchingConsumer, UnreadableRecord, unreadable_reason
 from streamer.settings import Settings
@@ -57,6 +60,7 @@ class IngestStats:
     events_in: int = 0
     events_applied: int = 0
     dead_letters: int = 0
+    dead_letters_not_resent: int = 0  # a replayed batch's dead letters already on kg.dlq
     nodes_written: int = 0
     relationships_written: int = 0
     changes_published: int = 0
@@ -75,6 +79,7 @@ class IngestStats:
             "events_applied": self.events_applied,
             "dead_letters": self.dead_letters,
             "dead_letters_by_class": dict(self.by_error),
+            "dead_letters_not_resent": self.dead_letters_not_resent,
             "nodes_written": self.nodes_written,
             "relationships_written": self.relationships_written,
             "changes_published": self.changes_published,
@@ -116,6 +121,9 @@ class IngestStep:
         self.graph = graph or GraphSink(settings)
         self.publisher = publisher or KafkaPublisher(settings, client_id="kg-ingest")
         self.stats = IngestStats()
+        self.ledger = DeadLetterLedger(settings)
+        self.ledger_for: set[Any] | None = None  # partitions to load the ledger for, before the next batch
+        self.consumer: Any = None
 
     def start(self) -> None:
         m.init_labels(self.group, "ingest")
@@ -134,8 +142,7 @@ class IngestStep:
                 self.publisher.publish(
                     self.settings.topic_changes, ((c.partition_key.encode(), c.to_json(), []) for c in written.changes)
                 )
-                max_bytes = self.settings.dlq_max_value_bytes
-                self.publisher.publish(self.settings.topic_dlq, (d.to_kafka(max_bytes) for d in dead + written.dead))
+                self.publish_dead_letters(dead + written.dead, batch)
         except GraphUnavailable as exc:
             m.GRAPH_ERRORS.labels(self.group, "unavailable").inc()
             raise Backpressure(f"graph DB unavailable: {exc}", self.settings.backpressure_pause_s) from exc
@@ -147,7 +154,20 @@ class IngestStep:
         pass
 
     def on_assigned(self, consumer: Any, partitions: Any) -> None:
-        pass
+        # runs on kafka-python's IO thread, where nothing may block: the ledger loads before the next batch
+        self.consumer, self.ledger_for = consumer, set(partitions)
+
+    def publish_dead_letters(self, dead: list[DeadLetter], batch: Batch) -> None:
+        """Send the dead letters not already on kg.dlq (a replay), and remember them."""
+        if self.ledger_for is not None:
+            self.ledger.load(self.consumer, self.ledger_for)
+            self.ledger_for = None
+        self.ledger.forget_below(batch.first_offsets())
+        fresh = [d for d in dead if (d.topic, d.partition, d.offset) not in self.ledger]
+        self.stats.dead_letters_not_resent += len(dead) - len(fresh)
+        max_bytes = self.settings.dlq_max_value_bytes
+        self.publisher.publish(self.settings.topic_dlq, (d.to_kafka(max_bytes) for d in fresh))
+        self.ledger.add((d.topic, d.partition, d.offset) for d in fresh)
 
     def close(self, finished: bool) -> None:
         for close in (self.publisher.close, self.graph.close):

@@ -1,0 +1,135 @@
+"""Which input messages already have a dead letter on ``kg.dlq``, so a replay does not send another.
+
+A batch is replayed from the committed offsets after a crash (kill -9 between the dead letters'
+acknowledgement and the commit), a refused commit, a rebalance or a rebuilt client. Its graph
+writes and changes are idempotent; a dead letter sent again would be a duplicate on ``kg.dlq``.
+
+``DeadLetterLedger`` holds the source ``(topic, partition, offset)`` of every dead letter that a
+replay could meet again:
+
+* **on assignment** (``load``) it reads ``kg.dlq`` from the oldest commit time of the assigned
+  partitions (the commit metadata's ``ts``, less ``CLOCK_MARGIN_S`` for skew between hosts; from
+  the beginning for a partition never committed) to its end, keeping the dead letters of the
+  assigned partitions at or past their committed offsets. A dead letter for an offset past a
+  commit made at time T was sent after T by whoever processed that batch, so nothing older is
+  needed. The read is bounded by ``budget_s``; past it the ledger is incomplete (logged) and a
+  replay may duplicate a dead letter, never lose one.
+* **as it goes** (``add``) it keeps what this process sent, so a batch replayed in the same
+  process (a refused commit) is covered too; ``forget_below`` drops what no replay can reach
+  (offsets below the first offset of the batch in hand: replays start at the committed
+  offset, which is never above it).
+
+Dead letters are still counted as such; only the send is skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+from kafka import KafkaConsumer
+from kafka.errors import KafkaError
+from kafka.structs import TopicPartition
+
+from streamer.contracts.dead_letters import source_of
+from streamer.kafka.consumer import parse_commit_metadata
+from streamer.settings import Settings
+
+log = logging.getLogger(__name__)
+
+CLOCK_MARGIN_S = 300.0
+Source = tuple[str, int, int]
+
+
+class DeadLetterLedger:
+    def __init__(self, settings: Settings, budget_s: float = 30.0):
+        self.settings = settings
+        self.budget_s = budget_s
+        self.sent: set[Source] = set()
+
+    def __contains__(self, source: Source) -> bool:
+        return source in self.sent
+
+    def add(self, sources: Iterable[Source]) -> None:
+        self.sent.update(sources)
+
+    def forget_below(self, first: dict[TopicPartition, int]) -> None:
+        self.sent = {s for s in self.sent if s[2] >= first.get(TopicPartition(s[0], s[1]), -1)}
+
+    def load(self, consumer: KafkaConsumer, partitions: Iterable[TopicPartition]) -> int:
+        """Rebuild from ``kg.dlq`` for ``partitions`` (this member's assignment); returns how
+        many dead letters it now knows of."""
+        committed: dict[TopicPartition, int] = {}
+        since_s: float | None = None
+        for tp in partitions:
+            try:
+                meta = consumer.committed(tp, metadata=True, timeout_ms=10_000)
+            except (KafkaError, TypeError):
+                meta = None
+            if meta is None:
+                committed[tp], since = 0, 0.0
+            else:
+                committed[tp] = meta.offset
+                since = parse_commit_metadata(meta.metadata) or 0.0
+            since_s = since if since_s is None else min(since_s, since)
+        self.sent = {s for s in self.sent if TopicPartition(s[0], s[1]) in committed}
+        if not committed:
+            return len(self.sent)
+        began = time.monotonic()
+        found = self.read_dlq(max(0.0, (since_s or 0.0) - CLOCK_MARGIN_S), committed)
+        self.sent |= found
+        log.info(
+            "%d dead letters already on %s for the assigned partitions (read in %.1fs)",
+            len(found),
+            self.settings.topic_dlq,
+            time.monotonic() - began,
+        )
+        return len(self.sent)
+
+    def read_dlq(self, since_s: float, committed: dict[TopicPartition, int]) -> set[Source]:
+        found: set[Source] = set()
+        reader = KafkaConsumer(
+            bootstrap_servers=self.settings.bootstrap_servers,
+            group_id=None,
+            enable_auto_commit=False,
+            client_id="kgs-dlq-ledger",
+            fetch_max_wait_ms=self.settings.fetch_max_wait_ms,
+        )
+        try:
+            tps = [
+                TopicPartition(self.settings.topic_dlq, p)
+                for p in sorted(reader.partitions_for_topic(self.settings.topic_dlq) or ())
+            ]
+            if not tps:
+                return found
+            reader.assign(tps)
+            starts = reader.offsets_for_times({tp: int(since_s * 1000) for tp in tps}) if since_s > 0 else {}
+            for tp in tps:
+                start = starts.get(tp)
+                if since_s > 0 and start is None:
+                    reader.seek_to_end(tp)  # nothing sent since then
+                elif start is not None:
+                    reader.seek(tp, start.offset)
+                else:
+                    reader.seek_to_beginning(tp)
+            deadline = time.monotonic() + self.budget_s
+            while time.monotonic() < deadline:
+                for records in reader.poll(timeout_ms=200).values():
+                    for r in records:
+                        source = source_of(r.headers)
+                        if source is None:
+                            continue
+                        tp = TopicPartition(source[0], source[1])
+                        if tp in committed and source[2] >= committed[tp]:
+                            found.add(source)
+                if all(reader.highwater(tp) is not None and reader.position(tp) >= reader.highwater(tp) for tp in tps):
+                    return found
+            log.warning(
+                "reading %s took longer than %.0fs: a replayed batch may send a dead letter twice",
+                self.settings.topic_dlq,
+                self.budget_s,
+            )
+            return found
+        finally:
+            reader.close()
