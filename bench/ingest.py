@@ -157,10 +157,10 @@ class TimedGraphSink(GraphSink):
         super().__init__(settings)
         self.writes: list[tuple[int, float]] = []
 
-    def write(self, batch):  # type: ignore[override]
+    def write(self, batch, source_ms=None):  # type: ignore[no-untyped-def]
         t0 = time.perf_counter()
         try:
-            return super().write(batch)
+            return super().write(batch, source_ms)
         finally:
             self.writes.append((batch.events, time.perf_counter() - t0))
 

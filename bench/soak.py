@@ -425,16 +425,22 @@ def canonical_graph(settings: Settings) -> tuple[set[str], set[str]]:
     return nodes, rels
 
 
-def broker_losses(settings: Settings, acks: list[tuple[str, int, int, bytes]]) -> tuple[int, set[str]]:
-    """Inputs the broker acknowledged that are not in its log now (an unclean broker restart),
-    and the ids of the entities they touch."""
+def broker_losses(settings: Settings, acks: list[tuple[str, int, int, bytes]]) -> tuple[int, int, set[str]]:
+    """What an unclean broker restart did to the inputs: how many acknowledged inputs are not
+    in its log now, how many were acknowledged at an offset the broker had already acknowledged
+    for another record (it hands the lost offsets out again, so a consumer already past them
+    never sees the new records there), and the ids of the entities all of those touch."""
     log_now: dict[tuple[str, int, int], bytes] = {}
     for topic in settings.input_topics:
         for r in read_to_end(settings, topic):
             log_now[(r.topic, r.partition, r.offset)] = r.value
     lost = [value for topic, partition, offset, value in acks if log_now.get((topic, partition, offset)) != value]
+    by_offset: dict[tuple[str, int, int], list[bytes]] = {}
+    for topic, partition, offset, value in acks:
+        by_offset.setdefault((topic, partition, offset), []).append(value)
+    reused = [v for values in by_offset.values() if len(values) > 1 for v in values[1:]]
     ids: set[str] = set()
-    for value in lost:
+    for value in lost + reused:
         try:
             event = json.loads(value)
         except ValueError:
@@ -448,7 +454,7 @@ def broker_losses(settings: Settings, acks: list[tuple[str, int, int, bytes]]) -
             node = event.get(end)
             if isinstance(node, dict):
                 ids.add(f"{node.get('label')}:{node.get('id')}")
-    return len(lost), ids
+    return len(lost), len(reused), ids
 
 
 def entity_ids(line: str) -> set[str]:
@@ -636,7 +642,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ref_stats = ingest_consumer(ref_settings).run(until_caught_up=True, max_seconds=1800)
         got_nodes, got_rels = canonical_graph(base)
         want_nodes, want_rels = canonical_graph(ref_settings)
-        broker_lost, lost_ids = broker_losses(base, producer.acks)
+        broker_lost, broker_reused, lost_ids = broker_losses(base, producer.acks)
         missing = (want_nodes - got_nodes) | (want_rels - got_rels)
         extra = (got_nodes - want_nodes) | (got_rels - want_rels)
         # differences on entities whose acknowledged input the broker lost are the broker's
@@ -668,6 +674,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             caught_up=caught_up,
             faults=faults,
             broker_lost_acknowledged=broker_lost,
+            broker_reused_offsets=broker_reused,
             differences_on_entities_the_broker_lost_input_for=len(broker_missing | broker_extra),
             lost=len(missing),
             extra=len(extra),

@@ -264,3 +264,25 @@ def nasty_event_cases(prefix: str = "") -> list[tuple[str, bytes, bool]]:
 
 
 NASTY_EVENT_CASES = nasty_event_cases()
+
+
+class PassStep:
+    """A consumer step that does nothing (``streamer.kafka.consumer.Step``); tests override
+    ``process`` to stage what a step may do to a batch."""
+
+    stats = None
+
+    def start(self) -> None:
+        pass
+
+    def process(self, batch: Any) -> None:
+        pass
+
+    def on_revoked(self) -> None:
+        pass
+
+    def on_assigned(self, consumer: Any, partitions: Any) -> None:
+        pass
+
+    def close(self, finished: bool) -> None:
+        pass

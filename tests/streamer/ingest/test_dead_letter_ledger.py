@@ -15,32 +15,18 @@ import pytest
 
 from streamer.ingest.step import IngestStep
 from streamer.kafka.consumer import BatchingConsumer
-from tests.helpers import event_message, produce, read_topic, sample_events
+from tests.helpers import PassStep, event_message, produce, read_topic, sample_events
 
 
 class Crash(Exception):
     pass
 
 
-class CrashAfterIngest:
+class CrashAfterIngest(PassStep):
     """A step that fails every batch: what the ingest step made durable stays uncommitted."""
-
-    stats = None
-
-    def start(self) -> None:
-        pass
 
     def process(self, batch) -> None:
         raise Crash("killed between the acknowledgement and the commit")
-
-    def on_revoked(self) -> None:
-        pass
-
-    def on_assigned(self, consumer, partitions) -> None:
-        pass
-
-    def close(self, finished: bool) -> None:
-        pass
 
 
 def consumer_with(settings, steps) -> BatchingConsumer:

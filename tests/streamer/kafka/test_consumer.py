@@ -18,7 +18,7 @@ from kafka.structs import TopicPartition
 
 from streamer.kafka.consumer import caught_up, commit_after, make_consumer
 from tests.conftest import wait_for
-from tests.helpers import produce
+from tests.helpers import PassStep, produce
 
 
 def _poll_all(consumer: KafkaConsumer, expect: int, timeout_s: float = 30.0) -> list:
@@ -117,27 +117,14 @@ def test_refused_commit_rewinds_so_caught_up_waits_for_the_replay(settings, brok
         second.close()
 
 
-class _Collect:
+class _Collect(PassStep):
     """A step that keeps what it is given (the chain's contract: ``process`` sees whole batches)."""
 
     def __init__(self) -> None:
         self.values: list[bytes] = []
-        self.stats = None
-
-    def start(self) -> None:
-        pass
 
     def process(self, batch) -> None:
         self.values.extend(r.value for r in batch.records)
-
-    def on_revoked(self) -> None:
-        pass
-
-    def on_assigned(self, consumer, partitions) -> None:
-        pass
-
-    def close(self, finished: bool) -> None:
-        pass
 
 
 def test_a_client_cut_off_from_its_coordinator_is_rebuilt_and_reads_on(make_services):

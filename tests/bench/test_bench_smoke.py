@@ -1,0 +1,123 @@
+"""Every bench in ``bench/`` runs, on a tiny input, and prints the JSON it promises.
+
+Nothing else runs the benches, and a bench nobody runs rots (``bench/ingest.py`` crashed on a
+changed ``GraphSink.write`` signature for a while). These are smoke runs, not measurements:
+they check that each bench gets to its report with its fields, never a speed. The real runs,
+their commands and their numbers are in docs/performance.md and docs/reliability.md;
+``bench/soak.py`` has its own test (test_soak.py).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import full_dataset
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_bench(args: list[str], timeout_s: float = 420) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    return proc
+
+
+@pytest.fixture
+def retail_csv() -> Path:
+    return full_dataset("online_retail/online_retail.csv.gz")
+
+
+def test_ingest_bench(tmp_path, retail_csv):
+    out = tmp_path / "ingest.json"
+    run_bench(
+        [
+            "bench/ingest.py",
+            str(retail_csv),
+            "--limit",
+            "3000",
+            "--warmup-events",
+            "0",
+            "--batch-size",
+            "500",
+            "--baseline-events",
+            "50",
+            "--state-root",
+            str(tmp_path),
+            "--output",
+            str(out),
+        ]
+    )
+    report = json.loads(out.read_text())
+    text = json.dumps(report)
+    assert "events_per_s" in text and "baseline" in text, sorted(report)
+
+
+def test_pipeline_bench(tmp_path, retail_csv):
+    proc = run_bench(["bench/pipeline.py", "--data", str(retail_csv), "--limit", "2000"])
+    report = json.loads(proc.stdout[proc.stdout.index("{") :])
+    assert report, proc.stdout[-2000:]
+
+
+def test_incremental_bench(tmp_path, retail_csv):
+    out = tmp_path / "incremental.json"
+    run_bench(
+        [
+            "bench/incremental.py",
+            "--datasets",
+            "synth:tiny",
+            "--batch-sizes",
+            "1,10",
+            "--full-reps",
+            "1",
+            "--no-hubs",
+            "--burst",
+            "0",
+            "--khop-budget-s",
+            "5",
+            "--fresh",
+            "--output",
+            str(out),
+        ]
+    )
+    rows = json.loads(out.read_text())
+    sizes = {r.get("batch_size") for r in rows if r.get("kind") == "batch" and r.get("dataset") == "synth:tiny"}
+    assert sizes >= {1, 10}, rows[:3]
+
+
+def test_between_batches_bench(retail_csv):
+    proc = run_bench(["bench/between_batches.py", "--rounds", "1", "--per-round", "2", "--retail", str(retail_csv)])
+    assert json.loads(proc.stdout[proc.stdout.index("{") :])
+
+
+def test_quality_bench(tmp_path):
+    full_dataset("online_retail/online_retail.csv.gz")
+    report = tmp_path / "quality.json"
+    run_bench(
+        [
+            "bench/quality.py",
+            "--datasets",
+            "online_retail",
+            "--sweep",
+            "none",
+            "--epochs",
+            "1",
+            "--max-steps-per-epoch",
+            "2",
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--report",
+            str(report),
+        ],
+        timeout_s=600,
+    )
+    assert json.loads(report.read_text())
+
+
+def test_report_tables():
+    proc = run_bench(["bench/report.py", str(ROOT / "bench" / "results" / "incremental.json")], timeout_s=60)
+    assert "|" in proc.stdout
