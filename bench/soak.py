@@ -4,8 +4,10 @@
                          [--data online-retail | sample] [--seed 1] [--out bench/results/soak.json]
                          [--plots docs/reliability]
 
-Setup: the embedded services in a temporary state dir (noida-db, which persists, so that the
-broker can restart without losing data; ArcadeDB), ``kg-streamer ingest`` and ``kg-streamer
+Setup: the embedded services in a temporary state dir (noida-db by default, which persists,
+so that the broker can restart at all, though it loses records it acknowledged when it
+restarts under load, see ``lost`` below; ``--broker tansu`` keeps everything in memory and has
+no ``restart_broker``; ArcadeDB), ``kg-streamer ingest`` and ``kg-streamer
 embed`` as separate OS processes (static group membership, metrics served), and a producer in
 this process that replays real data at ``--rate`` events/s with event times re-based to the
 wall clock (the data set is cycled when it runs out: the next pass repeats its purchases at
@@ -27,7 +29,13 @@ Checks at the end, independent of the code under test:
   (``verify --against-topic``);
 * ``dlq_found`` == ``dlq_expected``: every invalid message on kg.dlq exactly once (by source
   topic, partition and offset), none of the valid ones;
-* ``lost``: nodes and relationships of the reference missing from the graph under test.
+* ``lost``: nodes and relationships of the reference missing from the graph under test
+  (``extra``: the other way round), leaving out those of entities whose input the broker
+  lost: an acknowledged record missing from its log at the end, or one acknowledged at an
+  offset the broker had acknowledged before for another record (it hands out lost offsets
+  again; a consumer already past them never sees what lands there). Those are counted apart
+  (``broker_lost_acknowledged``, ``broker_reused_offsets``,
+  ``differences_on_entities_the_broker_lost_input_for``).
 
 Reports: sustained rate, freshness (produce to published vector: ``published_ms -
 source_ms`` of every record on kg.embeddings) p50/p99/max in steady state and in the minute

@@ -36,13 +36,15 @@ Lifecycle (one thread; kafka-python heartbeats from its own thread):
    this member still holds are rewound to the batch's first offsets: the work is durable and
    idempotent, so whoever owns a partition next replays it, and ``caught_up`` cannot call a
    partition whose last batch is uncommitted done.
-7. **stuck client** -- kafka-python can stay stuck after a broker restart: it never finds the
-   group coordinator again, rejoins nothing and fetches nothing, while the poll loop spins
-   (seen with noida-db). When no record has arrived for ``consumer_stall_s``, the consumer asks
-   the coordinator for a committed offset (``OffsetFetch``, 5 s bound); while that fails for
-   another ``consumer_stall_s`` it rebuilds the client: the batch in hand is dropped uncommitted
-   (as on a revoke), the old client is closed without a commit, and a new one subscribes with
-   the same group and instance id and reads on from the committed offsets
+7. **stuck client** -- kafka-python can stay stuck in its group protocol (seen with noida-db,
+   after a broker restart and after a static member took a dead one's place): it never
+   finishes a rejoin, or never finds the group coordinator again, and fetches nothing while
+   the poll loop spins. The consumer rebuilds its client when (a) its partitions were revoked,
+   or it subscribed, and no assignment (an empty one counts) has come for ``consumer_stall_s``,
+   or (b) no record has arrived for ``consumer_stall_s`` and the coordinator has not answered
+   an ``OffsetFetch`` (5 s bound) for another ``consumer_stall_s``. A rebuild drops the batch
+   in hand uncommitted (as on a revoke), closes the old client without a commit and subscribes
+   a new one with the same group and instance id, which reads on from the committed offsets
    (``kgs_consumer_client_rebuilds_total``).
 8. **stop** -- SIGTERM/SIGINT set the stop flag: the batch in hand is finished through commit
    (or, while backpressure holds it, abandoned uncommitted), every step's ``close(finished)``
@@ -355,6 +357,7 @@ class BatchingConsumer:
         self.client_id = client_id
         self.alive_at = time.monotonic()  # the last time records arrived or the coordinator answered
         self.unreachable_since: float | None = None  # the coordinator probe has failed since then
+        self.joining_since: float | None = None  # subscribed or revoked, and no assignment since
         self.consumer.subscribe(self.topics, listener=_Rebalance(self))
 
     @property
@@ -385,6 +388,7 @@ class BatchingConsumer:
         try:
             for step in self.steps:
                 step.start()
+            self.joining_since = time.monotonic()  # the group join starts with the first poll
             while not self.stopping and not (deadline and time.monotonic() > deadline):
                 self.poll_once()
                 self.check_client()
@@ -452,8 +456,11 @@ class BatchingConsumer:
                 self.consumer.seek(tp, highwater)
 
     def check_client(self) -> None:
-        """Rebuild a Kafka client that cannot reach its group coordinator (module docstring, 7)."""
+        """Rebuild a Kafka client stuck in its group protocol (module docstring, 7)."""
         now = time.monotonic()
+        if self.joining_since is not None and now - self.joining_since >= self.settings.consumer_stall_s:
+            self.rebuild_client(f"no partitions assigned {now - self.joining_since:.0f}s after the group began (re)joining")
+            return
         if now - self.alive_at < self.settings.consumer_stall_s:
             return
         try:
@@ -463,18 +470,15 @@ class BatchingConsumer:
                 self.unreachable_since = now
                 quiet_s = now - self.alive_at
                 log.warning("%s: no records for %.0fs and the group coordinator does not answer (%s)", self.group, quiet_s, exc)
-            if time.monotonic() - self.unreachable_since >= self.settings.consumer_stall_s:
-                self.rebuild_client()
+            unreachable_s = time.monotonic() - self.unreachable_since
+            if unreachable_s >= self.settings.consumer_stall_s:
+                self.rebuild_client(f"the group coordinator has not answered for {unreachable_s:.0f}s")
             return
         self.alive_at = time.monotonic()
         self.unreachable_since = None
 
-    def rebuild_client(self) -> None:
-        log.error(
-            "%s: the group coordinator has not answered for %.0fs: rebuilding the Kafka client (reading on from the commits)",
-            self.group,
-            time.monotonic() - (self.unreachable_since or self.alive_at),
-        )
+    def rebuild_client(self, why: str) -> None:
+        log.error("%s: %s: rebuilding the Kafka client (reading on from the committed offsets)", self.group, why)
         m.CLIENT_REBUILDS.labels(self.group).inc()
         self.drop_batch()
         self.dropped = {}  # the new client starts from the committed offsets
@@ -487,7 +491,7 @@ class BatchingConsumer:
         assert isinstance(commit, CommitOffsets)
         commit.consumer = self.consumer
         self.consumer.subscribe(self.topics, listener=_Rebalance(self))
-        self.alive_at = time.monotonic()
+        self.alive_at = self.joining_since = time.monotonic()
         self.unreachable_since = None
 
     def add(self, polled: dict[TopicPartition, list[ConsumerRecord]]) -> None:
@@ -576,6 +580,7 @@ class BatchingConsumer:
 
     # --- rebalance ----------------------------------------------------------------------------
     def drop_batch(self) -> None:
+        self.joining_since = time.monotonic()
         if self.batch.records:
             log.info("%s: partitions revoked: dropping %d uncommitted messages", self.group, len(self.batch))
             for tp, offset in self.batch.first_offsets().items():
@@ -588,6 +593,7 @@ class BatchingConsumer:
             step.on_revoked()
 
     def assigned(self, partitions: set[TopicPartition]) -> None:
+        self.joining_since = None
         log.info("%s: assigned %s", self.group, sorted(f"{tp.topic}[{tp.partition}]" for tp in partitions))
         if self.dropped:
             rewind(self.consumer, self.dropped)  # only the partitions that came back

@@ -158,3 +158,34 @@ def test_a_client_cut_off_from_its_coordinator_is_rebuilt_and_reads_on(make_serv
     finally:
         consumer.stop()
         thread.join(60)
+
+
+def test_a_member_left_without_an_assignment_is_rebuilt_and_reads_on(settings):
+    """kafka-python can leave a member revoked and never assigned again (noida-db, after a
+    static member replaced a dead one: the soak saw a worker idle for minutes with lag
+    growing). The staging here is the state itself: the member's rebalance began
+    ``consumer_stall_s`` ago with no assignment since. It must rebuild its client, get its
+    partitions back and read everything, committed to the log end."""
+    from streamer import metrics as m
+    from streamer.kafka.consumer import BatchingConsumer
+
+    run = settings.model_copy(update={"consumer_stall_s": 3.0})
+    group = f"joining-{time.monotonic_ns()}"
+    collect = _Collect()
+    consumer = BatchingConsumer(run, group, [run.topic_products], "t-joining", [collect], max_batch=50, max_wait_s=0.05)
+    rebuilds = m.CLIENT_REBUILDS.labels(group)
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    thread.start()
+    try:
+        produce(run, ((run.topic_products, f"a{i}".encode(), f"a{i}".encode()) for i in range(10)))
+        wait_for(lambda: len(collect.values) >= 10, timeout_s=60, what="the first messages")
+        assert rebuilds._value.get() == 0
+        consumer.joining_since = time.monotonic() - 10  # revoked 10 s ago, nothing assigned since
+        wait_for(lambda: rebuilds._value.get() == 1, timeout_s=30, what="a client rebuild")
+        produce(run, ((run.topic_products, f"b{i}".encode(), f"b{i}".encode()) for i in range(10)))
+        wait_for(lambda: {f"b{i}".encode() for i in range(10)} <= set(collect.values), timeout_s=60, what="the messages after")
+        assert set(collect.values) == {f"{p}{i}".encode() for p in "ab" for i in range(10)}
+        assert rebuilds._value.get() == 1, "one rebuild, and the new member was assigned in time"
+    finally:
+        consumer.stop()
+        thread.join(60)
