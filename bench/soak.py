@@ -218,12 +218,19 @@ class Producer:
 
 # --- observation: vectors, lag, processes ---------------------------------------------------
 class VectorWatch:
-    """Reads kg.embeddings from the start (no group) and records, per vector record, the time it
-    arrived and its freshness (``published_ms - source_ms``)."""
+    """Reads kg.embeddings from the start (no group) and records, per vector record that is the
+    first to cover its input, the time it arrived and its freshness (``published_ms -
+    source_ms``). A record whose ``source_ms`` is not newer than one already seen for the same
+    key is a re-publication (a replay after a crash, a refused commit, or inputs the broker
+    handed out again after losing their commits): the input already had a vector, so it is
+    counted in ``republished`` and not as freshness (so is a record read again after the
+    watch reconnects to a restarted broker; ``records`` and ``bytes`` count those twice)."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self.points: list[tuple[float, float, float]] = []  # (arrival unix s, source unix s, freshness s)
+        self.covered: dict[str, int] = {}  # key -> newest source_ms a published vector carried
+        self.republished = 0
         self.records = 0
         self.bytes = 0
         self.last: dict[str, VectorRecord] = {}  # the last record per key: what compaction keeps
@@ -268,6 +275,11 @@ class VectorWatch:
                             continue
                         source_ms, published_ms = timing(r.value)
                         if source_ms and published_ms:
+                            key = r.key.decode()
+                            if source_ms <= self.covered.get(key, 0):
+                                self.republished += 1
+                                continue
+                            self.covered[key] = source_ms
                             self.points.append((now, source_ms / 1000, (published_ms - source_ms) / 1000))
             except Exception as exc:  # the broker restarts under it: reconnect  # noqa: BLE001
                 log(f"vector watch: {type(exc).__name__}: {exc}")
@@ -714,6 +726,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["stages_mean_s"] = stages
         report.update(
             vector_records=watch.records,
+            vector_records_republished=watch.republished,
             vector_megabytes=round(watch.bytes / 1e6, 1),
             vector_encoding=base.vector_encoding,
             embed_mode=base.embed_mode,
