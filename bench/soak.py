@@ -407,13 +407,15 @@ class Consumer:
 
 # --- the run ------------------------------------------------------------------------------
 def schedule(kinds: list[str], per_kind: int, minutes: float, seed: int) -> list[tuple[float, str]]:
-    """Fault times: a minute of warm-up, then evenly spaced slots in a seeded order, ending
-    two minutes (one in a short run) before the end so that the last one can recover."""
+    """Fault times: a minute of warm-up (a quarter of a short run), then evenly spaced slots in
+    a seeded order, ending two minutes before the end (one in a run under 10 minutes) so that
+    the last one can recover: a consumer restart can take ~40 s on noida-db (start-up, then a
+    rejoin that may need the client rebuild after ``consumer_stall_s``)."""
     rng = random.Random(seed)
     faults = [k for k in kinds for _ in range(per_kind)]
     rng.shuffle(faults)
     start = min(WARMUP_S, minutes * 60 / 4)
-    end = minutes * 60 - (120 if minutes >= 10 else minutes * 60 / 4)
+    end = minutes * 60 - (120 if minutes >= 10 else max(60.0, minutes * 60 / 4))
     step = (end - start) / max(len(faults), 1)
     return [(start + (i + 0.5) * step, kind) for i, kind in enumerate(faults)]
 
