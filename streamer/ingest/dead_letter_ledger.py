@@ -7,7 +7,8 @@ writes and changes are idempotent; a dead letter sent again would be a duplicate
 ``DeadLetterLedger`` holds the source ``(topic, partition, offset)`` of every dead letter that a
 replay could meet again:
 
-* **on assignment** (``load``) it reads ``kg.dlq`` from the oldest commit time of the assigned
+* **after an assignment**, before the first batch with dead letters (``load``), it reads
+  ``kg.dlq`` from the oldest commit time of the assigned
   partitions (the commit metadata's ``ts``, less ``CLOCK_MARGIN_S`` for skew between hosts; from
   the beginning for a partition never committed) to its end, keeping the dead letters of the
   assigned partitions at or past their committed offsets. A dead letter for an offset past a

@@ -19,7 +19,7 @@ pause/resume, rebalance and the commit, always the last step). Contract of
    broker that does not acknowledge is backpressure too: the batch comes again, the version
    guards make the second write a no-op and the "current" reads republish its changes.
    A dead letter already on ``kg.dlq`` for the same source offset (a replayed batch) is not
-   sent again (``streamer.ingest.dead_letter_ledger``, loaded on every assignment).
+   sent again (``streamer.ingest.dead_letter_ledger``, loaded after every assignment).
 
 Then the consumer commits. A crash anywhere before the commit replays the batch, which the
 version guards make harmless (and the changes are republished, so the embedding worker
@@ -158,7 +158,10 @@ class IngestStep:
         self.consumer, self.ledger_for = consumer, set(partitions)
 
     def publish_dead_letters(self, dead: list[DeadLetter], batch: Batch) -> None:
-        """Send the dead letters not already on kg.dlq (a replay), and remember them."""
+        """Send the dead letters not already on kg.dlq (a replay), and remember them. The ledger
+        reads kg.dlq only for a batch that has dead letters, the first after an assignment."""
+        if not dead:
+            return
         if self.ledger_for is not None:
             self.ledger.load(self.consumer, self.ledger_for)
             self.ledger_for = None

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
 from kafka import KafkaConsumer
@@ -127,37 +130,51 @@ class _Collect(PassStep):
         self.values.extend(r.value for r in batch.records)
 
 
+@contextmanager
+def collecting_consumer(settings, group: str) -> Iterator[tuple[Any, _Collect, Any]]:
+    """A ``BatchingConsumer`` over the products topic running in a thread with a ``_Collect``
+    step: yields (consumer, what it collected, its group's client-rebuild counter)."""
+    from streamer import metrics as m
+    from streamer.kafka.consumer import BatchingConsumer
+
+    collect = _Collect()
+    consumer = BatchingConsumer(settings, group, [settings.topic_products], group, [collect], max_batch=50, max_wait_s=0.05)
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    thread.start()
+    try:
+        yield consumer, collect, m.CLIENT_REBUILDS.labels(group)
+        assert thread.is_alive()
+    finally:
+        consumer.stop()
+        thread.join(60)
+
+
+def produce_named(settings, prefix: str) -> set[bytes]:
+    """Ten messages ``<prefix>0`` .. ``<prefix>9`` on the products topic; returns their values."""
+    values = [f"{prefix}{i}".encode() for i in range(10)]
+    produce(settings, ((settings.topic_products, v, v) for v in values))
+    return set(values)
+
+
 def test_a_client_cut_off_from_its_coordinator_is_rebuilt_and_reads_on(make_services):
     """The broker goes away for longer than ``consumer_stall_s`` twice over: the consumer rebuilds
     its Kafka client (counted) and, once the broker is back, reads what is produced after, with
     nothing skipped and nothing read twice past the commit."""
-    from streamer import metrics as m
-    from streamer.kafka.consumer import BatchingConsumer
     from streamer.kafka.topics import ensure_topics
 
     services = make_services(("broker",), local_broker="noida")
     settings = services.settings.model_copy(update={"consumer_stall_s": 2.0, "session_timeout_ms": 6000})
     ensure_topics(settings)
-    group = f"stall-{time.monotonic_ns()}"
-    collect = _Collect()
-    consumer = BatchingConsumer(settings, group, [settings.topic_products], "t-stall", [collect], max_batch=50, max_wait_s=0.05)
-    rebuilds = m.CLIENT_REBUILDS.labels(group)
-    thread = threading.Thread(target=consumer.run, daemon=True)
-    thread.start()
-    try:
-        produce(settings, ((settings.topic_products, f"a{i}".encode(), f"a{i}".encode()) for i in range(10)))
+    with collecting_consumer(settings, f"stall-{time.monotonic_ns()}") as (_, collect, rebuilds):
+        first = produce_named(settings, "a")
         wait_for(lambda: len(collect.values) >= 10, timeout_s=60, what="the first messages")
         before = rebuilds._value.get()
         services.down(("broker",))
         wait_for(lambda: rebuilds._value.get() > before, timeout_s=60, what="a client rebuild while the broker is down")
         services.up(("broker",))
-        produce(settings, ((settings.topic_products, f"b{i}".encode(), f"b{i}".encode()) for i in range(10)))
-        wait_for(lambda: {f"b{i}".encode() for i in range(10)} <= set(collect.values), timeout_s=90, what="the messages after")
-        assert thread.is_alive()
-        assert sorted(set(collect.values)) == sorted({f"{p}{i}".encode() for p in "ab" for i in range(10)})
-    finally:
-        consumer.stop()
-        thread.join(60)
+        after = produce_named(settings, "b")
+        wait_for(lambda: after <= set(collect.values), timeout_s=90, what="the messages after")
+        assert sorted(set(collect.values)) == sorted(first | after)
 
 
 def test_a_member_left_without_an_assignment_is_rebuilt_and_reads_on(settings):
@@ -166,26 +183,14 @@ def test_a_member_left_without_an_assignment_is_rebuilt_and_reads_on(settings):
     growing). The staging here is the state itself: the member's rebalance began
     ``consumer_stall_s`` ago with no assignment since. It must rebuild its client, get its
     partitions back and read everything, committed to the log end."""
-    from streamer import metrics as m
-    from streamer.kafka.consumer import BatchingConsumer
-
     run = settings.model_copy(update={"consumer_stall_s": 3.0})
-    group = f"joining-{time.monotonic_ns()}"
-    collect = _Collect()
-    consumer = BatchingConsumer(run, group, [run.topic_products], "t-joining", [collect], max_batch=50, max_wait_s=0.05)
-    rebuilds = m.CLIENT_REBUILDS.labels(group)
-    thread = threading.Thread(target=consumer.run, daemon=True)
-    thread.start()
-    try:
-        produce(run, ((run.topic_products, f"a{i}".encode(), f"a{i}".encode()) for i in range(10)))
+    with collecting_consumer(run, f"joining-{time.monotonic_ns()}") as (consumer, collect, rebuilds):
+        first = produce_named(run, "a")
         wait_for(lambda: len(collect.values) >= 10, timeout_s=60, what="the first messages")
         assert rebuilds._value.get() == 0
         consumer.joining_since = time.monotonic() - 10  # revoked 10 s ago, nothing assigned since
         wait_for(lambda: rebuilds._value.get() == 1, timeout_s=30, what="a client rebuild")
-        produce(run, ((run.topic_products, f"b{i}".encode(), f"b{i}".encode()) for i in range(10)))
-        wait_for(lambda: {f"b{i}".encode() for i in range(10)} <= set(collect.values), timeout_s=60, what="the messages after")
-        assert set(collect.values) == {f"{p}{i}".encode() for p in "ab" for i in range(10)}
+        after = produce_named(run, "b")
+        wait_for(lambda: after <= set(collect.values), timeout_s=60, what="the messages after")
+        assert set(collect.values) == first | after
         assert rebuilds._value.get() == 1, "one rebuild, and the new member was assigned in time"
-    finally:
-        consumer.stop()
-        thread.join(60)
