@@ -22,7 +22,8 @@ DB, restarted 30 s later), ``restart_broker`` (stop and start of the broker), ``
 
 Checks at the end, independent of the code under test:
 * ``graph_equal``: the graph equals a reference graph built by a clean ingest of the same
-  input topics (a fresh group reading them from the start) into a second graph DB; both are
+  events (every input the broker acknowledged, in its order, produced to the same partitions
+  of a fresh in-memory broker and ingested from the start into a second graph DB); both are
   exported over Bolt in a canonical form (every node and relationship with all properties);
 * ``replica_equal``: the worker's replica equals the graph DB (``verify --against-graph``);
 * ``vectors_ok``: the last vector per key on kg.embeddings equals a full recompute
@@ -447,20 +448,65 @@ def canonical_graph(settings: Settings) -> tuple[set[str], set[str]]:
     return nodes, rels
 
 
-def broker_losses(settings: Settings, acks: list[tuple[str, int, int, bytes]]) -> tuple[int, int, set[str]]:
-    """What an unclean broker restart did to the inputs: how many acknowledged inputs are not
-    in its log now, how many were acknowledged at an offset the broker had already acknowledged
-    for another record (it hands the lost offsets out again, so a consumer already past them
-    never sees the new records there), and the ids of the entities all of those touch."""
-    log_now: dict[tuple[str, int, int], bytes] = {}
-    for topic in settings.input_topics:
-        for r in read_to_end(settings, topic):
-            log_now[(r.topic, r.partition, r.offset)] = r.value
-    lost = [value for topic, partition, offset, value in acks if log_now.get((topic, partition, offset)) != value]
+def read_log(
+    settings: Settings, topics: list[str], stall_s: float = 60.0
+) -> tuple[dict[tuple[str, int, int], bytes], dict[str, int]]:
+    """Every record the broker still serves on ``topics``, by (topic, partition, offset), and
+    the partitions it stopped serving: a partition whose position does not move for ``stall_s``
+    below its high watermark is given up at that position (noida-db, after unclean restarts,
+    can answer fetches of its early offsets with nothing, for ever), as ``"topic/p": offset``."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers, group_id=None, enable_auto_commit=False, fetch_max_bytes=32 << 20
+    )
+    out: dict[tuple[str, int, int], bytes] = {}
+    unreadable: dict[str, int] = {}
+    try:
+        consumer.topics()
+        tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        moved = {tp: time.monotonic() for tp in tps}
+        active = set(tps)
+        while active:
+            for tp, records in consumer.poll(timeout_ms=500).items():
+                moved[tp] = time.monotonic()
+                for r in records:
+                    out[(r.topic, r.partition, r.offset)] = r.value
+            for tp in list(active):
+                hw, pos = consumer.highwater(tp), consumer.position(tp)
+                if hw is not None and pos >= hw:
+                    active.discard(tp)
+                elif time.monotonic() - moved[tp] > stall_s:
+                    unreadable[f"{tp.topic}/{tp.partition}"] = pos
+                    consumer.pause(tp)
+                    active.discard(tp)
+        return out, unreadable
+    finally:
+        consumer.close()
+
+
+def broker_losses(settings: Settings, acks: list[tuple[str, int, int, bytes]]) -> dict[str, Any]:
+    """What unclean broker restarts did to the inputs: the acknowledged inputs that are not in
+    its log now (``lost``), the offsets it acknowledged twice, for two records (it hands lost
+    offsets out again, so a consumer already past them never sees the new record, and the old
+    one is gone: both are counted in ``reused``), the acknowledged inputs at offsets it no
+    longer serves (``unverified``: not counted as lost, a loss there shows as a reused offset
+    when later records arrive), and the ids of the entities lost and reused records touch."""
+    log_now, unreadable = read_log(settings, settings.input_topics)
+    lost: list[bytes] = []
+    unverified = 0
+    for topic, partition, offset, value in acks:
+        stuck_at = unreadable.get(f"{topic}/{partition}")
+        if stuck_at is not None and offset >= stuck_at:
+            unverified += 1
+        elif log_now.get((topic, partition, offset)) != value:
+            lost.append(value)
     by_offset: dict[tuple[str, int, int], list[bytes]] = {}
     for topic, partition, offset, value in acks:
         by_offset.setdefault((topic, partition, offset), []).append(value)
-    reused = [v for values in by_offset.values() if len(values) > 1 for v in values[1:]]
+    reused = [v for values in by_offset.values() if len(values) > 1 for v in values]
     ids: set[str] = set()
     for value in lost + reused:
         try:
@@ -476,7 +522,40 @@ def broker_losses(settings: Settings, acks: list[tuple[str, int, int, bytes]]) -
             node = event.get(end)
             if isinstance(node, dict):
                 ids.add(f"{node.get('label')}:{node.get('id')}")
-    return len(lost), len(reused), ids
+    return {
+        "lost": len(lost),
+        "reused": sum(len(v) - 1 for v in by_offset.values() if len(v) > 1),
+        "unverified": unverified,
+        "unreadable_partitions": unreadable,
+        "entity_ids": ids,
+    }
+
+
+def reference_graph(services: LocalServices, ref: Settings, acks: list[tuple[str, int, int, bytes]]) -> Any:
+    """A clean run of the same events: every input the broker acknowledged, in the order it
+    acknowledged them, produced to the same partitions of a fresh in-memory broker, ingested
+    by one consumer from the start into a second graph DB. The reference never reads the
+    broker under test (whose log an unclean restart can leave partly unreadable)."""
+    from kafka import KafkaProducer
+
+    from streamer.ingest.step import ingest_consumer
+
+    services.up(("broker",))
+    ensure_topics(ref)
+    producer = KafkaProducer(
+        bootstrap_servers=ref.bootstrap_servers,
+        acks="all",
+        linger_ms=20,
+        max_in_flight_requests_per_connection=1,
+        max_request_size=2 << 20,
+    )
+    for topic, partition, _offset, value in acks:
+        producer.send(topic, value=value, partition=partition)
+    producer.flush(timeout=600)
+    producer.close(timeout=10)
+    stats = ingest_consumer(ref).run(until_caught_up=True, max_seconds=1800)
+    services.down(("broker",))
+    return stats
 
 
 def entity_ids(line: str) -> set[str]:
@@ -561,7 +640,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     services = LocalServices(base)
     ref = base.model_copy(
-        update={"state_dir": root / "ref", "bolt_uri": f"bolt://127.0.0.1:{free_port()}", "arcadedb_http_port": free_port()}
+        update={
+            "state_dir": root / "ref",
+            "local_broker": "tansu",
+            "bootstrap_servers": f"127.0.0.1:{free_port()}",
+            "bolt_uri": f"bolt://127.0.0.1:{free_port()}",
+            "arcadedb_http_port": free_port(),
+        }
     )
     ref_graph = LocalServices(ref)
     kinds = list(FAULT_KINDS) if args.faults == "all" else [k for k in args.faults.split(",") if k]
@@ -648,23 +733,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         embed_exit = embed.terminate()
         sampler.stop()
 
-        log("reference: a clean ingest of the same input topics into a second graph DB")
+        log(f"reference: the {len(producer.acks):,} acknowledged inputs, ingested cleanly into a second broker and graph DB")
         from streamer.embed.verify import verify
-        from streamer.ingest.step import ingest_consumer
 
-        ref_settings = ref.model_copy(
-            update={
-                "ingest_group": "kg-ingest-reference",
-                "topic_changes": "kg.changes.reference",
-                "topic_dlq": "kg.dlq.reference",
-                "topic_embeddings": "kg.embeddings.reference",
-            }
-        )
-        ensure_topics(ref_settings)
-        ref_stats = ingest_consumer(ref_settings).run(until_caught_up=True, max_seconds=1800)
+        ref_stats = reference_graph(ref_graph, ref, producer.acks)
         got_nodes, got_rels = canonical_graph(base)
-        want_nodes, want_rels = canonical_graph(ref_settings)
-        broker_lost, broker_reused, lost_ids = broker_losses(base, producer.acks)
+        want_nodes, want_rels = canonical_graph(ref)
+        losses = broker_losses(base, producer.acks)
+        lost_ids = losses["entity_ids"]
         missing = (want_nodes - got_nodes) | (want_rels - got_rels)
         extra = (got_nodes - want_nodes) | (got_rels - want_rels)
         # differences on entities whose acknowledged input the broker lost are the broker's
@@ -695,8 +771,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rate_sustained_eps=round(producer.acked / duration, 1),
             caught_up=caught_up,
             faults=faults,
-            broker_lost_acknowledged=broker_lost,
-            broker_reused_offsets=broker_reused,
+            broker_lost_acknowledged=losses["lost"],
+            broker_reused_offsets=losses["reused"],
+            broker_unverified_acknowledged=losses["unverified"],
+            broker_unreadable_partitions=losses["unreadable_partitions"],
             differences_on_entities_the_broker_lost_input_for=len(broker_missing | broker_extra),
             lost=len(missing),
             extra=len(extra),
@@ -748,7 +826,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if c.pid:
                 c.proc.kill()  # type: ignore[union-attr]
         services.down()
-        ref_graph.down(("graph",))
+        ref_graph.down()
         if not args.keep:
             import shutil
 
