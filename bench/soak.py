@@ -726,6 +726,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"{watch.records:,} vector records, {watch.bytes / 1e6:.1f} MB"
         )
         log(f"produced {producer.acked:,} events in {duration:.0f} s; waiting for the pipeline to catch up")
+        report.update(fresh, events_produced=producer.acked, faults=faults, checks="not run yet")
+        write_report(report, args.out)  # what the run measured, kept if a check below fails
+        (root / "series.json").write_text(json.dumps({"t0": t0, "vectors": watch.points, "lag": sampler.lag}))
         caught_up = wait_caught_up(base, 600)
         time.sleep(5)
         stages = {c.command: stage_means(c) for c in (ingest, embed)}
@@ -801,6 +804,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             dlq_distinct=len(set(dlq)),
             dlq_reference=ref_stats.dead_letters,
             final_exits={"ingest": list(ingest_exit), "embed": list(embed_exit)},
+            checks="done",
         )
         report.update(freshness_report(watch.points, faults, t0, duration))
         report["stages_mean_s"] = stages
@@ -818,8 +822,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["cpu_s"] = {k: round(v, 1) for k, v in cpu.items()}
         report["cpu_ms_per_event"] = {k: round(1000 * v / max(producer.acked, 1), 3) for k, v in cpu.items()}
         report["rss_mib"] = rss_report(sampler.rss, t0)
+        write_report(report, args.out)  # before the plots: a failure there must not cost the run
         if args.plots:
-            plot(args.plots, watch.points, sampler.lag, faults, t0, base)
+            try:
+                plot(args.plots, watch.points, sampler.lag, faults, t0, base)
+            except Exception as exc:  # noqa: BLE001 - the report is written; say why there is no plot
+                log(f"no plot: {type(exc).__name__}: {exc}")
+                report["plot_error"] = f"{type(exc).__name__}: {exc}"
+                write_report(report, args.out)
         return report
     finally:
         for c in (ingest, embed):
@@ -960,6 +970,12 @@ def plot(
     plt.close(fig)
 
 
+def write_report(report: dict[str, Any], out: str | None) -> None:
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=30)
@@ -980,12 +996,13 @@ def main() -> int:
     parser.add_argument("--plots", default=None, help="folder for soak.png")
     parser.add_argument("--keep", action="store_true", help="keep the state dir and logs")
     args = parser.parse_args()
+    if args.plots:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise SystemExit("--plots needs matplotlib: pip install -e '.[bench]'") from None
     report = run(args)
-    text = json.dumps(report, indent=2, default=str)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    print(json.dumps(report, indent=2, default=str))
     ok = report["lost"] == 0 and report["graph_equal"] and report["replica_equal"] and report["vectors_ok"]
     ok = ok and report["dlq_found"] == report["dlq_distinct"] == report["dlq_expected"]
     return 0 if ok else 1

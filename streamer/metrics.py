@@ -45,7 +45,11 @@ BACKPRESSURE = Gauge("kgs_backpressure_paused", "1 while the consumer has paused
 # --- batches and stages ----------------------------------------------------------------
 BATCH_EVENTS = Histogram("kgs_batch_events", "Messages per processed batch.", ["group"], buckets=_BATCH_SIZES)
 STAGE_SECONDS = Histogram(
-    "kgs_stage_duration_seconds", "Time spent in one pipeline stage for one batch.", ["group", "stage"], buckets=_DURATIONS
+    "kgs_stage_duration_seconds",
+    "Seconds one batch spent in a stage: queue (age of its oldest record when polled), batch_wait (held for more "
+    "records), then the steps' stages (decode, write, publish; embed, publish) and commit.",
+    ["group", "stage"],
+    buckets=_DURATIONS,
 )
 
 # --- offsets and lag --------------------------------------------------------------------

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,6 +228,7 @@ class Opened:
     text: TextEncoder
     dir: Path
     offsets: dict[str, int] = field(default_factory=dict)  # "topic:partition" -> next offset
+    saved_s: float = 0.0  # when the checkpoint was written (epoch s; 0: unknown or none)
     reembedded: bool = False  # the checkpoint was written by another model: every vector is new
 
     @property
@@ -270,6 +272,7 @@ def open_checkpoint(settings: Settings, require: bool = False, progress: bool = 
         log.info("vector version %s -> %s: full re-embed", meta["model_version"], engine.model_version)
         reembedded = True
     opened.engine, opened.reembedded, opened.offsets = engine, reembedded, meta.get("offsets", {})
+    opened.saved_s = float(meta.get("saved_s", 0.0))
     log.info("resumed from checkpoint: %d nodes, offsets %s", engine.replica.num_nodes, opened.offsets)
     return opened
 
@@ -279,6 +282,7 @@ def save_checkpoint(opened: Opened, offsets: dict[str, int]) -> None:
     save_engine(opened.engine, opened.engine_path)
     opened.text.save_cache(opened.text_cache_path)
     tmp = opened.offsets_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"offsets": offsets, "model_version": opened.engine.model_version}))
+    saved_s = time.time()
+    tmp.write_text(json.dumps({"offsets": offsets, "model_version": opened.engine.model_version, "saved_s": saved_s}))
     tmp.replace(opened.offsets_path)
-    opened.offsets = dict(offsets)
+    opened.offsets, opened.saved_s = dict(offsets), saved_s

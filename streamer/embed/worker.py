@@ -61,6 +61,7 @@ from streamer.embed.engine import BatchReport
 from streamer.embed.replica import Replica
 from streamer.embed.state import Opened, open_checkpoint, save_checkpoint
 from streamer.kafka.consumer import Backpressure, Batch, BatchingConsumer, UnreadableRecord, unreadable_reason
+from streamer.kafka.dead_letter_ledger import DeadLetterLedger
 from streamer.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ def expand_out_edges(changes: list[Change], replica: Replica) -> list[Change]:
 class EmbedStats:
     changes_in: int = 0
     dead_letters: int = 0
+    dead_letters_not_resent: int = 0  # a replayed batch's dead letters already on kg.dlq
     batches: int = 0
     vectors_published: int = 0
     tombstones_published: int = 0
@@ -122,6 +124,7 @@ class EmbedStats:
         return {
             "changes_in": self.changes_in,
             "dead_letters": self.dead_letters,
+            "dead_letters_not_resent": self.dead_letters_not_resent,
             "batches": self.batches,
             "vectors_published": self.vectors_published,
             "tombstones_published": self.tombstones_published,
@@ -163,6 +166,8 @@ class EmbedStep:
         self.unpublished: Unpublished | None = None
         self.last_checkpoint = time.monotonic()
         self.text_encoded = self.opened.text.encoded_count
+        self.ledger = DeadLetterLedger(settings)
+        self.ledger_for: dict[TopicPartition, int] | None = None  # replay starts to load the ledger for
 
     @property
     def engine(self) -> Any:
@@ -177,12 +182,15 @@ class EmbedStep:
             self.publish_all()
 
     def on_assigned(self, consumer: KafkaConsumer, partitions: set[TopicPartition]) -> None:
+        starts: dict[TopicPartition, int] = {}
         for tp in partitions:
             offset = self.opened.offsets.get(f"{tp.topic}:{tp.partition}")
             if offset is None:
                 consumer.seek_to_beginning(tp)
             else:
                 consumer.seek(tp, offset)
+            starts[tp] = offset or 0
+        self.ledger_for = starts  # read kg.dlq before the next batch with dead letters, not here (IO thread)
         log.info("resuming %s from checkpoint offsets %s", sorted(map(str, partitions)), self.opened.offsets)
 
     def on_revoked(self) -> None:
@@ -193,6 +201,7 @@ class EmbedStep:
             self.unpublished = None
             self.opened = open_checkpoint(self.settings)
             self.positions = dict(self.opened.offsets)
+        self.ledger_for = None
 
     def close(self, finished: bool) -> None:
         if finished and self.unpublished is None:
@@ -215,8 +224,7 @@ class EmbedStep:
         try:
             with m.STAGE_SECONDS.labels(self.group, "publish").time():
                 self.publisher.publish(self.settings.topic_embeddings, pending.records)
-                max_bytes = self.settings.dlq_max_value_bytes
-                self.publisher.publish(self.settings.topic_dlq, (d.to_kafka(max_bytes) for d in pending.dead))
+                self.publish_dead_letters(pending.dead, batch)
         except PublishFailed as exc:
             raise Backpressure(f"broker did not acknowledge vectors: {exc}", self.settings.backpressure_pause_s) from exc
         acked = time.time()
@@ -226,6 +234,22 @@ class EmbedStep:
         self.account(len(batch), pending.report, pending.source_ms, acked, pending.dead)
         if time.monotonic() - self.last_checkpoint >= self.settings.embed_checkpoint_every_s:
             self.checkpoint()
+
+    def publish_dead_letters(self, dead: list[DeadLetter], batch: Batch) -> None:
+        """Send the dead letters not already on kg.dlq (a replay from the checkpoint), and
+        remember them (``streamer.kafka.dead_letter_ledger``: from the checkpoint's offsets and
+        save time)."""
+        if not dead:
+            return
+        if self.ledger_for is not None:
+            self.ledger.load(self.ledger_for, self.opened.saved_s)
+            self.ledger_for = None
+        self.ledger.forget_below(batch.first_offsets())
+        fresh = [d for d in dead if (d.topic, d.partition, d.offset) not in self.ledger]
+        max_bytes = self.settings.dlq_max_value_bytes
+        self.publisher.publish(self.settings.topic_dlq, (d.to_kafka(max_bytes) for d in fresh))
+        self.ledger.add((d.topic, d.partition, d.offset) for d in fresh)
+        self.stats.dead_letters_not_resent += len(dead) - len(fresh)
 
     def decode(self, batch: Batch) -> tuple[list[Change], list[DeadLetter]]:
         changes: list[Change] = []

@@ -19,7 +19,7 @@ pause/resume, rebalance and the commit, always the last step). Contract of
    broker that does not acknowledge is backpressure too: the batch comes again, the version
    guards make the second write a no-op and the "current" reads republish its changes.
    A dead letter already on ``kg.dlq`` for the same source offset (a replayed batch) is not
-   sent again (``streamer.ingest.dead_letter_ledger``, loaded after every assignment).
+   sent again (``streamer.kafka.dead_letter_ledger``, loaded after every assignment).
 
 Then the consumer commits. A crash anywhere before the commit replays the batch, which the
 version guards make harmless (and the changes are republished, so the embedding worker
@@ -45,9 +45,9 @@ from streamer import metrics as m
 from streamer.contracts.changes import Change
 from streamer.contracts.dead_letters import DeadLetter
 from streamer.contracts.events import Event, InvalidEvent, decode_event
-from streamer.ingest.dead_letter_ledger import DeadLetterLedger
 from streamer.ingest.plan import plan_batch
 from streamer.kafka.consumer import Backpressure, Batch, BatchingConsumer, UnreadableRecord, unreadable_reason
+from streamer.kafka.dead_letter_ledger import DeadLetterLedger, committed_starts
 from streamer.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ class IngestStep:
         if not dead:
             return
         if self.ledger_for is not None:
-            self.ledger.load(self.consumer, self.ledger_for)
+            self.ledger.load(*committed_starts(self.consumer, self.ledger_for))
             self.ledger_for = None
         self.ledger.forget_below(batch.first_offsets())
         fresh = [d for d in dead if (d.topic, d.partition, d.offset) not in self.ledger]

@@ -111,6 +111,7 @@ class Batch:
 
     records: list[ConsumerRecord] = field(default_factory=list)
     opened: float = 0.0  # monotonic time of the first record
+    polled_age_s: float = 0.0  # how old the first polled records were when they arrived (their broker timestamps)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -499,8 +500,9 @@ class BatchingConsumer:
             self.alive_at = time.monotonic()
         for tp, records in polled.items():
             m.EVENTS_CONSUMED.labels(self.group, tp.topic).inc(len(records))
-            if not self.batch.records:
+            if not self.batch.records and records:
                 self.batch.opened = time.monotonic()
+                self.batch.polled_age_s = max(0.0, time.time() - min(r.timestamp for r in records) / 1000)
             self.batch.records.extend(records)
 
     def skip_unreadable(self, exc: CorruptRecordError) -> None:
@@ -551,6 +553,9 @@ class BatchingConsumer:
         """Run the chain over the batch in hand; False when backpressure holds it."""
         batch = self.batch
         began = time.monotonic()
+        if self.held_since is None:  # a first try: how long its oldest record took to get here
+            m.STAGE_SECONDS.labels(self.group, "queue").observe(batch.polled_age_s)
+            m.STAGE_SECONDS.labels(self.group, "batch_wait").observe(began - batch.opened)
         try:
             for step in self.steps:
                 step.process(batch)

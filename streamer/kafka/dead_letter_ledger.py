@@ -1,24 +1,26 @@
 """Which input messages already have a dead letter on ``kg.dlq``, so a replay does not send another.
 
-A batch is replayed from the committed offsets after a crash (kill -9 between the dead letters'
-acknowledgement and the commit), a refused commit, a rebalance or a rebuilt client. Its graph
-writes and changes are idempotent; a dead letter sent again would be a duplicate on ``kg.dlq``.
+A batch is replayed after a crash (kill -9 between the dead letters' acknowledgement and the
+commit or checkpoint), a refused commit, a rebalance or a rebuilt client. Its graph writes,
+changes and vectors are idempotent; a dead letter sent again would be a duplicate on ``kg.dlq``.
+Both steps keep one: ingest (replays start at the group's committed offsets) and the embedding
+worker (replays start at its checkpoint's offsets).
 
 ``DeadLetterLedger`` holds the source ``(topic, partition, offset)`` of every dead letter that a
 replay could meet again:
 
-* **after an assignment**, before the first batch with dead letters (``load``), it reads
-  ``kg.dlq`` from the oldest commit time of the assigned
-  partitions (the commit metadata's ``ts``, less ``CLOCK_MARGIN_S`` for skew between hosts; from
-  the beginning for a partition never committed) to its end, keeping the dead letters of the
-  assigned partitions at or past their committed offsets. A dead letter for an offset past a
-  commit made at time T was sent after T by whoever processed that batch, so nothing older is
-  needed. The read is bounded by ``budget_s``; past it the ledger is incomplete (logged) and a
-  replay may duplicate a dead letter, never lose one.
+* **after an assignment**, before the first batch with dead letters, ``load(starts, since_s)``
+  reads ``kg.dlq`` from ``since_s`` (less ``CLOCK_MARGIN_S`` for skew between hosts; from the
+  beginning when 0) to its end, keeping the dead letters of the assigned partitions at or past
+  ``starts``, the offsets a replay starts from. ``since_s`` is when those offsets were made
+  durable: a dead letter for an offset past them was sent later, by whoever processed that
+  batch, so nothing older is needed. ``committed_starts(consumer, partitions)`` gives both for
+  a group's commits (the commit metadata's ``ts``); the worker passes its checkpoint's offsets
+  and save time. The read is bounded by ``budget_s``; past it the ledger is incomplete
+  (logged) and a replay may duplicate a dead letter, never lose one.
 * **as it goes** (``add``) it keeps what this process sent, so a batch replayed in the same
   process (a refused commit) is covered too; ``forget_below`` drops what no replay can reach
-  (offsets below the first offset of the batch in hand: replays start at the committed
-  offset, which is never above it).
+  (offsets below the first offset of the batch in hand: replays start at or before it).
 
 Dead letters are still counted as such; only the send is skipped.
 """
@@ -58,27 +60,14 @@ class DeadLetterLedger:
     def forget_below(self, first: dict[TopicPartition, int]) -> None:
         self.sent = {s for s in self.sent if s[2] >= first.get(TopicPartition(s[0], s[1]), -1)}
 
-    def load(self, consumer: KafkaConsumer, partitions: Iterable[TopicPartition]) -> int:
-        """Rebuild from ``kg.dlq`` for ``partitions`` (this member's assignment); returns how
-        many dead letters it now knows of."""
-        committed: dict[TopicPartition, int] = {}
-        since_s: float | None = None
-        for tp in partitions:
-            try:
-                meta = consumer.committed(tp, metadata=True, timeout_ms=10_000)
-            except (KafkaError, TypeError):
-                meta = None
-            if meta is None:
-                committed[tp], since = 0, 0.0
-            else:
-                committed[tp] = meta.offset
-                since = parse_commit_metadata(meta.metadata) or 0.0
-            since_s = since if since_s is None else min(since_s, since)
-        self.sent = {s for s in self.sent if TopicPartition(s[0], s[1]) in committed}
-        if not committed:
+    def load(self, starts: dict[TopicPartition, int], since_s: float) -> int:
+        """Rebuild from ``kg.dlq`` for the partitions in ``starts`` (this member's assignment,
+        each with the offset a replay starts from); returns how many dead letters it now knows of."""
+        self.sent = {s for s in self.sent if TopicPartition(s[0], s[1]) in starts}
+        if not starts:
             return len(self.sent)
         began = time.monotonic()
-        found = self.read_dlq(max(0.0, (since_s or 0.0) - CLOCK_MARGIN_S), committed)
+        found = self.read_dlq(max(0.0, since_s - CLOCK_MARGIN_S) if since_s > 0 else 0.0, starts)
         self.sent |= found
         log.info(
             "%d dead letters already on %s for the assigned partitions (read in %.1fs)",
@@ -134,3 +123,22 @@ class DeadLetterLedger:
             return found
         finally:
             reader.close()
+
+
+def committed_starts(consumer: KafkaConsumer, partitions: Iterable[TopicPartition]) -> tuple[dict[TopicPartition, int], float]:
+    """A group's replay starts: each partition's committed offset (0 when never committed) and
+    the oldest commit time among them (0 when any is unknown: read ``kg.dlq`` from the start)."""
+    starts: dict[TopicPartition, int] = {}
+    since_s: float | None = None
+    for tp in partitions:
+        try:
+            meta = consumer.committed(tp, metadata=True, timeout_ms=10_000)
+        except (KafkaError, TypeError):
+            meta = None
+        if meta is None:
+            starts[tp], since = 0, 0.0
+        else:
+            starts[tp] = meta.offset
+            since = parse_commit_metadata(meta.metadata) or 0.0
+        since_s = since if since_s is None else min(since_s, since)
+    return starts, since_s or 0.0
