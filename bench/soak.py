@@ -1,6 +1,6 @@
 """Soak and fault harness: the pipeline long-lived under a sustained rate, with faults.
 
-    python bench/soak.py [--minutes 30] [--rate 400] [--faults all | kind,kind,...] [--per-kind 2]
+    python bench/soak.py [--minutes 30] [--rate 400] [--faults all | kind,kind,...] [--per-kind 2] [--calm-minutes 0]
                          [--data online-retail | sample] [--seed 1] [--out bench/results/soak.json]
                          [--plots docs/reliability]
 
@@ -39,8 +39,9 @@ Checks at the end, independent of the code under test:
   ``differences_on_entities_the_broker_lost_input_for``).
 
 Reports: sustained rate, freshness (produce to published vector: ``published_ms -
-source_ms`` of every record on kg.embeddings) p50/p99/max in steady state and in the minute
-after each fault, the recovery time of each fault (until a vector of an input produced after
+source_ms`` of every record on kg.embeddings) p50/p99/max in steady state (the
+``--calm-minutes`` before the first fault; without them, outside the minute after each fault),
+between faults, and in the minute after each fault, the recovery time of each fault (until a vector of an input produced after
 the fault is published within the freshness SLO), the maximum lag in seconds, CPU seconds per
 event and the RSS of each process over time. ``--plots`` writes PNGs of lag and freshness over
 time with the faults marked (docs/reliability.md shows them).
@@ -102,10 +103,19 @@ def source_events(data: str, settings: Settings) -> list[dict[str, Any]]:
 
 
 def rebased(events: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """The data set over and over, each event stamped with the time it is sent (epoch ms)."""
+    """The data set over and over, each event stamped with the time it is sent (epoch ms). From
+    the second pass on, users are new ones (``~<pass>`` appended to their ids): a pass that
+    repeated the same purchases would change nothing in the graph and move no vector, so
+    freshness could not be measured past the first pass (16.5 minutes of Online Retail at
+    400 events/s)."""
+    cycle = 0
     while True:
         for e in events:
-            yield {**e, "ts": int(time.time() * 1000)}
+            event = {**e, "ts": int(time.time() * 1000)}
+            if cycle and "user_id" in event:
+                event["user_id"] = f"{event['user_id']}~{cycle}"
+            yield event
+        cycle += 1
 
 
 def route(event: dict[str, Any], s: Settings) -> tuple[str, bytes]:
@@ -407,15 +417,16 @@ class Consumer:
 
 
 # --- the run ------------------------------------------------------------------------------
-def schedule(kinds: list[str], per_kind: int, minutes: float, seed: int) -> list[tuple[float, str]]:
-    """Fault times: a minute of warm-up (a quarter of a short run), then evenly spaced slots in
-    a seeded order, ending two minutes before the end (one in a run under 10 minutes) so that
-    the last one can recover: a consumer restart can take ~40 s on noida-db (start-up, then a
-    rejoin that may need the client rebuild after ``consumer_stall_s``)."""
+def schedule(kinds: list[str], per_kind: int, minutes: float, seed: int, calm_minutes: float = 0.0) -> list[tuple[float, str]]:
+    """Fault times: a minute of warm-up (a quarter of a short run), or ``calm_minutes`` without
+    faults (the steady state), then evenly spaced slots in a seeded order, ending two minutes
+    before the end (one in a run under 10 minutes) so that the last one can recover: a consumer
+    restart can take ~40 s on noida-db (start-up, then a rejoin that may need the client
+    rebuild after ``consumer_stall_s``)."""
     rng = random.Random(seed)
     faults = [k for k in kinds for _ in range(per_kind)]
     rng.shuffle(faults)
-    start = min(WARMUP_S, minutes * 60 / 4)
+    start = max(min(WARMUP_S, minutes * 60 / 4), calm_minutes * 60)
     end = minutes * 60 - (120 if minutes >= 10 else max(60.0, minutes * 60 / 4))
     step = (end - start) / max(len(faults), 1)
     return [(start + (i + 0.5) * step, kind) for i, kind in enumerate(faults)]
@@ -652,8 +663,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     kinds = list(FAULT_KINDS) if args.faults == "all" else [k for k in args.faults.split(",") if k]
     if args.broker == "tansu" and "restart_broker" in kinds:
         raise SystemExit("tansu keeps everything in memory: a restart loses the topics; use --broker noida")
-    plan = schedule(kinds, args.per_kind, args.minutes, args.seed)
-    report: dict[str, Any] = {"rate_eps": args.rate, "minutes": args.minutes, "data": args.data, "seed": args.seed}
+    plan = schedule(kinds, args.per_kind, args.minutes, args.seed, args.calm_minutes)
+    report: dict[str, Any] = {
+        "rate_eps": args.rate,
+        "minutes": args.minutes,
+        "calm_minutes": args.calm_minutes,
+        "data": args.data,
+        "seed": args.seed,
+    }
     ingest = Consumer("ingest", base, logs, "soak-ingest-0")
     embed = Consumer("embed", base, logs, "soak-embed-0")
     try:
@@ -720,7 +737,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(0.5)
         producer.stop()
         duration = time.time() - t0
-        fresh = freshness_report(watch.points, faults, t0, duration)
+        fresh = freshness_report(watch.points, faults, t0, duration, args.calm_minutes)
         log(
             f"freshness p50 {fresh['freshness_p50_s']} s, p99 {fresh['freshness_p99_s']} s, max {fresh['freshness_max_s']} s; "
             f"{watch.records:,} vector records, {watch.bytes / 1e6:.1f} MB"
@@ -806,7 +823,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             final_exits={"ingest": list(ingest_exit), "embed": list(embed_exit)},
             checks="done",
         )
-        report.update(freshness_report(watch.points, faults, t0, duration))
+        report.update(freshness_report(watch.points, faults, t0, duration, args.calm_minutes))
         report["stages_mean_s"] = stages
         report.update(
             vector_records=watch.records,
@@ -844,23 +861,39 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def freshness_report(
-    points: list[tuple[float, float, float]], faults: list[dict[str, Any]], t0: float, duration: float
+    points: list[tuple[float, float, float]],
+    faults: list[dict[str, Any]],
+    t0: float,
+    duration: float,
+    calm_minutes: float = 0.0,
 ) -> dict[str, Any]:
-    """Steady state: records of inputs produced after the warm-up and outside the minute after
-    any fault. After a fault: inputs produced in the minute after it. Recovery: the first vector
-    of an input produced after the fault that is published within the SLO."""
+    """Steady state (``freshness_*``): records of inputs produced after the warm-up and before
+    the first fault when the run has ``calm_minutes``; otherwise outside the minute after any
+    fault. Between faults (``freshness_between_faults_*``): inputs produced outside the minute
+    after any fault, once faults have begun. After a fault: inputs produced in the minute after
+    it. Recovery: the first vector of an input produced after the fault that is published
+    within the SLO."""
     points = [p for p in points if p[1] <= t0 + duration]  # inputs produced during the run
     warm = min(WARMUP_S, duration / 4)
     windows = [
         (t0 + f["at_s"], t0 + f["at_s"] + AFTER_FAULT_S + (GRAPH_DOWN_S if f["kind"] == "kill_graph" else 0)) for f in faults
     ]
-    steady = [fr for _, src, fr in points if src >= t0 + warm and not any(a <= src < b for a, b in windows)]
+    first_fault = min((a for a, _ in windows), default=t0 + duration)
+    between = [fr for _, src, fr in points if src >= max(t0 + warm, first_fault) and not any(a <= src < b for a, b in windows)]
+    if calm_minutes > 0:
+        steady = [fr for _, src, fr in points if t0 + warm <= src < first_fault]
+    else:
+        steady = [fr for _, src, fr in points if src >= t0 + warm and not any(a <= src < b for a, b in windows)]
     out: dict[str, Any] = {
         "vector_records": len(points),
         "freshness_p50_s": percentile(steady, 50),
         "freshness_p99_s": percentile(steady, 99),
         "freshness_max_s": round(max(steady), 3) if steady else None,
         "freshness_steady_samples": len(steady),
+        "freshness_steady_window_s": [round(warm, 1), round(first_fault - t0, 1)] if calm_minutes > 0 else None,
+        "freshness_between_faults_p50_s": percentile(between, 50),
+        "freshness_between_faults_p99_s": percentile(between, 99),
+        "freshness_between_faults_samples": len(between),
     }
     by_minute = []
     for m in range(int(duration // 60) + 1):
@@ -982,6 +1015,9 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=400)
     parser.add_argument("--faults", default="all", help=f"all, or a comma list of {', '.join(FAULT_KINDS)}; '' for none")
     parser.add_argument("--per-kind", type=int, default=2)
+    parser.add_argument(
+        "--calm-minutes", type=float, default=0.0, help="minutes without faults first: the steady state is measured there"
+    )
     parser.add_argument("--data", choices=["online-retail", "sample"], default="online-retail")
     parser.add_argument(
         "--broker",
