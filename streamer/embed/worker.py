@@ -12,10 +12,12 @@ group ``embed_group`` over ``kg.changes``.
    live node's vector is republished with the new version before the first poll (a full
    re-embed); the old vectors stay on the compacted topic until each key's new one replaces
    them, and every record names its version.
-2. **assign** -- each assigned kg.changes partition is positioned from the *checkpoint*
-   (``seek``), or at the beginning when there is none: the replica is a function of the
-   changelog, so the worker's own checkpoint decides where it resumes, not the group commit
-   (the group commit is kept up to date for lag monitoring and operators).
+2. **assign** -- each assigned kg.changes partition is positioned where the engine in memory
+   is (``seek``): the checkpoint's offsets at start-up (the beginning when there is none) and
+   after a revoke that put the engine back to its checkpoint, otherwise the offset after the
+   last batch it applied and published (a rebalance that hands the partition back replays
+   nothing). The replica is a function of the changelog, so the worker's own state decides
+   where it resumes, not the group commit (kept up to date for lag monitoring and operators).
 3. **process** -- each record is decoded and checked (``decode_change``); one the worker
    cannot use goes to ``kg.dlq`` with its reason (stage ``apply``) and is counted, and the rest
    go on. A product's ``out_edges`` are expanded into edge changes against the
@@ -184,14 +186,17 @@ class EmbedStep:
     def on_assigned(self, consumer: KafkaConsumer, partitions: set[TopicPartition]) -> None:
         starts: dict[TopicPartition, int] = {}
         for tp in partitions:
-            offset = self.opened.offsets.get(f"{tp.topic}:{tp.partition}")
+            # where the engine in memory is: the checkpoint's offsets at start-up and after a
+            # revoke that put the engine back to it, else past every batch applied and published
+            # (a rebalance that gives the partition back must not replay since the checkpoint)
+            offset = self.positions.get(f"{tp.topic}:{tp.partition}")
             if offset is None:
                 consumer.seek_to_beginning(tp)
             else:
                 consumer.seek(tp, offset)
             starts[tp] = offset or 0
         self.ledger_for = starts  # read kg.dlq before the next batch with dead letters, not here (IO thread)
-        log.info("resuming %s from checkpoint offsets %s", sorted(map(str, partitions)), self.opened.offsets)
+        log.info("resuming %s from offsets %s", sorted(map(str, partitions)), {str(tp): o for tp, o in starts.items()})
 
     def on_revoked(self) -> None:
         if self.unpublished is not None:

@@ -162,3 +162,37 @@ def test_kill_9_of_the_worker_then_restart_equals_a_clean_run(settings, prefix, 
             assert got[key].model_version == rec.model_version
             np.testing.assert_allclose(got[key].vector, rec.vector, atol=1e-5, err_msg=key)
     assert verify(crash, against_topic=True)["ok"]
+
+
+class SeekLog:
+    """Stands in for the Kafka client in ``on_assigned``: records where the step positions it."""
+
+    def __init__(self) -> None:
+        self.seeks: dict = {}
+
+    def seek(self, tp, offset: int) -> None:
+        self.seeks[tp] = offset
+
+    def seek_to_beginning(self, *tps) -> None:
+        for tp in tps:
+            self.seeks[tp] = "beginning"
+
+
+def test_a_rebalance_that_gives_the_partition_back_resumes_where_the_engine_is(settings, prefix):
+    """A group hiccup (the broker forgets the member, it rejoins and gets its partition back)
+    must not replay everything since the last checkpoint: the engine in memory has applied
+    and published past it. Seen in the soak: a 20 s freshness spike without any fault."""
+    from kafka.structs import TopicPartition
+
+    produce_events(settings, sample_events(prefix, products=6, users=3))
+    ingest(settings)
+    worker = embed_consumer(settings)
+    worker.run(until_caught_up=True, max_seconds=240)
+    step = worker.step
+    tp = TopicPartition(settings.topic_changes, 0)
+    applied = step.positions[f"{tp.topic}:{tp.partition}"]
+    assert applied > 0
+    step.opened.offsets = {}  # as if the last checkpoint were older than what the engine applied
+    client = SeekLog()
+    step.on_assigned(client, {tp})
+    assert client.seeks == {tp: applied}
