@@ -249,8 +249,7 @@ class EmbedStep:
         if self.ledger_for is not None:
             self.ledger.load(self.ledger_for, self.opened.saved_s)
             self.ledger_for = None
-        self.ledger.forget_below(batch.first_offsets())
-        fresh = [d for d in dead if (d.topic, d.partition, d.offset) not in self.ledger]
+        fresh = self.ledger.unsent(dead, batch.first_offsets())
         max_bytes = self.settings.dlq_max_value_bytes
         self.publisher.publish(self.settings.topic_dlq, (d.to_kafka(max_bytes) for d in fresh))
         self.ledger.add((d.topic, d.partition, d.offset) for d in fresh)

@@ -165,8 +165,7 @@ class IngestStep:
         if self.ledger_for is not None:
             self.ledger.load(*committed_starts(self.consumer, self.ledger_for))
             self.ledger_for = None
-        self.ledger.forget_below(batch.first_offsets())
-        fresh = [d for d in dead if (d.topic, d.partition, d.offset) not in self.ledger]
+        fresh = self.ledger.unsent(dead, batch.first_offsets())
         self.stats.dead_letters_not_resent += len(dead) - len(fresh)
         max_bytes = self.settings.dlq_max_value_bytes
         self.publisher.publish(self.settings.topic_dlq, (d.to_kafka(max_bytes) for d in fresh))

@@ -35,7 +35,7 @@ from kafka import KafkaConsumer
 from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
 
-from streamer.contracts.dead_letters import source_of
+from streamer.contracts.dead_letters import DeadLetter, source_of
 from streamer.kafka.consumer import parse_commit_metadata
 from streamer.settings import Settings
 
@@ -51,14 +51,17 @@ class DeadLetterLedger:
         self.budget_s = budget_s
         self.sent: set[Source] = set()
 
-    def __contains__(self, source: Source) -> bool:
-        return source in self.sent
-
     def add(self, sources: Iterable[Source]) -> None:
         self.sent.update(sources)
 
     def forget_below(self, first: dict[TopicPartition, int]) -> None:
         self.sent = {s for s in self.sent if s[2] >= first.get(TopicPartition(s[0], s[1]), -1)}
+
+    def unsent(self, dead: list[DeadLetter], first: dict[TopicPartition, int]) -> list[DeadLetter]:
+        """The dead letters of the batch whose first offsets are ``first`` that ``kg.dlq`` does
+        not hold yet (forgetting what no replay can reach any more)."""
+        self.forget_below(first)
+        return [d for d in dead if (d.topic, d.partition, d.offset) not in self.sent]
 
     def load(self, starts: dict[TopicPartition, int], since_s: float) -> int:
         """Rebuild from ``kg.dlq`` for the partitions in ``starts`` (this member's assignment,
