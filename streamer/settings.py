@@ -66,8 +66,9 @@ class Settings(BaseSettings):
     consumer_stall_s: float = Field(
         30.0,
         gt=0,
-        description="seconds a consumer may go without records while its group coordinator cannot be reached "
-        "before the Kafka client is rebuilt (kafka-python can stay stuck after a broker restart)",
+        description="seconds a consumer may go without records, while its group coordinator cannot be reached or "
+        "while records wait past its position, before the Kafka client is rebuilt (kafka-python can stay stuck "
+        "after a broker restart)",
     )
     group_instance_id: str | None = Field(
         None,

@@ -42,7 +42,11 @@ Lifecycle (one thread; kafka-python heartbeats from its own thread):
    the poll loop spins. The consumer rebuilds its client when (a) its partitions were revoked,
    or it subscribed, and no assignment (an empty one counts) has come for ``consumer_stall_s``,
    or (b) no record has arrived for ``consumer_stall_s`` and the coordinator has not answered
-   an ``OffsetFetch`` (5 s bound) for another ``consumer_stall_s``. A rebuild drops the batch
+   an ``OffsetFetch`` (5 s bound) for another ``consumer_stall_s``, or (c) no record has arrived
+   for ``consumer_stall_s``, the coordinator answers, and the broker's log end
+   (``ListOffsets``, 5 s bound) is past the position of a partition that is not paused: records
+   are there and the client does not fetch them (the embedding worker sat 7 minutes like that
+   after a noida-db restart, docs/reliability.md). A rebuild drops the batch
    in hand uncommitted (as on a revoke), closes the old client without a commit and subscribes
    a new one with the same group and instance id, which reads on from the committed offsets
    (``kgs_consumer_client_rebuilds_total``).
@@ -421,9 +425,11 @@ class BatchingConsumer:
     def poll_once(self) -> None:
         room = self.max_batch - len(self.batch)
         try:
-            if self.held_since is not None or room <= 0:
-                self.consumer.poll(timeout_ms=100, max_records=1)  # paused or full: keeps membership
+            if self.held_since is not None:
+                self.consumer.poll(timeout_ms=100, max_records=1)  # paused: keeps membership, returns nothing
                 return
+            if room <= 0:
+                return  # full: batch_ready() processes it before the next poll
             timeout_ms = 2000 if not self.consumer.assignment() else 100
             if self.batch.records:  # wake up when the batch is due, not later
                 due = self.batch.opened + self.wait_s() - time.monotonic()
@@ -475,8 +481,27 @@ class BatchingConsumer:
             if unreachable_s >= self.settings.consumer_stall_s:
                 self.rebuild_client(f"the group coordinator has not answered for {unreachable_s:.0f}s")
             return
-        self.alive_at = time.monotonic()
         self.unreachable_since = None
+        behind = self.unfetched_partitions()
+        if behind:
+            self.rebuild_client(f"no records for {now - self.alive_at:.0f}s while {', '.join(behind)} hold records past the position")
+            return
+        self.alive_at = time.monotonic()
+
+    def unfetched_partitions(self) -> list[str]:
+        """The assigned partitions, not paused, whose log end (the broker's ``ListOffsets``;
+        Tansu's answer is at most the true end, so never a false alarm) is past this member's
+        position; [] while backpressure holds the batch or when the broker does not answer."""
+        if self.held_since is not None:
+            return []
+        tps = sorted(self.consumer.assignment() - self.consumer.paused())
+        if not tps:
+            return []
+        try:
+            ends = self.consumer.end_offsets(tps, timeout_ms=5000)
+        except Exception:  # noqa: BLE001 - no answer is no evidence; (b) covers an absent broker
+            return []
+        return [f"{tp.topic}[{tp.partition}]" for tp in tps if (self.consumer.position(tp, timeout_ms=5000) or 0) < ends.get(tp, -1)]
 
     def rebuild_client(self, why: str) -> None:
         log.error("%s: %s: rebuilding the Kafka client (reading on from the committed offsets)", self.group, why)
@@ -562,6 +587,8 @@ class BatchingConsumer:
         except Backpressure as exc:
             self._hold(exc)
             return False
+        finally:
+            self.alive_at = time.monotonic()  # time spent processing is not time without records
         self.process_s += 0.3 * (time.monotonic() - began - self.process_s)  # moving average
         self._release()
         m.BATCH_EVENTS.labels(self.group).observe(len(batch))

@@ -194,3 +194,30 @@ def test_a_member_left_without_an_assignment_is_rebuilt_and_reads_on(settings):
         wait_for(lambda: after <= set(collect.values), timeout_s=60, what="the messages after")
         assert set(collect.values) == first | after
         assert rebuilds._value.get() == 1, "one rebuild, and the new member was assigned in time"
+
+
+def test_a_client_that_stops_fetching_is_rebuilt_and_reads_on(settings):
+    """kafka-python can stay in its group, heartbeating and answering, while it fetches nothing
+    (the embedding worker sat 7 minutes like that after a noida-db restart, lag growing). The
+    staging is that state: the client's ``poll`` returns nothing. An idle member is left alone;
+    once records wait past its position for ``consumer_stall_s``, it rebuilds its client and
+    reads them, nothing skipped."""
+    run = settings.model_copy(update={"consumer_stall_s": 2.0})
+    with collecting_consumer(run, f"deaf-{time.monotonic_ns()}") as (consumer, collect, rebuilds):
+        first = produce_named(run, "a")
+        wait_for(lambda: len(collect.values) >= 10, timeout_s=60, what="the first messages")
+        time.sleep(3 * run.consumer_stall_s)
+        assert rebuilds._value.get() == 0, "an idle member at the log end is not stuck"
+
+        def deaf_poll(timeout_ms: int = 0, **_: Any) -> dict:
+            time.sleep(timeout_ms / 1000)
+            return {}
+
+        consumer.consumer.poll = deaf_poll  # this client no longer fetches
+        time.sleep(0.5)  # a poll already under way ends (100 ms)
+        after = produce_named(run, "b")
+        time.sleep(run.consumer_stall_s)
+        assert not after & set(collect.values), "the staged client reads nothing"
+        wait_for(lambda: rebuilds._value.get() == 1, timeout_s=30, what="a client rebuild")
+        wait_for(lambda: after <= set(collect.values), timeout_s=60, what="the messages after")
+        assert set(collect.values) == first | after
