@@ -47,7 +47,6 @@ import resource
 import secrets
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -58,7 +57,7 @@ from prometheus_client import REGISTRY
 
 from devtools.datasets import LoadReport, online_retail
 from devtools.datasets.produce import encode, load_online_retail
-from devtools.local_services import LocalServices, ServiceError
+from devtools.local_services import LocalServices, ServiceError, free_port
 from sinks.graph_db import GraphSink
 from streamer.contracts.events import decode_event
 from streamer.ingest.plan import plan_batch
@@ -78,12 +77,6 @@ log = logging.getLogger("bench.ingest")
 
 
 # --------------------------------------------------------------------------- helpers
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def machine() -> dict[str, Any]:
     model = None
     try:

@@ -54,7 +54,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -68,7 +67,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from devtools.datasets import online_retail
-from devtools.local_services import LocalServices
+from devtools.local_services import LocalServices, free_port
 from streamer.contracts.vectors import VectorRecord, decode_vector, timing
 from streamer.kafka.topics import ensure_topics, read_to_end
 from streamer.settings import Settings
@@ -83,12 +82,6 @@ WARMUP_S = 60.0
 
 def log(msg: str) -> None:
     print(f"[soak {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- the input: real events, re-based to the wall clock ----------------------------------------

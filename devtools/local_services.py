@@ -128,6 +128,13 @@ def parse_host_port(value: str, default_port: int) -> tuple[str, int]:
     return parts.hostname or "127.0.0.1", parts.port or default_port
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (it can be taken before it is bound)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 class LocalServices:
     """The embedded broker and graph DB of one state directory."""
 

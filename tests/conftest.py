@@ -47,7 +47,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import socket
 import tempfile
 import time
 import uuid
@@ -57,7 +56,7 @@ from typing import Any
 
 import pytest
 
-from devtools.local_services import LocalServices, ServiceError, ServiceName
+from devtools.local_services import LocalServices, ServiceError, ServiceName, free_port
 from streamer.settings import Settings
 
 BROKER_KINDS = ["noida", "tansu"]
@@ -65,12 +64,6 @@ SESSION_TIMEOUT_MS = {"noida": 6_000, "tansu": 2_000}
 HEARTBEAT_MS = {"noida": 1_000, "tansu": 500}
 TEST_PASSWORD = "kgs-test-" + secrets.token_hex(8)
 _ROOT = Path(tempfile.gettempdir()) / f"kgs-pytest-{os.getuid()}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def service_settings(state_dir: Path, **overrides: Any) -> Settings:

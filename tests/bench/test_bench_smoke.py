@@ -85,8 +85,13 @@ def test_incremental_bench(tmp_path, retail_csv):
         ]
     )
     rows = json.loads(out.read_text())
-    sizes = {r.get("batch_size") for r in rows if r.get("kind") == "batch" and r.get("dataset") == "synth:tiny"}
-    assert sizes >= {1, 10}, rows[:3]
+    batches = [r for r in rows if r.get("kind") == "batch" and r.get("dataset") == "synth:tiny"]
+    assert {r["batch_size"] for r in batches} >= {1, 10}, rows[:3]
+    for r in batches:  # (a) end to end, against baselines measured whole
+        assert r["ms_end_to_end"] > 0 and r["speedup_vs_best"] > 0 and r["khop_measured_fraction"] == 1.0, r
+        assert r["vectors_published"] > 0 and r["bytes_published"] > 0, r
+        assert r["max_abs_err_khop_subgraph"] <= 1e-4, r  # (b') computes what the engine holds
+        assert r["max_abs_err_full"] <= 1e-5, r
 
 
 def test_between_batches_bench(retail_csv):
