@@ -721,6 +721,7 @@ class Bench:
                 "published_median": int(np.median(pub)),
                 "delta_messages_median": int(np.median(msgs)),
                 "full_ratio": engine.full_ratio,
+                "switch_ratio": round(engine.switch_ratio(), 5),  # the calibrated break-even at the series' end
                 "full_layers": fl,
                 "ms_incremental_isolated": round(1000 * float(np.median(iso)), 3) if iso else None,
                 "speedup_vs_khop_isolated": round(b_med / float(np.median(iso)), 2) if iso else None,
@@ -737,7 +738,8 @@ class Bench:
     def ratio_sweep(self, name: str, engine: IncrementalEngine, stream: Any, B: int, reps: int, full_s: float) -> None:
         """(a) alone under each ``--sweep-full-ratio`` value, on the next batches of the stream
         (different batches of the same size, so compare medians), then one exactness check."""
-        default = engine.full_ratio
+        default, costs = engine.full_ratio, engine.costs
+        engine.costs = None  # a fixed switch point per sweep value
         for ratio in self.args.sweep_full_ratio:
             engine.full_ratio = ratio
             ta, fl = [], []
@@ -760,7 +762,7 @@ class Bench:
                     "full_layers": fl,
                 }
             )
-        engine.full_ratio = default
+        engine.full_ratio, engine.costs = default, costs
         err, over = engine.verify(method="layers")
         self.emit(
             {"kind": "full_ratio_sweep_check", "dataset": name, "batch_size": B, "max_abs_err": err, "rows_over_1e-5": over}

@@ -32,7 +32,8 @@ GRAPH_ERRORS = Counter(
 )
 CLIENT_REBUILDS = Counter(
     "kgs_consumer_client_rebuilds_total",
-    "Times a consumer rebuilt its Kafka client because the group coordinator stayed unreachable (consumer_stall_s).",
+    "Times a consumer rebuilt its Kafka client: stuck joining, the group coordinator unreachable, or records left "
+    "unfetched past its position, each for consumer_stall_s.",
     ["group"],
 )
 LOG_TRUNCATIONS = Counter(

@@ -137,9 +137,9 @@ class Settings(BaseSettings):
     embed_full_ratio: float | None = Field(
         None,
         ge=0,
-        description="exact mode: a layer whose delta messages reach this fraction of the graph's "
-        "half-edges runs as a full pass instead (docs/engine.md 'Large batches'); unset: the device default "
-        "(CPU 0.1, CUDA 0.02); 0: never",
+        description="a layer whose delta messages reach this fraction of the graph's half-edges runs as a "
+        "full pass instead (docs/engine.md 'Large batches'); unset: on CPU the break-even of the engine's own "
+        "measured costs (0.1 until measured), on CUDA 0.02; 0: never",
     )
 
     # --- observability ---

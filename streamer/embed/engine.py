@@ -45,8 +45,11 @@ CSR product over all rows gives fresh sums, and the *structural* rule above stil
 which rows are written and published (``A_l`` from a sparse product with the indicator of
 ``C_{l-1}``), so rows outside ``A_l`` stay bit-identical and nothing is published for rounding.
 The written sums are fresh, i.e. re-anchored; in bounded mode ``_select`` still decides
-which recomputed rows pass their change on. ``full_ratio`` defaults per device
-(``FULL_RATIO``, measured in docs/performance.md); 0 turns the switch off.
+which recomputed rows pass their change on. A fixed ``full_ratio`` sets the switch point (0
+turns it off). Left unset, on CPU the switch point is the break-even of a cost model calibrated
+online from the engine's own layers (``PathCosts``: seconds per delta message, seconds per
+half-edge of a full layer), starting from ``FULL_RATIO``; on CUDA it is ``FULL_RATIO``
+(measured in docs/performance.md). Either path is exact, so the switch moves only the time.
 
 Bounded mode (``mode="bounded"``; docs/engine.md): a recomputed row of layer ``l`` passes its
 change on only when it moved by more than ``thresholds[l]`` (propagate threshold for hidden
@@ -87,6 +90,42 @@ STATE_FORMAT = 1
 # docs/performance.md, "Switching to full passes"); a CUDA full pass is cheap next to the host-side
 # index work of a large incremental layer
 FULL_RATIO = {"cpu": 0.1, "cuda": 0.02}
+CALIBRATE_MIN_MESSAGES = 2_000  # delta layers below this are mostly fixed cost: not a per-message rate
+
+
+@dataclass
+class PathCosts:
+    """The switch's cost model, calibrated online from the engine's own layers (module doc,
+    "Large batches"): seconds per delta message (delta layers of at least
+    ``CALIBRATE_MIN_MESSAGES``) and seconds per half-edge of a full-pass layer (``_full_from``,
+    CSR build included; ``rebuild`` gives a first, lower estimate), each a moving average. A
+    layer is cheaper as a full pass once ``messages x per_message >= half_edges x
+    per_half_edge``: ``ratio()`` is that break-even, the prior until both are measured."""
+
+    prior: float
+    per_message: float | None = None
+    per_half_edge: float | None = None
+    full_measured: bool = False  # per_half_edge comes from a real full-pass layer, not a rebuild
+
+    def ratio(self) -> float:
+        if self.per_message is None or self.per_half_edge is None:
+            return self.prior
+        return self.per_half_edge / self.per_message
+
+    def observe_delta(self, seconds: float, messages: int) -> None:
+        if messages >= CALIBRATE_MIN_MESSAGES:
+            self.per_message = _ewma(self.per_message, seconds / messages)
+
+    def observe_full(self, seconds: float, half_edges: int, rebuild: bool = False) -> None:
+        if half_edges <= 0 or (rebuild and self.full_measured):
+            return
+        rate = seconds / half_edges
+        self.per_half_edge = rate if rebuild or not self.full_measured else _ewma(self.per_half_edge, rate)
+        self.full_measured = self.full_measured or not rebuild
+
+
+def _ewma(old: float | None, new: float, weight: float = 0.3) -> float:
+    return new if old is None else old + weight * (new - old)
 
 
 @dataclass
@@ -235,6 +274,9 @@ class IncrementalEngine:
         self.full_ratio = FULL_RATIO.get(self.device.type, 0.0) if full_ratio is None else float(full_ratio)
         if self.full_ratio < 0:
             raise ValueError("full_ratio must be >= 0 (0: never switch to full passes)")
+        # unset on CPU: the switch follows the measured costs (on CUDA the layers are not timed:
+        # kernels run asynchronously, and a sync per layer would cost more than it tells)
+        self.costs: PathCosts | None = PathCosts(self.full_ratio) if full_ratio is None and self.device.type == "cpu" else None
         self.agg_dtype = agg_dtype
         self.featurize = featurize
         self.text_model_id = text_model_id
@@ -525,8 +567,12 @@ class IncrementalEngine:
         full_next = self._use_full_pass(changed, ends)
         for layer in range(L):
             if full_next:
+                began = time.perf_counter()
                 changed, held_last = self._full_from(layer, changed, ends, report, touched_ts)
+                if self.costs is not None:
+                    self.costs.observe_full((time.perf_counter() - began) / (L - layer), 2 * rep.num_edges)
                 break
+            began = time.perf_counter()
             seg, w = rep.gather(changed)
             if len(w):
                 recv, seg_t = self.as_index(w), self.as_index(seg)
@@ -557,6 +603,8 @@ class IncrementalEngine:
             report.changed.append(len(changed))
             report.affected_rows.append(torch.from_numpy(rows))
             report.rows_recomputed += len(rows)
+            if self.costs is not None:
+                self.costs.observe_delta(time.perf_counter() - began, len(w) + len(ends))
 
         # 4. report, then free the slots of deleted nodes
         out = self._union(changed, changed0)
@@ -578,16 +626,24 @@ class IncrementalEngine:
             rep.release(removed)
         return report
 
+    def switch_ratio(self) -> float:
+        """Messages / half-edges at which a layer runs as a full pass: the calibrated break-even
+        (``costs``), or the fixed ``full_ratio``; 0: never."""
+        if self.full_ratio <= 0:
+            return 0.0
+        return self.costs.ratio() if self.costs is not None else self.full_ratio
+
     def _use_full_pass(self, changed: np.ndarray, ends: np.ndarray) -> bool:
         """Whether the next layer is cheaper as a full pass: its delta messages (the degrees of
-        the rows that moved, plus the structural ends) reach ``full_ratio`` x half-edges."""
-        if self.full_ratio <= 0:
+        the rows that moved, plus the structural ends) reach ``switch_ratio()`` x half-edges."""
+        ratio = self.switch_ratio()
+        if ratio <= 0:
             return False
         half_edges = 2 * self.replica.num_edges
         if half_edges == 0:
             return False
         messages = int(self.replica.length[changed].sum()) + len(ends)
-        return messages >= self.full_ratio * half_edges
+        return messages >= ratio * half_edges
 
     def _full_from(
         self, first: int, changed: np.ndarray, ends: np.ndarray, report: BatchReport, touched_ts: list[Tensor]
@@ -839,6 +895,7 @@ class IncrementalEngine:
         n = self.replica.num_slots
         if n == 0:
             return
+        began = time.perf_counter()
         adj = self.adjacency()
         deg = torch.from_numpy(self.replica.length[:n].astype(np.float32)).to(self.device).clamp_(min=1)
         for layer in range(self.L):
@@ -849,6 +906,8 @@ class IncrementalEngine:
                 agg = agg / deg.unsqueeze(1)
             self.h[layer + 1][:n] = self.model.dense(layer, agg, self.h[layer][:n])
             del s, agg
+        if self.costs is not None:
+            self.costs.observe_full((time.perf_counter() - began) / self.L, 2 * self.replica.num_edges, rebuild=True)
         for t in self.count:
             t.zero_()
         dead = self.as_index(np.flatnonzero(~self.replica.alive[:n]))

@@ -484,7 +484,8 @@ class BatchingConsumer:
         self.unreachable_since = None
         behind = self.unfetched_partitions()
         if behind:
-            self.rebuild_client(f"no records for {now - self.alive_at:.0f}s while {', '.join(behind)} hold records past the position")
+            quiet_s = now - self.alive_at
+            self.rebuild_client(f"no records for {quiet_s:.0f}s while {', '.join(behind)} hold records past the position")
             return
         self.alive_at = time.monotonic()
 
@@ -501,7 +502,8 @@ class BatchingConsumer:
             ends = self.consumer.end_offsets(tps, timeout_ms=5000)
         except Exception:  # noqa: BLE001 - no answer is no evidence; (b) covers an absent broker
             return []
-        return [f"{tp.topic}[{tp.partition}]" for tp in tps if (self.consumer.position(tp, timeout_ms=5000) or 0) < ends.get(tp, -1)]
+        positions = {tp: self.consumer.position(tp, timeout_ms=5000) or 0 for tp in tps}
+        return [f"{tp.topic}[{tp.partition}]" for tp in tps if positions[tp] < ends.get(tp, -1)]
 
     def rebuild_client(self, why: str) -> None:
         log.error("%s: %s: rebuilding the Kafka client (reading on from the committed offsets)", self.group, why)

@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 
 from encoders.graph import GraphEncoder, GraphEncoderConfig, fuse
 from streamer.contracts import changes as C
-from streamer.embed.engine import FULL_RATIO, IncrementalEngine
+from streamer.embed import engine as engine_module
+from streamer.embed.engine import FULL_RATIO, IncrementalEngine, PathCosts
 from streamer.embed.replica import Replica
 from streamer.embed.state import Featurizer, load_engine, save_engine
 
@@ -314,6 +315,45 @@ def test_full_ratio_validation_and_device_default():
     assert IncrementalEngine(make_model(1), "cpu", full_ratio=0).full_ratio == 0
     with pytest.raises(ValueError):
         IncrementalEngine(make_model(1), "cpu", full_ratio=-1)
+
+
+def test_the_switch_point_is_the_measured_break_even():
+    """Unset on CPU, the switch follows the engine's own measured costs: seconds per delta
+    message against seconds per half-edge of a full layer, the device default until both are
+    known; a fixed ratio (or 0) is left alone."""
+    engine = IncrementalEngine(make_model(2), "cpu")
+    assert engine.costs is not None and engine.switch_ratio() == FULL_RATIO["cpu"]
+    costs = engine.costs
+    costs.observe_delta(1.0, 10)  # a small layer is mostly fixed cost: not a rate
+    assert costs.per_message is None
+    costs.observe_delta(0.002, 2000)  # 1 us per message
+    costs.observe_full(0.5, 1_000_000, rebuild=True)  # a rebuild: a first estimate
+    assert engine.switch_ratio() == pytest.approx(0.5)
+    costs.observe_full(0.1, 1_000_000)  # a real full layer replaces it
+    assert engine.switch_ratio() == pytest.approx(0.1)
+    costs.observe_full(1.0, 1_000_000, rebuild=True)  # and later rebuilds do not
+    assert engine.switch_ratio() == pytest.approx(0.1)
+    costs.observe_delta(0.004, 2000)  # moving averages
+    assert costs.per_message == pytest.approx(1.3e-6)
+    for fixed in (0.25, 0.0):
+        pinned = IncrementalEngine(make_model(2), "cpu", full_ratio=fixed)
+        assert pinned.costs is None and pinned.switch_ratio() == fixed
+    assert PathCosts(0.1).ratio() == 0.1
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(stream=stream_st, layers=st.integers(1, 3))
+def test_a_calibrating_switch_keeps_every_incremental_guarantee(stream, layers):
+    """With every layer calibrating (no minimum), the switch point follows noisy timings and
+    the engine goes back and forth between the paths mid-stream: still exact after every batch."""
+    saved = engine_module.CALIBRATE_MIN_MESSAGES
+    engine_module.CALIBRATE_MIN_MESSAGES = 1
+    try:
+        engine = IncrementalEngine(make_model(layers), "cpu")
+        run_stream(engine, stream)
+        assert engine.costs is not None
+    finally:
+        engine_module.CALIBRATE_MIN_MESSAGES = saved
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA; the CPU engine is covered by the test above")
