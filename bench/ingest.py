@@ -16,13 +16,18 @@ also on error or Ctrl-C):
    own), for ``--baseline-seconds`` or ``--baseline-events``, whichever ends first; then the
    very same events on another fresh graph DB in transactions of ``batch size`` events. Both
    are graph-only (no consume, no changelog publish, no commit);
-3. for each batch size: a fresh graph DB and a new consumer group, then
+3. **the graph DB's own limit** (``db_raw``, measured after the runs of 4): every event the
+   pipeline runs, decoded and
+   planned beforehand (not timed), written with the pipeline's statements in transactions of
+   the batch size, back to back, on a fresh graph DB; each run's ``ratio_to_db_raw`` is its
+   events/s over this one (1.0: the pipeline costs nothing on top of the database);
+4. for each batch size: a fresh graph DB and a new consumer group, then
    ``ingest_consumer(settings).run(until_caught_up=True)`` over everything replayed, timed;
    the stage timings come from the ``kgs_stage_duration_seconds`` histogram the consumer
    records (decode, write, publish, commit; "poll/other" is the remainder), plus the CPU
    seconds each process used (this one, the graph DB's JVM, the broker), also per event: on a
    shared machine CPU microseconds per event move much less with the load than wall time;
-4. optionally (``--profile``) one more run under cProfile, reported separately (cProfile
+5. optionally (``--profile``) one more run under cProfile, reported separately (cProfile
    slows the Python side, so its throughput is not a result).
 
 Every graph DB is warmed up first (``--warmup-events`` real events written one per
@@ -274,6 +279,38 @@ def write_batched(sink: GraphSink, raws: list[bytes], max_bytes: int, batch: int
     return len(raws), time.monotonic() - t0, mutations
 
 
+def db_raw(bench: Bench, raws: list[bytes], batch: int, warm: list[bytes]) -> dict[str, Any]:
+    """The graph DB's own limit for the pipeline's statements: every event the pipeline ran,
+    decoded and planned beforehand (not timed), then written with the same statements
+    (``GraphSink.write``: batched UNWIND/MERGE, nodes first) in transactions of ``batch``
+    events, back to back, on a fresh warmed-up graph DB. No Kafka, no changelog, no commit."""
+    max_bytes = bench.broker.settings.max_event_bytes  # type: ignore[union-attr]
+    plans = [plan_batch([decode_event(raw, max_bytes) for raw in raws[i : i + batch]]) for i in range(0, len(raws), batch)]
+    graph, settings = fresh_warm_graph(bench, warm)
+    sink = GraphSink(settings)
+    try:
+        log.info("db raw: %d events in transactions of %d, statements only", len(raws), batch)
+        mutations = 0
+        t0 = time.monotonic()
+        for plan in plans:
+            result = sink.write(plan)
+            mutations += result.nodes_written + result.relationships_written
+        secs = time.monotonic() - t0
+        nodes, rels = sink.counts()
+    finally:
+        sink.close()
+        bench.stop_graph(graph)
+    return {
+        "what": "the same events, planned beforehand, written with the pipeline's statements; no Kafka",
+        "events": len(raws),
+        "batch_size": batch,
+        "seconds": round(secs, 2),
+        "events_per_s": rate(len(raws), secs),
+        "graph_mutations_per_s": rate(mutations, secs),
+        "graph_after": {"nodes": nodes, "relationships": rels},
+    }
+
+
 def warm_up(sink: GraphSink, raws: list[bytes], max_bytes: int) -> None:
     """Exercise every statement on the JVM (one per tx and batched), then empty the graph."""
     if not raws:
@@ -461,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-events", type=int, default=20_000, help="at most this many events in the baseline")
     parser.add_argument("--baseline-seconds", type=float, default=25.0, help="stop the one-per-tx baseline after this long")
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--no-db-raw", action="store_true", help="skip the graph DB's own rate on the same events")
     parser.add_argument("--warmup-events", type=int, default=1_000)
     parser.add_argument("--profile", action="store_true", help="one extra run under cProfile (reported separately)")
     parser.add_argument("--state-root", type=Path, default=None, help="where the temporary state dir goes (default: $TMPDIR)")
@@ -516,6 +554,13 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(run)
             log.info("batch %d: %d events in %.1fs = %.0f events/s", batch, run["events"], run["seconds"], run["events_per_s"])
         result["runs"] = runs
+        if not args.no_db_raw:
+            head_batch = args.batch_size if args.batch_size in batch_sizes else batch_sizes[0]
+            raws = wire_events(data, args.limit if args.limit is not None else replay.events)
+            result["db_raw"] = raw = db_raw(bench, raws, head_batch, warm)
+            del raws
+            for run in runs:
+                run["ratio_to_db_raw"] = round(run["events_per_s"] / max(raw["events_per_s"], 1e-9), 3)
         if "baseline" in result:
             base = result["baseline"]["one_per_tx"]["events_per_s"]
             for run in runs:
@@ -528,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
             for k in ("batch_size", "events", "seconds", "events_per_s", "graph_mutations_per_s", "changes_published", "dlq")
         }
         result["headline"]["speedup_vs_one_per_tx"] = head.get("speedup_vs_one_per_tx")
+        result["headline"]["ratio_to_db_raw"] = head.get("ratio_to_db_raw")
         result["headline"]["cpu_us_per_event"] = {
             k: (head["cpu"][k] or {}).get("cpu_us_per_event") for k in ("ingest_process", "graph_db_jvm", "broker")
         }
