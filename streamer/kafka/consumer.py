@@ -46,7 +46,10 @@ Lifecycle (one thread; kafka-python heartbeats from its own thread):
    for ``consumer_stall_s``, the coordinator answers, and the broker's log end
    (``ListOffsets``, 5 s bound) is past the position of a partition that is not paused: records
    are there and the client does not fetch them (the embedding worker sat 7 minutes like that
-   after a noida-db restart, docs/reliability.md). A rebuild drops the batch
+   after a noida-db restart, docs/reliability.md), or that log end cannot be read for another
+   ``consumer_stall_s`` (after a noida-db restart every fetch of the worker failed with
+   ``InvalidReceiveError: Invalid frame length`` for 5 minutes, and so did the probe on the same
+   connection; a new client read on at once). The probes run at most once a second. A rebuild drops the batch
    in hand uncommitted (as on a revoke), closes the old client without a commit and subscribes
    a new one with the same group and instance id, which reads on from the committed offsets
    (``kgs_consumer_client_rebuilds_total``).
@@ -81,6 +84,7 @@ log = logging.getLogger(__name__)
 
 
 MIN_WAIT_S = 0.005  # a batch waits at least this long for company
+PROBE_EVERY_S = 1.0  # a quiet consumer asks the broker whether it is stuck at most this often
 
 
 class UnreadableRecord(ConsumerRecord):  # type: ignore[misc]
@@ -362,6 +366,8 @@ class BatchingConsumer:
         self.client_id = client_id
         self.alive_at = time.monotonic()  # the last time records arrived or the coordinator answered
         self.unreachable_since: float | None = None  # the coordinator probe has failed since then
+        self.unreadable_since: float | None = None  # the log-end probe has failed since then
+        self.probed_at = 0.0  # the last probe (at most one per PROBE_EVERY_S)
         self.joining_since: float | None = None  # subscribed or revoked, and no assignment since
         self.consumer.subscribe(self.topics, listener=_Rebalance(self))
 
@@ -463,28 +469,38 @@ class BatchingConsumer:
                 self.consumer.seek(tp, highwater)
 
     def check_client(self) -> None:
-        """Rebuild a Kafka client stuck in its group protocol (module docstring, 7)."""
+        """Rebuild a Kafka client stuck in its group protocol or its fetches (module docstring, 7)."""
         now = time.monotonic()
         if self.joining_since is not None and now - self.joining_since >= self.settings.consumer_stall_s:
             self.rebuild_client(f"no partitions assigned {now - self.joining_since:.0f}s after the group began (re)joining")
             return
-        if now - self.alive_at < self.settings.consumer_stall_s:
+        if now - self.alive_at < self.settings.consumer_stall_s or now - self.probed_at < PROBE_EVERY_S:
             return
+        self.probed_at = now
+        quiet_s = now - self.alive_at
         try:
             self.consumer.committed(TopicPartition(self.topics[0], 0), timeout_ms=5000)
         except Exception as exc:  # noqa: BLE001 - any failure to reach the coordinator counts
             if self.unreachable_since is None:
                 self.unreachable_since = now
-                quiet_s = now - self.alive_at
                 log.warning("%s: no records for %.0fs and the group coordinator does not answer (%s)", self.group, quiet_s, exc)
             unreachable_s = time.monotonic() - self.unreachable_since
             if unreachable_s >= self.settings.consumer_stall_s:
                 self.rebuild_client(f"the group coordinator has not answered for {unreachable_s:.0f}s")
             return
         self.unreachable_since = None
-        behind = self.unfetched_partitions()
+        try:
+            behind = self.unfetched_partitions()
+        except Exception as exc:  # noqa: BLE001 - the coordinator answers, the partitions' broker does not
+            if self.unreadable_since is None:
+                self.unreadable_since = now
+                log.warning("%s: no records for %.0fs and the log end cannot be read (%s)", self.group, quiet_s, exc)
+            unreadable_s = time.monotonic() - self.unreadable_since
+            if unreadable_s >= self.settings.consumer_stall_s:
+                self.rebuild_client(f"no records, and the log end has not been readable for {unreadable_s:.0f}s")
+            return
+        self.unreadable_since = None
         if behind:
-            quiet_s = now - self.alive_at
             self.rebuild_client(f"no records for {quiet_s:.0f}s while {', '.join(behind)} hold records past the position")
             return
         self.alive_at = time.monotonic()
@@ -492,16 +508,13 @@ class BatchingConsumer:
     def unfetched_partitions(self) -> list[str]:
         """The assigned partitions, not paused, whose log end (the broker's ``ListOffsets``;
         Tansu's answer is at most the true end, so never a false alarm) is past this member's
-        position; [] while backpressure holds the batch or when the broker does not answer."""
+        position; [] while backpressure holds the batch. Raises when the broker does not answer."""
         if self.held_since is not None:
             return []
         tps = sorted(self.consumer.assignment() - self.consumer.paused())
         if not tps:
             return []
-        try:
-            ends = self.consumer.end_offsets(tps, timeout_ms=5000)
-        except Exception:  # noqa: BLE001 - no answer is no evidence; (b) covers an absent broker
-            return []
+        ends = self.consumer.end_offsets(tps, timeout_ms=5000)
         positions = {tp: self.consumer.position(tp, timeout_ms=5000) or 0 for tp in tps}
         return [f"{tp.topic}[{tp.partition}]" for tp in tps if positions[tp] < ends.get(tp, -1)]
 
@@ -520,7 +533,7 @@ class BatchingConsumer:
         commit.consumer = self.consumer
         self.consumer.subscribe(self.topics, listener=_Rebalance(self))
         self.alive_at = self.joining_since = time.monotonic()
-        self.unreachable_since = None
+        self.unreachable_since = self.unreadable_since = None
 
     def add(self, polled: dict[TopicPartition, list[ConsumerRecord]]) -> None:
         if polled:

@@ -221,3 +221,32 @@ def test_a_client_that_stops_fetching_is_rebuilt_and_reads_on(settings):
         wait_for(lambda: rebuilds._value.get() == 1, timeout_s=30, what="a client rebuild")
         wait_for(lambda: after <= set(collect.values), timeout_s=60, what="the messages after")
         assert set(collect.values) == first | after
+
+
+def test_a_client_whose_fetches_and_probes_fail_is_rebuilt_and_reads_on(settings):
+    """After a noida-db restart every fetch of the worker failed (``InvalidReceiveError:
+    Invalid frame length``) for 5 minutes, and so did the log-end probe on the same connection,
+    while the group coordinator answered. The staging: ``poll`` returns nothing and
+    ``end_offsets`` raises. Once that lasts ``consumer_stall_s`` past the quiet
+    ``consumer_stall_s``, the client is rebuilt and reads everything."""
+    from kafka.errors import KafkaError
+
+    run = settings.model_copy(update={"consumer_stall_s": 2.0})
+    with collecting_consumer(run, f"garbled-{time.monotonic_ns()}") as (consumer, collect, rebuilds):
+        first = produce_named(run, "a")
+        wait_for(lambda: len(collect.values) >= 10, timeout_s=60, what="the first messages")
+
+        def deaf_poll(timeout_ms: int = 0, **_: Any) -> dict:
+            time.sleep(timeout_ms / 1000)
+            return {}
+
+        def garbled(*_: Any, **__: Any) -> dict:
+            raise KafkaError("Invalid frame length: 121763269")
+
+        consumer.consumer.poll = deaf_poll
+        consumer.consumer.end_offsets = garbled
+        time.sleep(0.5)  # a poll already under way ends (100 ms)
+        after = produce_named(run, "b")
+        wait_for(lambda: rebuilds._value.get() == 1, timeout_s=30, what="a client rebuild")
+        wait_for(lambda: after <= set(collect.values), timeout_s=60, what="the messages after")
+        assert set(collect.values) == first | after
