@@ -365,8 +365,7 @@ class BatchingConsumer:
         self.stopping = False
         self.client_id = client_id
         self.alive_at = time.monotonic()  # the last time records arrived or the coordinator answered
-        self.unreachable_since: float | None = None  # the coordinator probe has failed since then
-        self.unreadable_since: float | None = None  # the log-end probe has failed since then
+        self.failing: dict[str, float] = {}  # per probe of a quiet consumer: failing since then
         self.probed_at = 0.0  # the last probe (at most one per PROBE_EVERY_S)
         self.joining_since: float | None = None  # subscribed or revoked, and no assignment since
         self.consumer.subscribe(self.topics, listener=_Rebalance(self))
@@ -481,29 +480,28 @@ class BatchingConsumer:
         try:
             self.consumer.committed(TopicPartition(self.topics[0], 0), timeout_ms=5000)
         except Exception as exc:  # noqa: BLE001 - any failure to reach the coordinator counts
-            if self.unreachable_since is None:
-                self.unreachable_since = now
-                log.warning("%s: no records for %.0fs and the group coordinator does not answer (%s)", self.group, quiet_s, exc)
-            unreachable_s = time.monotonic() - self.unreachable_since
-            if unreachable_s >= self.settings.consumer_stall_s:
-                self.rebuild_client(f"the group coordinator has not answered for {unreachable_s:.0f}s")
+            self.probe_failed("the group coordinator does not answer", exc, quiet_s)
             return
-        self.unreachable_since = None
+        self.failing.pop("the group coordinator does not answer", None)
         try:
             behind = self.unfetched_partitions()
         except Exception as exc:  # noqa: BLE001 - the coordinator answers, the partitions' broker does not
-            if self.unreadable_since is None:
-                self.unreadable_since = now
-                log.warning("%s: no records for %.0fs and the log end cannot be read (%s)", self.group, quiet_s, exc)
-            unreadable_s = time.monotonic() - self.unreadable_since
-            if unreadable_s >= self.settings.consumer_stall_s:
-                self.rebuild_client(f"no records, and the log end has not been readable for {unreadable_s:.0f}s")
+            self.probe_failed("the log end cannot be read", exc, quiet_s)
             return
-        self.unreadable_since = None
+        self.failing.pop("the log end cannot be read", None)
         if behind:
             self.rebuild_client(f"no records for {quiet_s:.0f}s while {', '.join(behind)} hold records past the position")
             return
         self.alive_at = time.monotonic()
+
+    def probe_failed(self, what: str, exc: Exception, quiet_s: float) -> None:
+        """A probe of a quiet consumer failed: rebuild once it has failed for ``consumer_stall_s``."""
+        if what not in self.failing:
+            self.failing[what] = time.monotonic()
+            log.warning("%s: no records for %.0fs and %s (%s)", self.group, quiet_s, what, exc)
+        failing_s = time.monotonic() - self.failing[what]
+        if failing_s >= self.settings.consumer_stall_s:
+            self.rebuild_client(f"{what}: for {failing_s:.0f}s")
 
     def unfetched_partitions(self) -> list[str]:
         """The assigned partitions, not paused, whose log end (the broker's ``ListOffsets``;
@@ -533,7 +531,7 @@ class BatchingConsumer:
         commit.consumer = self.consumer
         self.consumer.subscribe(self.topics, listener=_Rebalance(self))
         self.alive_at = self.joining_since = time.monotonic()
-        self.unreachable_since = self.unreadable_since = None
+        self.failing = {}
 
     def add(self, polled: dict[TopicPartition, list[ConsumerRecord]]) -> None:
         if polled:
