@@ -9,7 +9,7 @@ Per dataset and per update batch size (1, 10, 100, 1,000, 10,000: InkStream's gr
 timed batch is applied by
 
 (a) our side, **end to end** (``EndToEnd``): ``IncrementalEngine.apply`` (exact mode) with the
-    fused vectors built, every vector serialised as the worker does (``VectorRecord.to_kafka``,
+    fused vectors built, every vector serialised as the worker does (``vector_records``,
     ``--vector-encoding``, f16 by default), tombstones for deleted nodes, and all of them
     handed to a Kafka producer and acknowledged by a real broker (an embedded Tansu started
     here, ``--local-broker noida`` to keep the log on disk, or ``--bootstrap``).
@@ -72,7 +72,9 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -93,8 +95,9 @@ from encoders.graph import GraphEncoder, GraphEncoderConfig
 from encoders.text import resolve_device
 from sinks.kafka_publisher import KafkaPublisher
 from streamer.contracts import changes as C
-from streamer.contracts.vectors import VectorRecord
+from streamer.contracts.vectors import Encoding
 from streamer.embed.engine import BatchReport, IncrementalEngine
+from streamer.embed.worker import vector_records
 from streamer.kafka.topics import ensure_topics
 from streamer.settings import Settings
 
@@ -294,11 +297,11 @@ class SubgraphBaseline:
 # ---- (a) end to end: apply, build the vectors, serialise, publish -----------------------------
 class EndToEnd:
     """(a) as a user waits for it: ``engine.apply`` with the fused vectors built, each vector
-    serialised as the worker does (``VectorRecord.to_kafka``, ``--vector-encoding``), tombstones
+    serialised as the worker does (``streamer.embed.worker.vector_records``, ``--vector-encoding``), tombstones
     for deleted nodes, and all of them handed to a Kafka producer and acknowledged by a real
     broker (``KafkaPublisher.publish``: ``acks=all``, flushed)."""
 
-    def __init__(self, engine: IncrementalEngine, publisher: KafkaPublisher, topic: str, encoding: str):
+    def __init__(self, engine: IncrementalEngine, publisher: KafkaPublisher, topic: str, encoding: Encoding):
         self.e, self.publisher, self.topic, self.encoding = engine, publisher, topic, encoding
         self.stages: dict[str, float] = {}
         self.vectors = 0
@@ -310,13 +313,7 @@ class EndToEnd:
         if self.e.device.type == "cuda":
             torch.cuda.synchronize()
         t1 = time.perf_counter()
-        version, now = self.e.model_version, int(time.time() * 1000)
-        vectors = report.vectors.numpy() if report.vectors is not None else np.zeros((0, 0), dtype=np.float32)
-        records = [
-            VectorRecord(k, v, version, ts, None, now).to_kafka(self.encoding)  # type: ignore[arg-type]
-            for k, v, ts in zip(report.changed_keys, vectors, report.changed_ts, strict=True)
-        ]
-        records += [VectorRecord(k, None, version).to_kafka(self.encoding) for k in report.deleted_keys]  # type: ignore[arg-type]
+        records = vector_records(report, self.e.model_version, self.encoding)  # as the worker builds them
         t2 = time.perf_counter()
         self.publisher.publish(self.topic, records)
         t3 = time.perf_counter()
@@ -472,8 +469,6 @@ class Bench:
 
     def start_broker(self) -> tuple[LocalServices | None, KafkaPublisher, str]:
         """The broker (a) publishes to: ``--bootstrap``, or an embedded Tansu started here."""
-        import tempfile
-
         a = self.args
         if a.bootstrap:
             settings = Settings(_env_file=None, bootstrap_servers=a.bootstrap)
@@ -493,8 +488,6 @@ class Bench:
         self.publisher.close()
         if self.services is not None:
             self.services.down()
-            import shutil
-
             shutil.rmtree(Path(self.services.settings.state_dir), ignore_errors=True)
 
     def over_budget(self) -> bool:

@@ -58,7 +58,7 @@ from streamer import metrics as m
 from streamer.contracts.changes import Change, InvalidChange, decode_change, edge_delete, edge_upsert
 from streamer.contracts.dead_letters import DeadLetter
 from streamer.contracts.events import NODE_LABELS
-from streamer.contracts.vectors import VectorRecord
+from streamer.contracts.vectors import Encoding, VectorRecord
 from streamer.embed.engine import BatchReport
 from streamer.embed.replica import Replica
 from streamer.embed.state import Opened, open_checkpoint, save_checkpoint
@@ -286,13 +286,7 @@ class EmbedStep:
         with m.STAGE_SECONDS.labels(self.group, "embed").time():
             report = self.engine.apply(expand_out_edges(changes, self.engine.replica))
         self.stats.apply_seconds += time.perf_counter() - t0
-        published_ms = int(time.time() * 1000)
-        version = self.engine.model_version
-        records = [
-            VectorRecord(key, vec, version, ts, source_ms, published_ms).to_kafka(self.settings.vector_encoding)
-            for key, vec, ts in zip(report.changed_keys, _numpy(report.vectors), report.changed_ts, strict=False)
-        ]
-        records += [VectorRecord(key, None, version).to_kafka(self.settings.vector_encoding) for key in report.deleted_keys]
+        records = vector_records(report, self.engine.model_version, self.settings.vector_encoding, source_ms)
         return Unpublished(records, report, source_ms, dead)
 
     def publish_all(self) -> None:
@@ -355,6 +349,20 @@ class EmbedStep:
             fresh = max(0.0, acked - source_ms / 1000)
             s.freshness_s.append(fresh)
             m.FRESHNESS_VECTOR.labels(self.group).observe(fresh)
+
+
+def vector_records(
+    report: BatchReport, version: str, encoding: Encoding, source_ms: int | None = None
+) -> list[tuple[bytes, bytes | None, list[tuple[str, bytes]]]]:
+    """The ``kg.embeddings`` records of one applied batch, ready for the producer: a vector per
+    changed key (``published_ms`` now) and a tombstone per deleted key."""
+    published_ms = int(time.time() * 1000)
+    records = [
+        VectorRecord(key, vec, version, ts, source_ms, published_ms).to_kafka(encoding)
+        for key, vec, ts in zip(report.changed_keys, _numpy(report.vectors), report.changed_ts, strict=False)
+    ]
+    records += [VectorRecord(key, None, version).to_kafka(encoding) for key in report.deleted_keys]
+    return records
 
 
 def _numpy(t: torch.Tensor | np.ndarray | None) -> np.ndarray:

@@ -364,7 +364,7 @@ class BatchingConsumer:
         self.dropped: dict[TopicPartition, int] = {}  # first offsets of a batch dropped on revoke
         self.stopping = False
         self.client_id = client_id
-        self.alive_at = time.monotonic()  # the last time records arrived or the coordinator answered
+        self.alive_at = time.monotonic()  # the last time records arrived, a batch finished or the probes found nothing wrong
         self.failing: dict[str, float] = {}  # per probe of a quiet consumer: failing since then
         self.probed_at = 0.0  # the last probe (at most one per PROBE_EVERY_S)
         self.joining_since: float | None = None  # subscribed or revoked, and no assignment since
@@ -506,9 +506,8 @@ class BatchingConsumer:
     def unfetched_partitions(self) -> list[str]:
         """The assigned partitions, not paused, whose log end (the broker's ``ListOffsets``;
         Tansu's answer is at most the true end, so never a false alarm) is past this member's
-        position; [] while backpressure holds the batch. Raises when the broker does not answer."""
-        if self.held_since is not None:
-            return []
+        position (none while backpressure holds the batch: it pauses them all). Raises when the
+        broker does not answer."""
         tps = sorted(self.consumer.assignment() - self.consumer.paused())
         if not tps:
             return []
