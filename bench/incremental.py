@@ -8,7 +8,7 @@
 Per dataset and per update batch size (1, 10, 100, 1,000, 10,000: InkStream's grid), every
 timed batch is applied by
 
-(a) our side, **end to end** (``EndToEnd``): ``IncrementalEngine.apply`` (exact mode) with the
+(a) our side, **end to end** (``EndToEnd``): ``IncrementalEngine.apply`` with the
     fused vectors built, every vector serialised as the worker does (``vector_records``,
     ``--vector-encoding``, f16 by default), tombstones for deleted nodes, and all of them
     handed to a Kafka producer and acknowledged by a real broker (an embedded Tansu started
@@ -32,6 +32,14 @@ timed batch is applied by
     torch by ``KHopBaseline`` (pyg-lib / torch-sparse are not installed here). It is given
     ``--khop-budget-s`` per series; past it, the seed mini-batches done are timed and the
     total is extrapolated (``minibatch_khop_measured_fraction``).
+
+Each batch size runs once per ``--modes`` entry: ``exact`` (every vector that moved is
+published; the state equals a full recompute to 1e-5) and ``bounded``, the worker's default
+(``KGS_EMBED_MODE``, ``WORKER_THRESHOLDS``: exact hidden layers, a vector published once it
+moved more than the publish threshold since it was last published). Bounded rows report the
+vectors held back and ``max_abs_err_full``, the largest distance between what the topic holds
+and a full recompute; they leave out (b) and the isolated pass. The two series take
+consecutive batches of the same stream.
 
 ``speedup_vs_best`` = min(b', c) / median(a), the headline; ``speedup_vs_full`` = (c) / (a),
 ``speedup_vs_khop`` = (b) / (a), ``updates_per_s`` = batch size / (a), all with (a) end to
@@ -104,6 +112,9 @@ from streamer.settings import Settings
 DEFAULT_RETAIL = Settings().data_dir / "online_retail" / "online_retail.csv.gz"
 REPS = {1: 30, 10: 20, 100: 10, 1000: 5, 10000: 3}
 QUICK_REPS = {1: 10, 10: 6, 100: 3, 1000: 2, 10000: 1}
+# the worker's default bounded mode (streamer/settings.py): hidden layers exact, a vector is
+# published once it moved more than the publish threshold since it was last published
+WORKER_THRESHOLDS = (Settings().embed_propagate_threshold, Settings().embed_publish_threshold)
 
 
 def log(*a: Any) -> None:
@@ -599,7 +610,12 @@ class Bench:
             if self.over_budget():
                 log(f"time budget spent: skipping batch size {B} and later")
                 break
-            self.batch_series(name, engine, ds["stream"], khop, B, reps.get(B, 3), full_s, rng)
+            for mode in a.modes:
+                if mode == "bounded":  # the worker's defaults, not the hub cases' thresholds
+                    engine.configure("bounded", *WORKER_THRESHOLDS)
+                self.batch_series(name, engine, ds["stream"], khop, B, reps.get(B, 3), full_s, rng, mode)
+                if mode == "bounded":
+                    engine.configure("exact")  # rebuild(): exact again (untimed)
             if a.sweep_full_ratio and not self.over_budget():
                 self.ratio_sweep(name, engine, ds["stream"], B, reps.get(B, 3), full_s)
         if ds["graph"] is not None and a.hubs and not self.over_budget():
@@ -615,21 +631,26 @@ class Bench:
         reps: int,
         full_s: float,
         rng: np.random.Generator,
+        mode: str = "exact",
     ) -> None:
+        """One series of ``reps`` batches of size ``B`` in ``mode`` (the engine is configured
+        by the caller). In bounded mode the secondary (b) and the isolated pass are left out:
+        the row is about what the user's default costs end to end and how far it is from exact."""
         a, L = self.args, engine.L
+        exact = mode == "exact"
         if B <= 100:  # warm-up (allocator, caches, the producer's connection)
             ch, f = stream.next(B)
             self.e2e(ch, f)
         batches = [stream.next(B) for _ in range(reps)]
         iso: list[float] = []
-        if self.isolate(engine):  # (a) alone first, on the same batches
+        if exact and self.isolate(engine):  # (a) alone first, on the same batches
             snap = snapshot(engine)
             for ch, f in batches:
                 dt, _ = self.timer(lambda: engine.apply(ch, f, with_vectors=False))
                 iso.append(dt)
             restore(engine, snap)
             del snap
-        ta, tb, fracs, errs, aff, pub, msgs, cpu, cpub, fl = [], [], [], [], [], [], [], [], [], []
+        ta, tb, fracs, errs, aff, pub, msgs, cpu, cpub, fl, held = [], [], [], [], [], [], [], [], [], [], []
         stages: dict[str, list[float]] = {"apply": [], "serialise": [], "publish": []}
         nbytes, tsub, cpusub, errsub = [], [], [], []
         for r, (ch, f) in enumerate(batches):
@@ -650,6 +671,9 @@ class Bench:
             pub.append(self.e2e.vectors)
             msgs.append(report.delta_messages)
             fl.append(report.full_layers)
+            held.append(report.vectors_suppressed)
+            if not exact:
+                continue
             seeds = report.affected_rows[L].numpy()
             sb, done, out, frac = khop.run(seeds, a.khop_budget_s / reps, rng)
             tb.append(sb)
@@ -658,7 +682,8 @@ class Bench:
             if out is not None:
                 errs.append(float((out - engine.h[L][engine.as_index(done)]).abs().max()))
         verify_s, (err_full, over) = self.timer(lambda: engine.verify(method="layers"))
-        a_med, b_med, sub_med = float(np.median(ta)), float(np.median(tb)), float(np.median(tsub))
+        a_med, sub_med = float(np.median(ta)), float(np.median(tsub))
+        b_med = float(np.median(tb)) if tb else float("nan")
         best = min(sub_med, full_s)
 
         def med_ms(xs: list[float]) -> float:
@@ -669,6 +694,10 @@ class Bench:
                 "kind": "batch",
                 "dataset": name,
                 "batch_size": B,
+                "mode": mode,
+                "propagate_threshold": 0.0 if exact else WORKER_THRESHOLDS[0],
+                "publish_threshold": 0.0 if exact else WORKER_THRESHOLDS[1],
+                "error_bound": engine.error_bound,
                 "reps": len(ta),
                 "stream": "mixed",
                 "ms_end_to_end": round(1000 * a_med, 3),
@@ -691,17 +720,17 @@ class Bench:
                     min(float(np.median(cpusub)), self.full_cpu_s) / max(float(np.median(cpu)), 1e-9), 2
                 ),
                 "khop_measured_fraction": 1.0,  # (b') and (c) are measured whole, every batch
-                "minibatch_khop_measured_fraction": round(float(np.min(fracs)), 4),
+                "minibatch_khop_measured_fraction": round(float(np.min(fracs)), 4) if fracs else None,
                 "ms_incremental": med_ms(stages["apply"]),
                 "ms_incremental_p90": round(1000 * float(np.percentile(ta, 90)), 3),
                 "cpu_ms_incremental": round(1000 * float(np.median(cpu)), 3),
-                "cpu_ms_khop": round(1000 * float(np.median(cpub)), 3),
+                "cpu_ms_khop": round(1000 * float(np.median(cpub)), 3) if cpub else None,
                 "cpu_ms_full": round(1000 * self.full_cpu_s, 3),
-                "cpu_speedup_vs_khop": round(float(np.median(cpub)) / max(float(np.median(cpu)), 1e-9), 2),
+                "cpu_speedup_vs_khop": round(float(np.median(cpub)) / max(float(np.median(cpu)), 1e-9), 2) if cpub else None,
                 "cpu_speedup_vs_full": round(self.full_cpu_s / max(float(np.median(cpu)), 1e-9), 2),
-                "ms_khop": round(1000 * b_med, 3),
+                "ms_khop": round(1000 * b_med, 3) if tb else None,
                 "ms_full": round(1000 * full_s, 3),
-                "speedup_vs_khop": round(b_med / a_med, 2),
+                "speedup_vs_khop": round(b_med / a_med, 2) if tb else None,
                 "speedup_vs_full": round(full_s / a_med, 2),
                 "updates_per_s": round(B / a_med, 1),
                 "max_abs_err": err_full,
@@ -712,6 +741,7 @@ class Bench:
                 "affected_per_layer_median": [int(x) for x in np.median(np.asarray(aff), axis=0)],
                 "affected_per_layer_max": [int(x) for x in np.max(np.asarray(aff), axis=0)],
                 "published_median": int(np.median(pub)),
+                "vectors_held_back_median": int(np.median(held)),
                 "delta_messages_median": int(np.median(msgs)),
                 "full_ratio": engine.full_ratio,
                 "switch_ratio": round(engine.switch_ratio(), 5),  # the calibrated break-even at the series' end
@@ -914,6 +944,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vector-encoding", choices=["json", "f32", "f16"], default="f16", help="how (a) serialises its vectors")
     p.add_argument("--hubs", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--burst", type=int, default=50)
+    p.add_argument(
+        "--modes",
+        type=lambda v: [m for m in v.split(",") if m],
+        default=["exact", "bounded"],
+        help="the engine modes of the batch series (bounded: the worker's default mode and thresholds, "
+        "KGS_EMBED_PROPAGATE_THRESHOLD / KGS_EMBED_PUBLISH_THRESHOLD's defaults)",
+    )
     p.add_argument("--propagate-threshold", type=float, default=5e-5)
     p.add_argument("--publish-threshold", type=float, default=1e-4)
     p.add_argument("--retail", default=str(DEFAULT_RETAIL))

@@ -49,6 +49,13 @@ class Settings(BaseSettings):
     topic_changes: str = "kg.changes"
     topic_embeddings: str = "kg.embeddings"
     topic_dlq: str = "kg.dlq"
+    embeddings_segment_ms: int = Field(
+        60_000,
+        ge=1_000,
+        description="kg.embeddings rolls a log segment at least this often (topic config segment.ms, set when the "
+        "topic is created): log compaction never touches the active segment, so with Kafka's default (7 days) the "
+        "topic keeps every vector ever published instead of about one per node (docs/reliability.md)",
+    )
     input_partitions: int = 3
     changes_partitions: int = Field(1, description="kg.changes is the graph's changelog; one partition keeps it totally ordered.")
     ingest_group: str = "kg-ingest"

@@ -3,8 +3,11 @@
 Topics: the input topics (``settings.input_topics``, ``settings.input_partitions`` each),
 ``kg.changes`` (``settings.changes_partitions``, 1 by default: the graph's changelog stays
 totally ordered), ``kg.dlq`` (1 partition) and ``kg.embeddings`` (``input_partitions``,
-``cleanup.policy=compact``: the latest vector per node key). A topic that already exists is
-left as it is (its partition count is not changed; a mismatch is logged as a warning).
+``cleanup.policy=compact``: the latest vector per node key, and ``segment.ms`` =
+``settings.embeddings_segment_ms``: compaction never touches the active segment, so without it
+the topic would keep every vector ever published until a week-old segment rolls). A topic that
+already exists is left as it is (its partition count and configs are not changed; a partition
+mismatch is logged as a warning).
 
 What the brokers do (measured with kafka-python 3.0.12):
 
@@ -52,7 +55,10 @@ def topic_plan(settings: Settings) -> dict[str, dict[str, Any]]:
     plan = {name: topic(settings.input_partitions) for name in settings.input_topics}
     plan[settings.topic_changes] = topic(settings.changes_partitions)
     plan[settings.topic_dlq] = topic(1)
-    plan[settings.topic_embeddings] = topic(settings.input_partitions, **{"cleanup.policy": "compact"})
+    plan[settings.topic_embeddings] = topic(
+        settings.input_partitions,
+        **{"cleanup.policy": "compact", "segment.ms": str(settings.embeddings_segment_ms)},
+    )
     return plan
 
 

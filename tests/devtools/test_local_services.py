@@ -143,7 +143,9 @@ def test_ensure_topics_is_idempotent(settings: Settings, broker_kind: str) -> No
     finally:
         admin.close()
     if broker_kind == "noida":  # Tansu accepts the config and drops it (see streamer/kafka/topics.py)
-        assert configs["topic"][settings.topic_embeddings]["cleanup.policy"]["value"] == "compact"
+        embeddings = configs["topic"][settings.topic_embeddings]
+        assert embeddings["cleanup.policy"]["value"] == "compact"
+        assert embeddings["segment.ms"]["value"] == str(settings.embeddings_segment_ms)
 
 
 # ---------------------------------------------------------------------- down / restart
