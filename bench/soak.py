@@ -916,9 +916,14 @@ def stage_means(consumer: Consumer) -> dict[str, Any]:
         return {"error": str(exc)}
     sums: dict[str, float] = {}
     counts: dict[str, float] = {}
+    buckets: dict[str, dict[float, float]] = {}  # stage -> le -> cumulative count
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            if s.name in ("kgs_stage_duration_seconds_sum", "kgs_stage_duration_seconds_count"):
+            if s.name == "kgs_stage_duration_seconds_bucket":
+                le = float(s.labels["le"])
+                by_le = buckets.setdefault(s.labels["stage"], {})
+                by_le[le] = by_le.get(le, 0.0) + s.value
+            elif s.name in ("kgs_stage_duration_seconds_sum", "kgs_stage_duration_seconds_count"):
                 bucket = sums if s.name.endswith("_sum") else counts
                 bucket[s.labels["stage"]] = bucket.get(s.labels["stage"], 0.0) + s.value
             elif s.name in (
@@ -929,6 +934,17 @@ def stage_means(consumer: Consumer) -> dict[str, Any]:
             ):
                 sums[s.name] = sums.get(s.name, 0.0) + s.value
     out: dict[str, Any] = {stage: round(sums[stage] / counts[stage], 4) for stage in counts if counts[stage]}
+    # the tail of each stage: the histogram bucket that holds its 99th percentile (an upper
+    # bound), and how many batches spent at least half a second in it
+    out["p99_at_most_s"] = {}
+    out["batches_over_0.5s"] = {}
+    for stage, by_le in buckets.items():
+        total = by_le.get(float("inf"), 0.0)
+        if not total:
+            continue
+        le99 = min(le for le, c in by_le.items() if c >= 0.99 * total)
+        out["p99_at_most_s"][stage] = le99 if le99 != float("inf") else None  # None: above the last bucket
+        out["batches_over_0.5s"][stage] = int(total - by_le.get(0.5, total))
     if sums.get("kgs_batch_events_count"):
         out["batch_events"] = round(sums["kgs_batch_events_sum"] / sums["kgs_batch_events_count"], 1)
         out["batches"] = int(sums["kgs_batch_events_count"])
