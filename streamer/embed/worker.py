@@ -166,6 +166,7 @@ class EmbedStep:
         self.publisher = publisher or KafkaPublisher(settings, client_id="kg-embed")
         self.positions: dict[str, int] = dict(self.opened.offsets)  # "topic:partition" -> next offset applied
         self.unpublished: Unpublished | None = None
+        self.timings: dict[str, float] = {}
         self.last_checkpoint = time.monotonic()
         self.text_encoded = self.opened.text.encoded_count
         self.ledger = DeadLetterLedger(settings)
@@ -223,9 +224,11 @@ class EmbedStep:
 
     # --- one micro-batch ----------------------------------------------------------------------
     def process(self, batch: Batch) -> None:
+        self.timings = {}  # where this batch's time went (logged by the consumer when it is slow)
         if self.unpublished is None:
             self.unpublished = self.apply(batch)
         pending = self.unpublished
+        t0 = time.perf_counter()
         try:
             with m.STAGE_SECONDS.labels(self.group, "publish").time():
                 self.publisher.publish(self.settings.topic_embeddings, pending.records)
@@ -236,9 +239,12 @@ class EmbedStep:
         self.unpublished = None
         for tp, offset in batch.next_offsets().items():
             self.positions[f"{tp.topic}:{tp.partition}"] = offset
+        self.timings["publish_s"] = time.perf_counter() - t0
         self.account(len(batch), pending.report, pending.source_ms, acked, pending.dead)
         if time.monotonic() - self.last_checkpoint >= self.settings.embed_checkpoint_every_s:
+            t0 = time.perf_counter()
             self.checkpoint()
+            self.timings["checkpoint_s"] = time.perf_counter() - t0
 
     def publish_dead_letters(self, dead: list[DeadLetter], batch: Batch) -> None:
         """Send the dead letters not already on kg.dlq (a replay from the checkpoint), and
@@ -283,10 +289,19 @@ class EmbedStep:
         changes, dead = self.decode(batch)
         source_ms = min((c.source_ms for c in changes if c.source_ms), default=None)
         t0 = time.perf_counter()
+        encoded = self.opened.text.encoded_count
         with m.STAGE_SECONDS.labels(self.group, "embed").time():
             report = self.engine.apply(expand_out_edges(changes, self.engine.replica))
-        self.stats.apply_seconds += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        self.stats.apply_seconds += t1 - t0
         records = vector_records(report, self.engine.model_version, self.settings.vector_encoding, source_ms)
+        self.timings.update(
+            embed_s=t1 - t0,
+            texts_encoded=self.opened.text.encoded_count - encoded,
+            full_pass_layers=report.full_layers,
+            vectors=len(records),
+            serialise_s=time.perf_counter() - t1,
+        )
         return Unpublished(records, report, source_ms, dead)
 
     def publish_all(self) -> None:

@@ -124,6 +124,7 @@ class IngestStep:
         self.ledger = DeadLetterLedger(settings)
         self.ledger_for: set[Any] | None = None  # partitions to load the ledger for, before the next batch
         self.consumer: Any = None
+        self.timings: dict[str, float] = {}
 
     def start(self) -> None:
         m.init_labels(self.group, "ingest")
@@ -135,14 +136,17 @@ class IngestStep:
         with m.STAGE_SECONDS.labels(self.group, "decode").time():
             valid, dead = self.decode(records)
         source_ms = min(r.timestamp for r in records)
+        self.timings = {"decode_s": time.monotonic() - started}  # logged by the consumer when the batch is slow
         try:
             with m.STAGE_SECONDS.labels(self.group, "write").time():
                 written = self.write(valid, source_ms)
+            self.timings["write_s"] = time.monotonic() - started - self.timings["decode_s"]
             with m.STAGE_SECONDS.labels(self.group, "publish").time():
                 self.publisher.publish(
                     self.settings.topic_changes, ((c.partition_key.encode(), c.to_json(), []) for c in written.changes)
                 )
                 self.publish_dead_letters(dead + written.dead, batch)
+            self.timings["changes"] = len(written.changes)
         except GraphUnavailable as exc:
             m.GRAPH_ERRORS.labels(self.group, "unavailable").inc()
             raise Backpressure(f"graph DB unavailable: {exc}", self.settings.backpressure_pause_s) from exc

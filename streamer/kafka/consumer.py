@@ -84,6 +84,7 @@ log = logging.getLogger(__name__)
 
 
 MIN_WAIT_S = 0.005  # a batch waits at least this long for company
+SLOW_BATCH_S = 0.5  # a batch whose steps take longer is logged with where its time went
 PROBE_EVERY_S = 1.0  # a quiet consumer asks the broker whether it is stuck at most this often
 
 
@@ -601,7 +602,11 @@ class BatchingConsumer:
             return False
         finally:
             self.alive_at = time.monotonic()  # time spent processing is not time without records
-        self.process_s += 0.3 * (time.monotonic() - began - self.process_s)  # moving average
+        took = time.monotonic() - began
+        if took >= SLOW_BATCH_S:
+            timings = {k: round(v, 3) for step in self.steps for k, v in getattr(step, "timings", {}).items()}
+            log.info("%s: slow batch: %d records in %.2fs %s", self.group, len(batch), took, json.dumps(timings))
+        self.process_s += 0.3 * (took - self.process_s)  # moving average
         self._release()
         m.BATCH_EVENTS.labels(self.group).observe(len(batch))
         self.batch = Batch()
