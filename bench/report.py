@@ -3,7 +3,8 @@
     python bench/report.py [bench/results/incremental.json]
 
 One table per (dataset, device) for the exact-mode batch rows (and, where (a) was timed end to
-end, one against the best baseline, both modes), one for the full_ratio sweep, one for the hub rows. Numbers are copied, never recomputed.
+end, one against the best baseline, both modes), one for the full_ratio sweep, one for the hub
+rows. Numbers are copied, never recomputed.
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ if [ $with_tests = 1 ]; then
   if ! command -v npm >/dev/null; then  # Neo4j's Cypher linter runs on node
     apt-get update -qq && apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
   fi
-  bash scripts/install_cypher_lint.sh
+  bash scripts/install_node_tool.sh tools/cypher-lint
+  bash scripts/install_node_tool.sh tools/k8s-validate
   if ! command -v promtool >/dev/null; then  # Debian's Prometheus + promtool for tests/ops (~8 s)
     apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 \
       || { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }

@@ -74,9 +74,11 @@ def _run_consumer(make, args, settings: Settings) -> int:
     metrics are served), SIGTERM handling, run, print its summary."""
     from streamer import metrics
     from streamer.groups.lag import start_monitor
+    from streamer.health import HEALTH
     from streamer.kafka.topics import ensure_topics
 
     ensure_topics(settings)
+    HEALTH.stale_s = settings.max_poll_interval_ms / 1000  # a loop stuck longer has left its group anyway
     metrics.serve(settings.metrics_addr)
     consumer = make(settings)
     consumer.install_signal_handlers()

@@ -2,13 +2,21 @@
 
 Conventions: base units with the unit in the name (``_seconds``, ``_bytes``), counters end in
 ``_total``, the consumer group label is always spelled ``group``, topic partitions are
-``topic`` + ``partition``. ``serve(addr)`` starts the /metrics endpoint of a long-running
-command (no-op when ``metrics_addr`` is empty).
+``topic`` + ``partition``. ``serve(addr)`` starts the HTTP endpoint of a long-running
+command (no-op when ``metrics_addr`` is empty): ``/metrics``, and the liveness and readiness
+probes ``/healthz`` and ``/readyz`` (``streamer.health``).
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
+import threading
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import Counter, Gauge, Histogram, Info, make_wsgi_app
+
+from streamer.health import HEALTH
 
 _BATCH_SIZES = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 50000)
 _DURATIONS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -151,12 +159,37 @@ def init_labels(group: str, role: str) -> None:
 _served: list[str] = []
 
 
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # probes every few seconds would flood the log
+
+
+def _app() -> Any:
+    metrics_app = make_wsgi_app()
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path in ("/healthz", "/readyz"):
+            ok, why = HEALTH.live() if path == "/healthz" else HEALTH.ready()
+            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain; charset=utf-8")])
+            return [why.encode() + b"\n"]
+        return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+
+    return app
+
+
 def serve(addr: str) -> bool:
-    """Start the /metrics HTTP endpoint on "host:port"; returns False when disabled."""
+    """Start the HTTP endpoint (/metrics, /healthz, /readyz) on "host:port" in a daemon thread;
+    returns False when disabled."""
     if not addr:
         return False
     host, _, port = addr.rpartition(":")
-    start_http_server(int(port), addr=host or "0.0.0.0")
+    server = make_server(host or "0.0.0.0", int(port), _app(), _ThreadingServer, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     _served.append(addr)
     return True
 

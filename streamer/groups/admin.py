@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 
 from kafka.errors import KafkaError
 
+from streamer.health import HEALTH
 from streamer.settings import Settings
 
 EXIT_REFUSED = 3
@@ -325,6 +326,16 @@ def cmd_lag_exporter(args, settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     print(json.dumps({"serving": settings.metrics_addr, "groups": list(groups)}), flush=True)
-    done.wait(args.max_seconds)
+    # /healthz: live while samples keep coming; ready from the first one (streamer/health.py)
+    HEALTH.stale_s = max(60.0, 10 * monitor.interval_s)
+    deadline = time.monotonic() + args.max_seconds if args.max_seconds else None
+    seen = None
+    while not done.wait(min(1.0, max(0.0, deadline - time.monotonic())) if deadline else 1.0):
+        if monitor.sampled_at is not None and monitor.sampled_at != seen:
+            seen = monitor.sampled_at
+            HEALTH.set_phase("member")
+        if deadline and time.monotonic() >= deadline:
+            break
+    HEALTH.set_phase("stopping")
     monitor.stop()
     return 0

@@ -352,6 +352,7 @@ class LagMonitor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last: list[GroupLag] = []
+        self.sampled_at: float | None = None  # monotonic time of the last successful sample
         for group in self.groups:
             m.LAG_SAMPLE_ERRORS.labels(group)  # at 0 from the first scrape
 
@@ -383,6 +384,7 @@ class LagMonitor:
         for group_lag in sample:
             self._publish(group_lag)
         self.last = sample
+        self.sampled_at = time.monotonic()
         return sample
 
     def _publish(self, group_lag: GroupLag) -> None:

@@ -78,6 +78,7 @@ from kafka.errors import CommitFailedError, CorruptRecordError, KafkaError, Reba
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from streamer import metrics as m
+from streamer.health import HEALTH
 from streamer.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -400,7 +401,9 @@ class BatchingConsumer:
             for step in self.steps:
                 step.start()
             self.joining_since = time.monotonic()  # the group join starts with the first poll
+            HEALTH.set_phase("joining")
             while not self.stopping and not (deadline and time.monotonic() > deadline):
+                HEALTH.beat()  # liveness: the loop turns (streamer/health.py)
                 self.poll_once()
                 self.check_client()
                 if self.batch_ready():
@@ -417,6 +420,7 @@ class BatchingConsumer:
                     len(self.batch.records),
                 )
         finally:
+            HEALTH.set_phase("stopping")
             self._close(finished)
         return self.stats
 
@@ -630,6 +634,7 @@ class BatchingConsumer:
     # --- rebalance ----------------------------------------------------------------------------
     def drop_batch(self) -> None:
         self.joining_since = time.monotonic()
+        HEALTH.set_phase("joining")
         if self.batch.records:
             log.info("%s: partitions revoked: dropping %d uncommitted messages", self.group, len(self.batch))
             for tp, offset in self.batch.first_offsets().items():
@@ -643,6 +648,7 @@ class BatchingConsumer:
 
     def assigned(self, partitions: set[TopicPartition]) -> None:
         self.joining_since = None
+        HEALTH.set_phase("member")
         log.info("%s: assigned %s", self.group, sorted(f"{tp.topic}[{tp.partition}]" for tp in partitions))
         if self.dropped:
             rewind(self.consumer, self.dropped)  # only the partitions that came back

@@ -8,7 +8,7 @@ analysis compiled to JavaScript), driven by ``tools/cypher-lint/lint.mjs`` under
     problems = lint([("PING", "RETURN 1 AS ok")])   # [] when clean
 
 ``lint`` returns every diagnostic (errors and warnings) as a ``Problem``; the tests decide
-which ones fail. Install the linter once with ``scripts/install_cypher_lint.sh`` (or
+which ones fail. Install the linter once with ``scripts/install_node_tool.sh tools/cypher-lint`` (or
 ``npm ci --prefix tools/cypher-lint``); without it ``lint`` raises ``CypherLintUnavailable``
 rather than passing silently.
 
@@ -40,9 +40,7 @@ PACKAGE = "@neo4j-cypher/language-support"
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-INSTALL_HINT = (
-    "install it with `scripts/install_cypher_lint.sh` (or `npm ci --prefix tools/cypher-lint`; needs node >= 20 and npm)"
-)
+INSTALL_HINT = "install it with `scripts/install_node_tool.sh tools/cypher-lint` (needs node >= 20 and npm)"
 # A statement takes 25-900 ms to lint (Neo4j's semantic analysis dominates), a node process
 # ~0.5 s to start and ~350 MB: large inputs are split over a few processes run side by side.
 _MIN_PER_PROCESS = 32

@@ -4,7 +4,7 @@ Neo4j itself cannot run in CI, so the statements are checked with Neo4j's own li
 (``@neo4j-cypher/language-support``, see ``cypher_lint.py``). The first tests prove the
 harness can fail: the linter must still catch known-bad statements, or a clean result for the
 project's statements would mean nothing. Install the linter with
-``scripts/install_cypher_lint.sh``; without it these tests error (they do not skip).
+``scripts/install_node_tool.sh tools/cypher-lint``; without it these tests error (they do not skip).
 
 Policy: any diagnostic fails ``test_every_statement_is_valid_neo4j5`` -- errors, and warnings
 too (unknown labels / relationship types are misspellings; deprecations are removed in
@@ -203,7 +203,7 @@ def test_linter_is_the_pinned_version():
     pin = package["dependencies"][cypher_lint.PACKAGE]
     assert re.fullmatch(r"\d+\.\d+\.\d+(-[0-9A-Za-z.]+)?", pin), f"pin an exact version, not {pin!r}"
     assert cypher_lint.pinned_version() == pin
-    assert cypher_lint.installed_version() == pin, "run scripts/install_cypher_lint.sh"
+    assert cypher_lint.installed_version() == pin, "run scripts/install_node_tool.sh tools/cypher-lint"
 
 
 def test_missing_install_says_how_to_install(monkeypatch, tmp_path):

@@ -11,6 +11,7 @@ import json
 import math
 import threading
 import time
+import urllib.request
 import uuid
 
 import pytest
@@ -171,6 +172,13 @@ def test_every_dashboard_query_returns_series_from_a_live_pipeline(settings, tmp
         assert set(groups) == {settings.ingest_group, embed_group}
         assert all(len(g["members"]) == 1 for g in groups.values())
         assert {p["topic"] for p in groups[embed_group]["partitions"]} == {settings.topic_changes}
+
+        # the Kubernetes probes of each running command (streamer/health.py, ops/k8s): live,
+        # and ready as a member of its group (the exporter: after its first sample)
+        for job, port in ports.items():
+            for path in ("/healthz", "/readyz"):
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+                    assert response.status == 200, (job, path, response.read())
     finally:
         stream.close()
         for proc in procs.values():
