@@ -208,7 +208,7 @@ def test_linter_is_the_pinned_version():
 
 def test_missing_install_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(cypher_lint, "LINT_DIR", tmp_path)
-    with pytest.raises(CypherLintUnavailable, match=r"npm ci --prefix tools/cypher-lint"):
+    with pytest.raises(CypherLintUnavailable, match=r"scripts/install_node_tool.sh tools/cypher-lint"):
         lint([("q", "RETURN 1 AS x")])
 
 
