@@ -57,6 +57,11 @@ Lifecycle (one thread; kafka-python heartbeats from its own thread):
    (or, while backpressure holds it, abandoned uncommitted), every step's ``close(finished)``
    runs (``finished`` is False when a batch was abandoned), then the clients close.
 
+Health (``streamer.health``, the Kubernetes probes): every turn of the loop is a beat
+(liveness); the phase is ``joining`` from the start and after a revoke or a client rebuild,
+``member`` from an assignment (readiness), ``stopping`` at the end. A batch that takes
+``SLOW_BATCH_S`` or more is logged with where its time went (the steps' ``timings``).
+
 ``--until-caught-up`` stops once no batch is in hand, every assigned partition's position has
 reached its high watermark and the group's committed offset equals the position
 (``caught_up``).

@@ -101,6 +101,13 @@ def test_incremental_bench(tmp_path, retail_csv):
             assert r["publish_threshold"] > 0 and r["max_abs_err_full"] <= r["error_bound"] + 1e-5, r
 
 
+def test_broker_cost_bench():
+    proc = run_bench(["bench/broker_cost.py", "--seconds", "4", "--rate", "50", "--vectors-per-s", "50"], timeout_s=240)
+    report = json.loads(proc.stdout)
+    assert report["messages"] >= 150 and report["received"] > 0, report
+    assert report["broker_cpu_ms_per_message"] > 0 and report["end_to_end_p99_ms"] > 0, report
+
+
 def test_between_batches_bench(retail_csv):
     proc = run_bench(["bench/between_batches.py", "--rounds", "1", "--per-round", "2", "--retail", str(retail_csv)])
     assert json.loads(proc.stdout[proc.stdout.index("{") :])
