@@ -16,8 +16,12 @@ replay could meet again:
   durable: a dead letter for an offset past them was sent later, by whoever processed that
   batch, so nothing older is needed. ``committed_starts(consumer, partitions)`` gives both for
   a group's commits (the commit metadata's ``ts``); the worker passes its checkpoint's offsets
-  and save time. The read is bounded by ``budget_s``; past it the ledger is incomplete
-  (logged) and a replay may duplicate a dead letter, never lose one.
+  and save time. ``kg.dlq`` is read whole, whatever ``since_s`` says, while it holds at most
+  ``FULL_READ_MAX`` records (bad messages are rare, and a start from a time is only as good
+  as the time: in soak run 6 a noida-db restart put a committed offset back by 20 minutes
+  while the commit time pointed later, and 3 dead letters were sent twice). The read is
+  bounded by ``budget_s``; past it the ledger is incomplete (logged) and a replay may
+  duplicate a dead letter, never lose one.
 * **as it goes** (``add``) it keeps what this process sent, so a batch replayed in the same
   process (a refused commit) is covered too; ``forget_below`` drops what no replay can reach
   (offsets below the first offset of the batch in hand: replays start at or before it).
@@ -42,6 +46,7 @@ from streamer.settings import Settings
 log = logging.getLogger(__name__)
 
 CLOCK_MARGIN_S = 300.0
+FULL_READ_MAX = 100_000  # records of kg.dlq read from the beginning whatever the commit times say
 Source = tuple[str, int, int]
 
 
@@ -97,6 +102,9 @@ class DeadLetterLedger:
             if not tps:
                 return found
             reader.assign(tps)
+            ends, begins = reader.end_offsets(tps), reader.beginning_offsets(tps)
+            if sum(ends[tp] - begins[tp] for tp in tps) <= FULL_READ_MAX:
+                since_s = 0.0  # small: read it all, trusting no clock
             starts = reader.offsets_for_times({tp: int(since_s * 1000) for tp in tps}) if since_s > 0 else {}
             for tp in tps:
                 start = starts.get(tp)
