@@ -4,9 +4,9 @@ Served next to ``/metrics`` on ``settings.metrics_addr`` (``streamer.metrics.ser
 
 - ``GET /healthz`` -- **liveness**: 200 while the command's loop turns. The consumer loop calls
   ``HEALTH.beat()`` on every turn (a poll, a batch, a backpressure retry), the lag exporter on
-  every sample. 503 once no beat came for ``stale_s`` (``KGS_HEALTH_STALE_S``, by default the
-  consumer's ``max.poll.interval.ms``: a loop stuck that long has been dropped from its group
-  anyway, and only a restart helps). A command still starting (model load, a full re-embed)
+  every sample. 503 once no beat came for ``stale_s`` (set by the commands: a consumer's
+  ``max.poll.interval.ms``, since a loop stuck that long has been dropped from its group anyway
+  and only a restart helps; ten lag samples for the exporter). A command still starting (model load, a full re-embed)
   counts as live: a startupProbe bounds that. Backpressure (the graph DB or the broker down)
   keeps the loop turning, so an outage never restarts pods.
 - ``GET /readyz`` -- **readiness**: 200 while the command is live, has started and is a member

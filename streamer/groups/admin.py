@@ -330,12 +330,10 @@ def cmd_lag_exporter(args, settings: Settings) -> int:
     HEALTH.stale_s = max(60.0, 10 * monitor.interval_s)
     deadline = time.monotonic() + args.max_seconds if args.max_seconds else None
     seen = None
-    while not done.wait(min(1.0, max(0.0, deadline - time.monotonic())) if deadline else 1.0):
-        if monitor.sampled_at is not None and monitor.sampled_at != seen:
+    while not done.wait(1.0) and not (deadline and time.monotonic() >= deadline):
+        if monitor.sampled_at != seen:  # a new sample: live, and ready
             seen = monitor.sampled_at
             HEALTH.set_phase("member")
-        if deadline and time.monotonic() >= deadline:
-            break
     HEALTH.set_phase("stopping")
     monitor.stop()
     return 0
