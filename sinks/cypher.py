@@ -20,6 +20,17 @@ nodes when both exist, so a stale upsert that arrives later cannot bring the edg
 delete naming a node that does not exist changes nothing (no placeholder nodes for deletes).
 Readers (the embedding worker's snapshot) skip tombstoned relationships.
 
+Entity versions (what the embedding worker's ``streamer.embed.versions.VersionGuard`` orders
+kg.changes by, docs/design.md "Idempotency and order"): every Product stores ``rev`` (+1 by each
+transaction that applies an upsert or delete to it) and ``gen``, its incarnation (+1 when a
+delete turns a live or absent product into a tombstone; an upsert keeps it). A product upsert
+that resurrects a tombstone first deletes every relationship still attached to it, so a new
+incarnation starts with only the edges written after it. Relation and interaction
+relationships store ``rev`` (+1 per applied write). Statements that produce changes return
+these (``rev``, ``gen``; for edges ``rev``, ``src_gen``, ``dst_gen``: each endpoint's
+``coalesce(gen, 0)``, as this transaction sees it), and so do the "current" reads, so a
+republished change carries the stored versions. Other labels are never deleted: gen 0.
+
 ``all_statements()`` lists every statement for the linter.
 """
 
@@ -55,10 +66,12 @@ PRODUCT_UPSERT = f"""UNWIND $rows AS row
 MERGE (p:Product {{id: row.id}})
 WITH p, row
 WHERE {_NEWER}
+WITH p, row, coalesce(p.deleted, false) AS was_deleted
 SET p.title = row.title, p.description = row.description, p.brand = row.brand,
     p.categories = row.categories, p.attributes = row.attributes, p.price = row.price,
-    p.ts = row.ts, p.version = row.version, p.deleted = false
-RETURN row.id AS id"""
+    p.ts = row.ts, p.version = row.version, p.deleted = false,
+    p.rev = coalesce(p.rev, 0) + 1, p.gen = coalesce(p.gen, 0)
+RETURN row.id AS id, p.rev AS rev, p.gen AS gen, was_deleted AS resurrected"""
 
 # Structural edges the product no longer has (applied rows only; row.owned = "REL|dst id").
 PRODUCT_DROP_STALE_EDGES = """UNWIND $rows AS row
@@ -95,10 +108,14 @@ PRODUCT_DELETE = f"""UNWIND $rows AS row
 MERGE (p:Product {{id: row.id}})
 WITH p, row
 WHERE {_NEWER}
+WITH p, row, coalesce(p.deleted, false) AS was_deleted
 SET p.deleted = true, p.ts = row.ts, p.version = row.version, p.title = null, p.description = null,
-    p.brand = null, p.categories = null, p.attributes = null, p.price = null
-RETURN row.id AS id"""
+    p.brand = null, p.categories = null, p.attributes = null, p.price = null,
+    p.rev = coalesce(p.rev, 0) + 1, p.gen = CASE WHEN was_deleted THEN coalesce(p.gen, 0) ELSE coalesce(p.gen, 0) + 1 END
+RETURN row.id AS id, p.rev AS rev, p.gen AS gen"""
 
+# After a delete, and before a resurrecting upsert writes anything (a tombstone should have no
+# relationships, but a concurrent read-committed transaction can attach one).
 PRODUCT_DETACH = """UNWIND $ids AS id
 MATCH (p:Product {id: id})-[r]-()
 DELETE r"""
@@ -106,7 +123,7 @@ DELETE r"""
 PRODUCT_CURRENT = """UNWIND $rows AS row
 MATCH (p:Product {id: row.id})
 WHERE p.ts = row.ts AND coalesce(p.version, 0) = row.version AND coalesce(p.deleted, false) = row.deleted
-RETURN row.id AS id"""
+RETURN row.id AS id, coalesce(p.rev, 0) AS rev, coalesce(p.gen, 0) AS gen"""
 
 
 # --- interactions: User-[:<ACTION>]->Product ----------------------------------------------
@@ -118,15 +135,16 @@ WITH p, row
 WHERE coalesce(p.deleted, false) = false
 MERGE (u:User {{id: row.user_id}})
 MERGE (u)-[r:{_rel(rel)}]->(p)
-WITH r, row, [t IN row.tss WHERE r.last_ts IS NULL OR t > r.last_ts] AS fresh
-WITH r, row, fresh,
+WITH u, p, r, row, [t IN row.tss WHERE r.last_ts IS NULL OR t > r.last_ts] AS fresh
+WITH u, p, r, row, fresh,
      CASE WHEN r.first_ts IS NULL OR row.tss[0] < r.first_ts THEN row.tss[0] ELSE r.first_ts END AS first_ts,
      CASE WHEN r.last_ts IS NULL OR row.tss[-1] > r.last_ts THEN row.tss[-1] ELSE r.last_ts END AS last_ts,
      CASE WHEN row.rating_ts IS NOT NULL AND (r.rating_ts IS NULL OR row.rating_ts > r.rating_ts)
           THEN [row.rating, row.rating_ts] ELSE [r.rating, r.rating_ts] END AS rating
 SET r.count = coalesce(r.count, 0) + size(fresh), r.first_ts = first_ts, r.last_ts = last_ts,
-    r.rating = rating[0], r.rating_ts = rating[1]
-RETURN row.user_id AS user_id, row.product_id AS product_id, last_ts AS ts"""
+    r.rating = rating[0], r.rating_ts = rating[1], r.rev = coalesce(r.rev, 0) + 1
+RETURN row.user_id AS user_id, row.product_id AS product_id, last_ts AS ts, r.rev AS rev,
+       coalesce(u.gen, 0) AS src_gen, coalesce(p.gen, 0) AS dst_gen"""
 
 
 # --- relations between allowlisted labels -------------------------------------------------
@@ -145,8 +163,9 @@ MERGE (b:{_label(dst_label)} {{id: row.dst}})
 MERGE (a)-[r:{_rel(rel)}]->(b)
 WITH r, row
 WHERE r.ts IS NULL OR row.ts > r.ts
+WITH r, row, coalesce(r.rev, 0) + 1 AS rev
 SET r = row.props
-SET r.ts = row.ts, r.deleted = false"""
+SET r.ts = row.ts, r.deleted = false, r.rev = rev"""
 
 
 @cache
@@ -157,7 +176,8 @@ MATCH (b:{_label(dst_label)} {{id: row.dst}})
 MERGE (a)-[r:{_rel(rel)}]->(b)
 WITH r, row
 WHERE r.ts IS NULL OR row.ts > r.ts
-SET r = {{deleted: true, ts: row.ts}}"""
+WITH r, row, coalesce(r.rev, 0) + 1 AS rev
+SET r = {{deleted: true, ts: row.ts, rev: rev}}"""
 
 
 @cache
@@ -165,7 +185,8 @@ def relation_current(src_label: str, rel: str, dst_label: str) -> str:
     return f"""UNWIND $rows AS row
 MATCH (a:{_label(src_label)} {{id: row.src}})-[r:{_rel(rel)}]->(b:{_label(dst_label)} {{id: row.dst}})
 WHERE r.ts = row.ts
-RETURN row.src AS src, row.dst AS dst, coalesce(r.deleted, false) AS deleted"""
+RETURN row.src AS src, row.dst AS dst, coalesce(r.deleted, false) AS deleted, coalesce(r.rev, 0) AS rev,
+       coalesce(a.gen, 0) AS src_gen, coalesce(b.gen, 0) AS dst_gen"""
 
 
 # --- reads ------------------------------------------------------------------------------
@@ -188,17 +209,29 @@ WHERE coalesce(r.deleted, false) = false AND coalesce(a.deleted, false) = false
 RETURN labels(a)[0] AS a_label, a.id AS a, type(r) AS rel, labels(b)[0] AS b_label, b.id AS b,
        r.first_ts AS ts"""
 
-# The text of some products, for `kg-streamer verify --against-graph --repair`.
+# The text and versions of some products, for `kg-streamer verify --against-graph --repair`.
 PRODUCTS_BY_ID = """UNWIND $ids AS id
 MATCH (p:Product {id: id})
 WHERE coalesce(p.deleted, false) = false
 RETURN p.id AS id, p.title AS title, p.description AS description, p.brand AS brand,
-       p.categories AS categories, p.price AS price"""
+       p.categories AS categories, p.price AS price, coalesce(p.rev, 0) AS rev, coalesce(p.gen, 0) AS gen"""
 
-# Every live node, for `kg-streamer verify --against-graph` (with SNAPSHOT_RELATIONSHIPS).
+# The versions of some tombstoned products (a repair's node deletes).
+TOMBSTONES_BY_ID = """UNWIND $ids AS id
+MATCH (p:Product {id: id})
+WHERE p.deleted = true
+RETURN p.id AS id, coalesce(p.rev, 0) AS rev, coalesce(p.gen, 0) AS gen"""
+
+# Every live node and relationship with its versions, for `kg-streamer verify --against-graph`.
 EXPORT_NODES = """MATCH (n)
 WHERE coalesce(n.deleted, false) = false
-RETURN labels(n)[0] AS label, n.id AS id"""
+RETURN labels(n)[0] AS label, n.id AS id, coalesce(n.rev, 0) AS rev, coalesce(n.gen, 0) AS gen"""
+
+EXPORT_RELATIONSHIPS = """MATCH (a)-[r]->(b)
+WHERE coalesce(r.deleted, false) = false AND coalesce(a.deleted, false) = false
+  AND coalesce(b.deleted, false) = false
+RETURN labels(a)[0] AS a_label, a.id AS a, type(r) AS rel, labels(b)[0] AS b_label, b.id AS b,
+       coalesce(r.rev, 0) AS rev, coalesce(a.gen, 0) AS a_gen, coalesce(b.gen, 0) AS b_gen"""
 
 # The products a user has an interaction edge to (``recommend`` leaves the bought ones out).
 USER_PRODUCTS = """MATCH (u:User {id: $id})-[r]->(p:Product)
@@ -237,7 +270,9 @@ def all_statements() -> list[tuple[str, str]]:
         "SNAPSHOT_RELATIONSHIPS",
         "USER_PRODUCTS",
         "EXPORT_NODES",
+        "EXPORT_RELATIONSHIPS",
         "PRODUCTS_BY_ID",
+        "TOMBSTONES_BY_ID",
     ):
         out.append((name, globals()[name]))
     for rel in ACTION_TYPES.values():

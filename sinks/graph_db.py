@@ -5,7 +5,12 @@ Contract of ``GraphSink.write(batch)``:
 * all statements of the batch run in ONE explicit transaction, nodes before relationships
   (products, product deletes, interactions, relations); it commits or nothing is applied;
 * it returns ``WriteResult`` with the ``Change`` records (streamer/contracts/changes.py) of every row
-  whose event is now the stored state, for the caller to publish to kg.changes;
+  whose event is now the stored state, for the caller to publish to kg.changes; each carries
+  the versions the graph stores for its entity (``rev``, ``gen``; for edges ``rev``,
+  ``src_gen``, ``dst_gen``: ``sinks/cypher.py``), read in this transaction, so the embedding
+  worker can order changes that reach kg.changes in another order than they committed;
+* a product upsert that resurrects a tombstone deletes the relationships still attached to it
+  before it writes its own (a new incarnation starts clean);
 * transient failures (Neo4j ``TransientError`` such as deadlocks, connection loss, database
   unavailable) are retried ``graph_retry_attempts`` times with exponential backoff and full
   jitter; after that ``GraphUnavailable`` is raised and the caller applies backpressure;
@@ -187,10 +192,14 @@ class GraphSink:
 
     def _products(self, tx: Transaction, batch: GraphBatch, result: WriteResult) -> None:
         rows = [_product_params(r) for r in batch.product_upserts]
-        applied: set[str] = set()
+        applied: dict[str, tuple[int, int]] = {}  # product id -> (rev, gen) after this transaction
         if rows:
-            applied = {rec["id"] for rec in _run(tx, cypher.PRODUCT_UPSERT, rows=rows)}
+            records = [rec.data() for rec in _run(tx, cypher.PRODUCT_UPSERT, rows=rows)]
+            applied = {rec["id"]: (rec["rev"], rec["gen"]) for rec in records}
             result.nodes_written += len(applied)
+            resurrected = [rec["id"] for rec in records if rec["resurrected"]]
+            if resurrected:
+                _run(tx, cypher.PRODUCT_DETACH, ids=resurrected).consume()
             if applied:
                 fresh = [r for r in batch.product_upserts if r["id"] in applied]
                 _run(tx, cypher.PRODUCT_DROP_STALE_EDGES, rows=[{"id": r["id"], "owned": r["owned"]} for r in fresh]).consume()
@@ -208,10 +217,10 @@ class GraphSink:
                 )
         deletes = batch.product_deletes
         if deletes:
-            deleted = [rec["id"] for rec in _run(tx, cypher.PRODUCT_DELETE, rows=deletes)]
+            deleted = {rec["id"]: (rec["rev"], rec["gen"]) for rec in _run(tx, cypher.PRODUCT_DELETE, rows=deletes)}
             result.nodes_written += len(deleted)
             if deleted:
-                _run(tx, cypher.PRODUCT_DETACH, ids=deleted).consume()
+                _run(tx, cypher.PRODUCT_DETACH, ids=list(deleted)).consume()
                 applied.update(deleted)
         # A row this transaction applied is current (one row per product after coalescing);
         # only the others need the read that tells a replay of the stored state from a stale event.
@@ -223,26 +232,35 @@ class GraphSink:
         others += [
             {"id": r["id"], "ts": r["ts"], "version": r["version"], "deleted": True} for r in deletes if r["id"] not in applied
         ]
-        current = set(applied)
+        current = dict(applied)
         if others:
-            current |= {rec["id"] for rec in _run(tx, cypher.PRODUCT_CURRENT, rows=others)}
+            current.update((rec["id"], (rec["rev"], rec["gen"])) for rec in _run(tx, cypher.PRODUCT_CURRENT, rows=others))
         for row in batch.product_upserts:
             if row["id"] in current:
-                result.changes.append(_product_change(row))
+                result.changes.append(_product_change(row, *current[row["id"]]))
                 for parent in _parent_rows([row]):
                     result.changes.append(
                         ch.edge_upsert(f"Category:{parent['child']}", "PARENT", f"Category:{parent['parent']}", row["ts"])
                     )
         for row in deletes:
             if row["id"] in current:
-                result.changes.append(ch.node_delete("Product", row["id"], row["ts"]))
+                rev, gen = current[row["id"]]
+                result.changes.append(ch.node_delete("Product", row["id"], row["ts"], rev=rev, gen=gen))
 
     def _interactions(self, tx: Transaction, batch: GraphBatch, result: WriteResult) -> None:
         for rel in sorted(batch.interactions):
             for rec in _run(tx, cypher.interaction_upsert(rel), rows=batch.interactions[rel]):
                 result.relationships_written += 1
                 result.changes.append(
-                    ch.edge_upsert(ch.node_key("User", rec["user_id"]), rel, ch.node_key("Product", rec["product_id"]), rec["ts"])
+                    ch.edge_upsert(
+                        ch.node_key("User", rec["user_id"]),
+                        rel,
+                        ch.node_key("Product", rec["product_id"]),
+                        rec["ts"],
+                        rev=rec["rev"],
+                        src_gen=rec["src_gen"],
+                        dst_gen=rec["dst_gen"],
+                    )
                 )
 
     def _relations(self, tx: Transaction, batch: GraphBatch, result: WriteResult) -> None:
@@ -265,7 +283,15 @@ class GraphSink:
                 result.relationships_written += 1
                 make = ch.edge_delete if rec["deleted"] else ch.edge_upsert
                 result.changes.append(
-                    make(ch.node_key(src_label, row["src"]), rel, ch.node_key(dst_label, row["dst"]), row["ts"])
+                    make(
+                        ch.node_key(src_label, row["src"]),
+                        rel,
+                        ch.node_key(dst_label, row["dst"]),
+                        row["ts"],
+                        rev=rec["rev"],
+                        src_gen=rec["src_gen"],
+                        dst_gen=rec["dst_gen"],
+                    )
                 )
 
     @staticmethod
@@ -300,11 +326,11 @@ def _parent_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"child": c, "parent": p} for c, p in sorted(pairs)]
 
 
-def _product_change(row: dict[str, Any]) -> ch.Change:
+def _product_change(row: dict[str, Any], rev: int, gen: int) -> ch.Change:
     props = {k: row[k] for k in ("title", "description", "brand", "categories", "price")}
     props["attributes"] = json.loads(row["attributes"])
     props["out_edges"] = [[rel, f"{_OWNED_LABEL[rel]}:{dst}"] for rel, _, dst in (o.partition("|") for o in row["owned"])]
-    return ch.node_upsert("Product", row["id"], row["ts"], props)
+    return ch.node_upsert("Product", row["id"], row["ts"], props, rev=rev, gen=gen)
 
 
 _OWNED_LABEL = {"HAS_BRAND": "Brand", "IN_CATEGORY": "Category", "HAS_ATTRIBUTE": "Attribute"}

@@ -131,6 +131,11 @@ FULL_PASS_LAYERS = Counter(
     ["group"],
 )
 TEXT_ENCODED = Counter("kgs_text_encoded_total", "Product texts run through the transformer (cache misses).", ["group"])
+CHANGES_STALE = Counter(
+    "kgs_changes_stale_total",
+    "kg.changes records not applied because the replica already holds a newer version (streamer/embed/versions.py).",
+    ["group"],
+)
 MODEL_INFO = Info("kgs_model", "The graph encoder serving vectors: version, layers, dims, device.")
 
 
@@ -154,6 +159,7 @@ def init_labels(group: str, role: str) -> None:
         VECTORS_SUPPRESSED.labels(group)
         FULL_PASS_LAYERS.labels(group)
         TEXT_ENCODED.labels(group)
+        CHANGES_STALE.labels(group)
 
 
 _served: list[str] = []

@@ -25,6 +25,18 @@ worker carries it to the vectors it publishes so freshness can be measured end t
 entered the pipeline): freshness is measured from it, which stays meaningful when historical
 data is replayed.
 A node key is ``"<Label>:<id>"``; labels never contain ':' so the key splits on the first ':'.
+
+Versions (optional non-negative integers < 2**62, from the graph transaction that made the
+change; ``sinks/cypher.py`` says how the graph keeps them): a node change carries ``rev`` and
+``gen``, the product's revision and incarnation after the transaction; an edge change carries
+``rev`` (the relationship's revision) and ``src_gen`` / ``dst_gen`` (each endpoint's
+incarnation as that transaction saw it). The worker's ``streamer.embed.versions.VersionGuard``
+applies a versioned change only when it is newer than what the replica holds, so any
+interleaving of the changelog converges to the graph. A record without versions (older logs,
+category ``PARENT`` edges, which no delete ever touches) is applied as it comes.
+
+    {"op": "node_delete", "key": "Product:85123A", ..., "rev": 7, "gen": 2}
+    {"op": "edge_upsert", "src": "User:17850", ..., "rev": 3, "src_gen": 0, "dst_gen": 2}
 """
 
 from __future__ import annotations
@@ -59,6 +71,10 @@ class Change:
     dst: str | None = None
     committed_ms: int | None = field(default=None, compare=False)
     source_ms: int | None = field(default=None, compare=False)
+    rev: int | None = None  # versions (module docstring)
+    gen: int | None = None  # node changes
+    src_gen: int | None = None  # edge changes
+    dst_gen: int | None = None
 
     @property
     def partition_key(self) -> str:
@@ -74,20 +90,26 @@ class Change:
         return Change(**json.loads(raw))
 
 
-def node_upsert(label: str, node_id: str, ts: int, props: dict[str, Any] | None = None) -> Change:
-    return Change("node_upsert", ts, key=node_key(label, node_id), label=label, id=node_id, props=props or {})
+def node_upsert(
+    label: str, node_id: str, ts: int, props: dict[str, Any] | None = None, rev: int | None = None, gen: int | None = None
+) -> Change:
+    return Change("node_upsert", ts, key=node_key(label, node_id), label=label, id=node_id, props=props or {}, rev=rev, gen=gen)
 
 
-def node_delete(label: str, node_id: str, ts: int) -> Change:
-    return Change("node_delete", ts, key=node_key(label, node_id), label=label, id=node_id)
+def node_delete(label: str, node_id: str, ts: int, rev: int | None = None, gen: int | None = None) -> Change:
+    return Change("node_delete", ts, key=node_key(label, node_id), label=label, id=node_id, rev=rev, gen=gen)
 
 
-def edge_upsert(src: str, rel: str, dst: str, ts: int) -> Change:
-    return Change("edge_upsert", ts, src=src, rel=rel, dst=dst)
+def edge_upsert(
+    src: str, rel: str, dst: str, ts: int, rev: int | None = None, src_gen: int | None = None, dst_gen: int | None = None
+) -> Change:
+    return Change("edge_upsert", ts, src=src, rel=rel, dst=dst, rev=rev, src_gen=src_gen, dst_gen=dst_gen)
 
 
-def edge_delete(src: str, rel: str, dst: str, ts: int) -> Change:
-    return Change("edge_delete", ts, src=src, rel=rel, dst=dst)
+def edge_delete(
+    src: str, rel: str, dst: str, ts: int, rev: int | None = None, src_gen: int | None = None, dst_gen: int | None = None
+) -> Change:
+    return Change("edge_delete", ts, src=src, rel=rel, dst=dst, rev=rev, src_gen=src_gen, dst_gen=dst_gen)
 
 
 class InvalidChange(Exception):
@@ -107,7 +129,7 @@ _FIELDS = frozenset(Change.__dataclass_fields__)
 def decode_change(raw: bytes | None, labels: Iterable[str], max_bytes: int = 1 << 20) -> Change:
     """Bytes of one kg.changes message -> ``Change``, checked so that the engine only ever sees
     well-formed records: a known op with the fields it needs, node keys ``<Label>:<id>`` with an
-    allowlisted label, integer times, an object of props (``out_edges`` a list of [rel, key]).
+    allowlisted label, integer times and versions, an object of props (``out_edges`` a list of [rel, key]).
     Raises ``InvalidChange`` and nothing else, whatever the bytes."""
     allowed = set(labels)
     if raw is None or len(raw) == 0:
@@ -147,6 +169,10 @@ def decode_change(raw: bytes | None, labels: Iterable[str], max_bytes: int = 1 <
         value = doc.get(name)
         if (value is None and name == "ts") or (value is not None and (type(value) is not int or not 0 <= value < 1 << 62)):
             raise InvalidChange("BadTime", f"{name} must be epoch milliseconds, got {str(value)[:40]!r}")
+    for name in ("rev", "gen", "src_gen", "dst_gen"):
+        value = doc.get(name)
+        if value is not None and (type(value) is not int or not 0 <= value < 1 << 62):
+            raise InvalidChange("BadVersion", f"{name} must be a non-negative integer below 2**62, got {str(value)[:40]!r}")
     props = doc.get("props")
     if props is not None:
         if not isinstance(props, dict):

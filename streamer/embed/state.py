@@ -4,8 +4,11 @@
   (``graph_model``: the checkpoint ``KGS_GRAPH_CHECKPOINT`` or a seeded init with the text
   encoder's width), fusion, device, exact or bounded mode (``engine_options``), torch threads,
   and product text through a ``Featurizer``.
-* ``save_engine(engine, path)`` -- replica + every cache, atomically (temp file, fsync, rename).
-* ``load_engine(path, model, ...)`` -> ``(engine, reembedded)``. A state written by the same
+* ``save_engine(engine, path, versions=None)`` -- replica + every cache (+ the worker's
+  ``VersionGuard`` state, under ``"versions"``), atomically (temp file, fsync, rename): the
+  guard's versions describe the replica, so they live in the same file.
+* ``load_engine(path, model, ..., versions=None)`` -> ``(engine, reembedded)`` (and the guard's
+  state loaded into ``versions``; empty when the file has none). A state written by the same
   graph model is restored as it was. A state written by **another** graph model
   (``KGS_GRAPH_CHECKPOINT`` names a newly trained one) keeps the replica and the product
   text features, refreshes every other node's input row to the new model's type embedding,
@@ -15,10 +18,10 @@
   ``IncrementalEngine.rebuild()``, so the incremental path continues from it exactly. A state
   written in bounded mode loaded into an exact engine is rebuilt (an exact engine starts exact).
 * ``open_checkpoint(settings)`` -> ``Opened``: what the worker and ``kg-streamer verify`` start
-  from: the text encoder (with its cache), and the checkpointed engine with the changelog
-  offsets it covers, or a fresh engine when there is no checkpoint.
-* ``save_checkpoint(opened, offsets)`` -- engine, text cache and offsets (``offsets.json`` is
-  written last, so the offsets never claim more than the engine file holds).
+  from: the text encoder (with its cache), and the checkpointed engine and version guard with
+  the changelog offsets they cover, or fresh ones when there is no checkpoint.
+* ``save_checkpoint(opened, offsets)`` -- engine with the version guard, text cache and offsets
+  (``offsets.json`` is written last, so the offsets never claim more than the engine file holds).
 
 Files, under ``<state_dir>/embed/``: ``engine.pt``, ``offsets.json`` (``{"offsets":
 {"topic:partition": next offset}, "model_version": ...}``), ``text_cache.safetensors``.
@@ -44,6 +47,7 @@ from encoders.text import TextEncoder, product_text
 from streamer.contracts.changes import Change, split_key
 from streamer.embed.engine import STATE_FORMAT, IncrementalEngine
 from streamer.embed.replica import Replica
+from streamer.embed.versions import VersionGuard
 from streamer.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -124,24 +128,35 @@ def build_engine(settings: Settings, text: TextEncoder | None = None) -> Increme
 
 
 # --- saving and loading -----------------------------------------------------------------------
-def save_engine(engine: IncrementalEngine, path: str | Path) -> None:
-    """Write replica + caches atomically (temp file, fsync, rename)."""
+def save_engine(engine: IncrementalEngine, path: str | Path, versions: VersionGuard | None = None) -> None:
+    """Write replica + caches (+ ``versions``' state) atomically (temp file, fsync, rename)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
+    state = engine.state_dict()
+    if versions is not None:
+        state["versions"] = versions.state_dict()
     with open(tmp, "wb") as f:
-        torch.save(engine.state_dict(), f)
+        torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(path)
 
 
 def load_engine(
-    path: str | Path, model: GraphEncoder, device: Any = "auto", progress: bool = True, **kwargs: Any
+    path: str | Path,
+    model: GraphEncoder,
+    device: Any = "auto",
+    progress: bool = True,
+    versions: VersionGuard | None = None,
+    **kwargs: Any,
 ) -> tuple[IncrementalEngine, bool]:
-    """(engine, re-embedded): the saved engine for ``model`` (module docstring)."""
+    """(engine, re-embedded): the saved engine for ``model`` (module docstring); the version
+    guard's state goes into ``versions`` when given."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("format") != STATE_FORMAT:
         raise ValueError(f"{path}: unknown engine state format {state.get('format')}")
+    if versions is not None:
+        versions.load_state_dict(state.pop("versions", None))
     engine = IncrementalEngine(model, device, **kwargs)
     engine.replica = Replica.from_state_dict(state["replica"])
     n = engine.replica.num_slots
@@ -227,6 +242,7 @@ class Opened:
     engine: IncrementalEngine
     text: TextEncoder
     dir: Path
+    versions: VersionGuard = field(default_factory=VersionGuard)  # saved inside engine.pt
     offsets: dict[str, int] = field(default_factory=dict)  # "topic:partition" -> next offset
     saved_s: float = 0.0  # when the checkpoint was written (epoch s; 0: unknown or none)
     reembedded: bool = False  # the checkpoint was written by another model: every vector is new
@@ -266,7 +282,7 @@ def open_checkpoint(settings: Settings, require: bool = False, progress: bool = 
     model = graph_model(settings, in_dim=text.dim)
     meta = json.loads(opened.offsets_path.read_text()) if opened.offsets_path.exists() else {}
     engine, reembedded = load_engine(
-        opened.engine_path, model, settings.device, progress=progress, **engine_kwargs(settings, text)
+        opened.engine_path, model, settings.device, progress=progress, versions=opened.versions, **engine_kwargs(settings, text)
     )
     if meta.get("model_version") and meta["model_version"] != engine.model_version:
         log.info("vector version %s -> %s: full re-embed", meta["model_version"], engine.model_version)
@@ -279,7 +295,7 @@ def open_checkpoint(settings: Settings, require: bool = False, progress: bool = 
 
 def save_checkpoint(opened: Opened, offsets: dict[str, int]) -> None:
     """Engine, text cache, then the offsets they cover (each file atomically)."""
-    save_engine(opened.engine, opened.engine_path)
+    save_engine(opened.engine, opened.engine_path, opened.versions)
     opened.text.save_cache(opened.text_cache_path)
     tmp = opened.offsets_path.with_suffix(".tmp")
     saved_s = time.time()

@@ -288,6 +288,10 @@ class EmbedStep:
     def apply(self, batch: Batch) -> Unpublished:
         changes, dead = self.decode(batch)
         source_ms = min((c.source_ms for c in changes if c.source_ms), default=None)
+        guard = self.opened.versions  # only what is newer than the replica (streamer/embed/versions.py)
+        changes = guard.admit(changes, self.engine.replica)
+        if guard.dropped:
+            m.CHANGES_STALE.labels(self.group).inc(guard.dropped)
         t0 = time.perf_counter()
         encoded = self.opened.text.encoded_count
         with m.STAGE_SECONDS.labels(self.group, "embed").time():

@@ -199,7 +199,10 @@ def test_changes_decode_or_are_invalid(raw):
 @FUZZ
 @given(
     st.dictionaries(
-        st.sampled_from(["op", "key", "src", "rel", "dst", "ts", "props", "label", "id", "committed_ms", "source_ms", "x"]),
+        st.sampled_from(
+            ["op", "key", "src", "rel", "dst", "ts", "props", "label", "id", "committed_ms", "source_ms", "x"]
+            + ["rev", "gen", "src_gen", "dst_gen"]
+        ),
         anything | ids | st.sampled_from(["node_upsert", "edge_upsert", "node_delete", "edge_delete", "Product:1", "User:u"]),
         max_size=8,
     )
@@ -213,6 +216,8 @@ def test_change_shaped_records_decode_to_well_formed_changes_or_are_invalid(doc)
     keys = [change.key] if change.op.startswith("node") else [change.src, change.dst]
     assert all(isinstance(k, str) and k.split(":", 1)[0] in NODE_LABELS for k in keys)
     assert isinstance(change.ts, int) and change.ts >= 0
+    for version in (change.rev, change.gen, change.src_gen, change.dst_gen):
+        assert version is None or (type(version) is int and 0 <= version < 1 << 62)
 
 
 @FUZZ
