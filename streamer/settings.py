@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     topic_changes: str = "kg.changes"
     topic_embeddings: str = "kg.embeddings"
     topic_dlq: str = "kg.dlq"
+    topic_shards: str = Field(
+        "kg.shards",
+        description="sharded embedding workers: a topic with embed_shards partitions and no records; the consumer "
+        "group <embed_group>.shards assigns its partitions, i.e. the shards each worker owns (docs/scaling.md)",
+    )
     embeddings_segment_ms: int = Field(
         60_000,
         ge=1_000,
@@ -122,6 +127,14 @@ class Settings(BaseSettings):
         "once instead of once per batch)",
     )
     embed_batch_max_wait_s: float = 0.2
+    embed_shards: int = Field(
+        0,
+        ge=0,
+        le=10_000,
+        description="0: one worker computes and publishes every vector. S > 0: workers split the output keys into S "
+        "shards (Kafka's default partitioner of the key) owned through the group <embed_group>.shards; each worker "
+        "follows the whole changelog in its own group <embed_group>.<member> (docs/scaling.md)",
+    )
     vector_encoding: Literal["json", "f32", "f16"] = Field(
         "json",
         description="kg.embeddings values: JSON (readable anywhere), or the compact binary record with "

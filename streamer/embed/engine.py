@@ -68,7 +68,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
@@ -297,6 +297,10 @@ class IncrementalEngine:
         self.mirror_adjacency = self.device.type == "cuda"
         self._nbr_dev: Tensor | None = None
         self._nbr_of: Replica | None = None
+        # sharded last layer (streamer/embed/shards.py): 0 = this engine owns every key
+        self.shards = 0
+        self._owned_table = np.ones(1, dtype=bool)
+        self._shard = np.full(0, -1, dtype=np.int32)  # per slot: its key's shard (-1: not known yet)
         self.ensure_capacity(16)
 
     # ---- identity and mode ---------------------------------------------------------------
@@ -462,7 +466,7 @@ class IncrementalEngine:
         report = self._propagate(structure, x_new, created, removed, with_vectors)
         report.changes = len(changes)
         report.max_ts = max_ts
-        report.deleted_keys = [k for k in deleted if k not in index]
+        report.deleted_keys = [k for k in deleted if k not in index and self.owns_key(k)]
         rep.maybe_compact()
         report.seconds = time.perf_counter() - t_start
         return report
@@ -582,6 +586,8 @@ class IncrementalEngine:
                 touched_ts.append(recv)
                 report.delta_messages += len(w)
             rows = self._union(changed, w, ends)
+            if layer + 1 == L:
+                rows = self.owned_rows(rows)  # sharded: the last layer only for this worker's keys
             self._reanchor(layer, rows, report)
             rt = self.as_index(rows)
             agg = self.S[layer][rt].to(torch.float32)
@@ -607,7 +613,7 @@ class IncrementalEngine:
                 self.costs.observe_delta(time.perf_counter() - began, len(w) + len(ends))
 
         # 4. report, then free the slots of deleted nodes
-        out = self._union(changed, changed0)
+        out = self.owned_rows(self._union(changed, changed0))
         report.changed_rows = torch.from_numpy(out)
         if len(held_last):
             report.vectors_suppressed = int(len(held_last) - np.isin(held_last, changed0).sum())
@@ -623,6 +629,7 @@ class IncrementalEngine:
         self._isnew[new_slots] = False
         if removed:
             self.clear_rows(self.as_index(removed))
+            self._shard[np.asarray(removed)[np.asarray(removed) < len(self._shard)]] = -1
             rep.release(removed)
         return report
 
@@ -668,6 +675,8 @@ class IncrementalEngine:
         for layer in range(first, self.L):
             reached = self._spmm(adj, in_c.to(adj.dtype).unsqueeze(1)).squeeze(1) > 0
             rows_mask = (reached | in_c | end_mask) & alive
+            if layer + 1 == self.L and self.shards:
+                rows_mask &= torch.from_numpy(self.owned_slots(n)).to(dev)
             # event time: a receiver takes the newest time among its changed neighbours
             sel = in_c[col]
             if bool(sel.any()):
@@ -762,6 +771,90 @@ class IncrementalEngine:
         host = rows.cpu()
         for t in self.count:
             t[host] = 0
+
+    # ---- sharding (streamer/embed/shards.py) ----------------------------------------------
+    def set_shards(self, shards: int, owned: Iterable[int]) -> None:
+        """Keep the last layer (and publish vectors and tombstones) only for keys whose
+        ``shard_of(key, shards)`` is in ``owned``; ``shards`` = 0: every key. The hidden layers
+        stay exact for every node. A shard that is added later must be brought up to date with
+        ``refresh_last_layer(shard_rows(added))`` before its vectors are read."""
+        self.shards = int(shards)
+        table = np.zeros(max(self.shards, 1), dtype=bool)
+        table[list(owned)] = True
+        self._owned_table = table if self.shards else np.ones(1, dtype=bool)
+
+    def _shard_ids(self, rows: np.ndarray) -> np.ndarray:
+        from streamer.embed.shards import shards_of
+
+        n = self.replica.num_slots
+        if len(self._shard) < n:
+            grown = np.full(max(n, 2 * len(self._shard)), -1, dtype=np.int32)
+            grown[: len(self._shard)] = self._shard
+            self._shard = grown
+        ids = self._shard[rows]
+        unknown = rows[ids < 0]
+        if len(unknown):
+            keys = self.replica.keys
+            self._shard[unknown] = shards_of([keys[int(s)] for s in unknown], self.shards)
+            ids = self._shard[rows]
+        return ids
+
+    def owned_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The rows (slots) whose keys this engine owns: all of them when not sharded."""
+        if not self.shards or not len(rows):
+            return rows
+        ids = self._shard_ids(np.asarray(rows, dtype=np.int64))
+        return rows[self._owned_table[np.clip(ids, 0, None)] & (ids >= 0)]
+
+    def owned_slots(self, n: int) -> np.ndarray:
+        """Boolean mask over slots ``0..n-1``: owned (every slot when not sharded)."""
+        if not self.shards:
+            return np.ones(n, dtype=bool)
+        mask = np.zeros(n, dtype=bool)
+        live = np.flatnonzero(self.replica.alive[:n])
+        mask[self.owned_rows(live)] = True
+        return mask
+
+    def owns_key(self, key: str) -> bool:
+        if not self.shards:
+            return True
+        from streamer.embed.shards import shard_of
+
+        return bool(self._owned_table[shard_of(key, self.shards)])
+
+    def shard_rows(self, shards: Iterable[int]) -> np.ndarray:
+        """The live slots whose keys fall in ``shards``."""
+        live = self.replica.live_slots()
+        if not self.shards:
+            return live
+        table = np.zeros(self.shards, dtype=bool)
+        table[list(shards)] = True
+        ids = self._shard_ids(live)
+        return live[table[np.clip(ids, 0, None)] & (ids >= 0)]
+
+    @torch.no_grad()
+    def refresh_last_layer(self, rows: np.ndarray, chunk: int = 1 << 16) -> int:
+        """Recompute the last layer of ``rows`` from the (exact) layer below: fresh neighbour
+        sums, then the dense layer; returns the neighbour reads. What a worker runs on a shard it
+        newly owns, whose last layer it did not keep up to date."""
+        layer, reads = self.L - 1, 0
+        for lo in range(0, len(rows), chunk):
+            part = np.asarray(rows[lo : lo + chunk], dtype=np.int64)
+            seg, w = self.replica.gather(part)
+            fresh = torch.zeros(len(part), self.dims[layer], dtype=self.agg_dtype, device=self.device)
+            step = 1 << 20
+            for at in range(0, len(w), step):
+                fresh.index_add_(0, self.as_index(seg[at : at + step]), self.h[layer][self.as_index(w[at : at + step])].to(self.agg_dtype))
+            rt = self.as_index(part)
+            self.S[layer][rt] = fresh
+            self.count[layer][torch.from_numpy(part)] = 0
+            agg = fresh.to(torch.float32)
+            if self.mean:
+                deg = torch.from_numpy(self.replica.length[part].astype(np.float32)).to(self.device).clamp_(min=1)
+                agg.div_(deg.unsqueeze(1))
+            self.h[layer + 1][rt] = self.model.dense(layer, agg, self.h[layer][rt])
+            reads += len(w)
+        return reads
 
     # ---- outputs -----------------------------------------------------------------------
     @torch.no_grad()
@@ -883,8 +976,12 @@ class IncrementalEngine:
             method = "pyg" if small and int(self.replica.length[: self.replica.num_slots].max()) < 10_000 else "layers"
         full = self.full_recompute() if method == "pyg" else self.full_layers()
         err = torch.zeros(len(live), device=self.device)
+        owned = torch.from_numpy(self.owned_slots(self.replica.num_slots)).to(self.device)[live]
         for layer in range(1, self.L + 1):
-            err = torch.maximum(err, (full[layer][live] - self.h[layer][live]).abs().amax(1))
+            e = (full[layer][live] - self.h[layer][live]).abs().amax(1)
+            if layer == self.L:  # sharded: the last layer is kept for the owned keys only
+                e = torch.where(owned, e, torch.zeros_like(e))
+            err = torch.maximum(err, e)
         return float(err.max()), int((err > tol).sum())
 
     @torch.no_grad()

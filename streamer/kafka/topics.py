@@ -5,7 +5,9 @@ Topics: the input topics (``settings.input_topics``, ``settings.input_partitions
 totally ordered), ``kg.dlq`` (1 partition) and ``kg.embeddings`` (``input_partitions``,
 ``cleanup.policy=compact``: the latest vector per node key, and ``segment.ms`` =
 ``settings.embeddings_segment_ms``: compaction never touches the active segment, so without it
-the topic would keep every vector ever published until a week-old segment rolls). A topic that
+the topic would keep every vector ever published until a week-old segment rolls), and with
+sharded embedding workers (``embed_shards`` > 0) ``kg.shards`` with one partition per shard and
+no records (streamer/embed/shards.py). A topic that
 already exists is left as it is (its partition count and configs are not changed; a partition
 mismatch is logged as a warning).
 
@@ -59,6 +61,8 @@ def topic_plan(settings: Settings) -> dict[str, dict[str, Any]]:
         settings.input_partitions,
         **{"cleanup.policy": "compact", "segment.ms": str(settings.embeddings_segment_ms)},
     )
+    if settings.embed_shards:  # sharded embedding workers: ownership only, no records
+        plan[settings.topic_shards] = topic(settings.embed_shards)
     return plan
 
 
