@@ -131,6 +131,11 @@ FULL_PASS_LAYERS = Counter(
     ["group"],
 )
 TEXT_ENCODED = Counter("kgs_text_encoded_total", "Product texts run through the transformer (cache misses).", ["group"])
+SHARDS_OWNED = Gauge(
+    "kgs_shards_owned",
+    "Sharded embedding workers: output-key shards this worker owns (streamer/embed/shards.py); 0 when not sharded.",
+    ["group"],
+)
 CHANGES_STALE = Counter(
     "kgs_changes_stale_total",
     "kg.changes records not applied because the replica already holds a newer version (streamer/embed/versions.py).",

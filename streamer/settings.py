@@ -135,6 +135,11 @@ class Settings(BaseSettings):
         "shards (Kafka's default partitioner of the key) owned through the group <embed_group>.shards; each worker "
         "follows the whole changelog in its own group <embed_group>.<member> (docs/scaling.md)",
     )
+    embed_member: str | None = Field(
+        None,
+        description="sharded workers: this worker's name (its changelog group and the kgs.member header of its "
+        "records); default: group_instance_id (the pod name), else the host name. Unique per worker.",
+    )
     vector_encoding: Literal["json", "f32", "f16"] = Field(
         "json",
         description="kg.embeddings values: JSON (readable anywhere), or the compact binary record with "

@@ -791,7 +791,7 @@ class IncrementalEngine:
             grown = np.full(max(n, 2 * len(self._shard)), -1, dtype=np.int32)
             grown[: len(self._shard)] = self._shard
             self._shard = grown
-        ids = self._shard[rows]
+        ids: np.ndarray = self._shard[rows]
         unknown = rows[ids < 0]
         if len(unknown):
             keys = self.replica.keys
@@ -804,7 +804,8 @@ class IncrementalEngine:
         if not self.shards or not len(rows):
             return rows
         ids = self._shard_ids(np.asarray(rows, dtype=np.int64))
-        return rows[self._owned_table[np.clip(ids, 0, None)] & (ids >= 0)]
+        owned: np.ndarray = rows[self._owned_table[np.clip(ids, 0, None)] & (ids >= 0)]
+        return owned
 
     def owned_slots(self, n: int) -> np.ndarray:
         """Boolean mask over slots ``0..n-1``: owned (every slot when not sharded)."""
@@ -830,7 +831,8 @@ class IncrementalEngine:
         table = np.zeros(self.shards, dtype=bool)
         table[list(shards)] = True
         ids = self._shard_ids(live)
-        return live[table[np.clip(ids, 0, None)] & (ids >= 0)]
+        rows: np.ndarray = live[table[np.clip(ids, 0, None)] & (ids >= 0)]
+        return rows
 
     @torch.no_grad()
     def refresh_last_layer(self, rows: np.ndarray, chunk: int = 1 << 16) -> int:
@@ -844,7 +846,8 @@ class IncrementalEngine:
             fresh = torch.zeros(len(part), self.dims[layer], dtype=self.agg_dtype, device=self.device)
             step = 1 << 20
             for at in range(0, len(w), step):
-                fresh.index_add_(0, self.as_index(seg[at : at + step]), self.h[layer][self.as_index(w[at : at + step])].to(self.agg_dtype))
+                rows_in = self.h[layer][self.as_index(w[at : at + step])].to(self.agg_dtype)
+                fresh.index_add_(0, self.as_index(seg[at : at + step]), rows_in)
             rt = self.as_index(part)
             self.S[layer][rt] = fresh
             self.count[layer][torch.from_numpy(part)] = 0

@@ -63,7 +63,10 @@ def shards_of(keys: Sequence[str | None], shards: int) -> np.ndarray:
 
 
 def member_name(settings: Settings) -> str:
-    """This worker's name in the shard group: the static instance id (the pod name), else the host."""
+    """This worker's name: ``embed_member``, else the static instance id (the pod name), else
+    the host name. It names the worker's own changelog group and its records."""
+    if settings.embed_member:
+        return settings.embed_member
     if settings.group_instance_id:
         return settings.group_instance_id
     import socket
@@ -71,7 +74,7 @@ def member_name(settings: Settings) -> str:
     return socket.gethostname()
 
 
-class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+class _Listener(ConsumerRebalanceListener):
     def __init__(self, owner: ShardMembership):
         self.owner = owner
 
@@ -138,7 +141,7 @@ class ShardMembership:
             while self._pending is not None and not self._stop.is_set():
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    log.warning("shard group %s: the worker did not let go of its shards in %.0fs", self.group, self.revoke_wait_s)
+                    log.warning("shard group %s: the worker kept its shards past %.0fs", self.group, self.revoke_wait_s)
                     return
                 self._lock.wait(left)
 

@@ -2,7 +2,18 @@
 
 It runs on the shared ``BatchingConsumer`` (``streamer.kafka.consumer``: poll, pause/resume,
 rebalance, and the commit, always the last step). ``embed_consumer(settings)`` builds it:
-group ``embed_group`` over ``kg.changes``.
+group ``embed_group`` over ``kg.changes`` (sharded: ``<embed_group>.<member>``, below).
+
+Sharded workers (``embed_shards`` = S > 0; streamer/embed/shards.py, docs/scaling.md): every
+worker follows the whole changelog in a group of its own and keeps the whole replica, but
+keeps the last layer and publishes vectors and tombstones only for the keys of the shards the
+group ``<embed_group>.shards`` assigned to it. Between batches (and on every turn of an idle
+loop, ``tick``) the worker takes a new owned set from ``ShardMembership``; for each shard it
+newly owns it recomputes the shard's last layer from the exact hidden layers and publishes all
+of the shard's vectors (the previous owner may have died before publishing some), and only then
+goes on. A shard it loses is no longer published from the next batch on; the membership thread
+holds the group's rebalance until the worker has taken the loss, so two live workers never
+publish one shard at once. Every vector record then names its worker (header ``kgs.member``).
 
 1. **start** -- ``streamer.embed.state.open_checkpoint``: the text encoder (offline
    transformers model) with its cache, the graph encoder (checkpoint or seeded init) and, when
@@ -61,6 +72,7 @@ from streamer.contracts.events import NODE_LABELS
 from streamer.contracts.vectors import Encoding, VectorRecord
 from streamer.embed.engine import BatchReport
 from streamer.embed.replica import Replica
+from streamer.embed.shards import ShardMembership, member_name
 from streamer.embed.state import Opened, open_checkpoint, save_checkpoint
 from streamer.kafka.consumer import Backpressure, Batch, BatchingConsumer, UnreadableRecord, unreadable_reason
 from streamer.kafka.dead_letter_ledger import DeadLetterLedger
@@ -111,6 +123,7 @@ class EmbedStats:
     started: float = field(default_factory=time.monotonic)
     apply_seconds: float = 0.0
     full_reembed: bool = False
+    shard_rows_refreshed: int = 0  # sharded: last-layer rows recomputed for shards taken over
 
     def observe_affected(self, affected: list[int]) -> None:
         if not self.affected_sum:
@@ -136,6 +149,7 @@ class EmbedStats:
             "affected_per_layer_total": self.affected_sum,
             "affected_per_layer_max_batch": self.affected_max,
             "full_reembed": self.full_reembed,
+            "shard_rows_refreshed": self.shard_rows_refreshed,
             "apply_seconds": round(self.apply_seconds, 2),
             "seconds": round(secs, 2),
             "freshness_p50_s": round(float(np.percentile(fresh, 50)), 3) if fresh is not None else None,
@@ -159,7 +173,7 @@ class EmbedStep:
 
     def __init__(self, settings: Settings, publisher: KafkaPublisher | None = None):
         self.settings = settings
-        self.group = settings.embed_group
+        self.group = embed_consumer_group(settings)
         self.stats = EmbedStats()
         self.opened: Opened = open_checkpoint(settings)
         self.stats.full_reembed = self.opened.reembedded
@@ -171,6 +185,12 @@ class EmbedStep:
         self.text_encoded = self.opened.text.encoded_count
         self.ledger = DeadLetterLedger(settings)
         self.ledger_for: dict[TopicPartition, int] | None = None  # replay starts to load the ledger for
+        self.member = member_name(settings) if settings.embed_shards else None
+        self.shards: ShardMembership | None = ShardMembership(settings) if settings.embed_shards else None
+        self.owned_shards: frozenset[int] = frozenset()
+        self.current_shards: set[int] = set()  # shards whose last layer the engine has kept up to date
+        self.unpublished_shards: set[int] = set()  # newly owned shards whose vectors are not all published yet
+        self.retry_shards_at = 0.0
 
     @property
     def engine(self) -> Any:
@@ -181,8 +201,52 @@ class EmbedStep:
         m.init_labels(self.group, "embed")
         e = self.engine
         m.MODEL_INFO.info({"version": e.model_version, "layers": str(e.L), "dim": str(e.out_dim), "device": str(e.device)})
-        if self.opened.reembedded:
+        if self.opened.reembedded and self.shards is None:
             self.publish_all()
+        if self.shards is not None:  # owns nothing until the group says so
+            self.engine.set_shards(self.settings.embed_shards, ())
+            self.shards.start()
+
+    def tick(self) -> None:
+        """Every turn of the consumer loop: act on a new owned set of shards between batches."""
+        if self.shards is not None and self.unpublished is None:
+            self.sync_shards()
+
+    def sync_shards(self) -> None:
+        """Take a new owned set from the shard group; bring newly owned shards up to date and
+        publish their vectors (module docstring). A broker that does not acknowledge leaves
+        them to the next turn after ``backpressure_pause_s``."""
+        assert self.shards is not None
+        owned = self.shards.take()
+        if owned is not None:
+            # a shard whose last layer is still current (owned until a revoke, and no batch applied
+            # since) needs nothing: the eager protocol revokes everything on every rebalance and
+            # the sticky assignor hands most of it straight back
+            added = set(owned) - self.current_shards
+            self.owned_shards = owned
+            self.current_shards |= set(owned)
+            self.engine.set_shards(self.settings.embed_shards, owned)
+            self.unpublished_shards = (self.unpublished_shards & set(owned)) | added
+            if added:
+                rows = self.engine.shard_rows(added)
+                t0 = time.perf_counter()
+                self.engine.refresh_last_layer(rows)
+                self.stats.shard_rows_refreshed += len(rows)
+                took = time.perf_counter() - t0
+                log.info("now owns %d shards (%d new: %d rows refreshed in %.2fs)", len(owned), len(added), len(rows), took)
+            m.SHARDS_OWNED.labels(self.group).set(len(owned))
+        if self.unpublished_shards and time.monotonic() >= self.retry_shards_at:
+            try:
+                self.publish_shards(self.unpublished_shards)
+                self.unpublished_shards = set()
+            except PublishFailed as exc:
+                log.warning("vectors of newly owned shards not acknowledged (%s); trying again", exc)
+                self.retry_shards_at = time.monotonic() + self.settings.backpressure_pause_s
+
+    def publish_shards(self, shards: set[int]) -> None:
+        """Every live vector of ``shards`` (a shard this worker newly owns)."""
+        rows = self.engine.shard_rows(shards)
+        self.publish_rows(rows, f"shards {sorted(shards)[:8]}")
 
     def on_assigned(self, consumer: KafkaConsumer, partitions: set[TopicPartition]) -> None:
         starts: dict[TopicPartition, int] = {}
@@ -217,6 +281,8 @@ class EmbedStep:
                 "stopping with work unfinished: not checkpointing (the batches since the last checkpoint "
                 "are applied and published again on restart)"
             )
+        if self.shards is not None:
+            self.shards.close()
         try:
             self.publisher.close()
         except Exception:  # closing is best effort
@@ -225,6 +291,8 @@ class EmbedStep:
     # --- one micro-batch ----------------------------------------------------------------------
     def process(self, batch: Batch) -> None:
         self.timings = {}  # where this batch's time went (logged by the consumer when it is slow)
+        if self.unpublished is None and self.shards is not None:
+            self.sync_shards()
         if self.unpublished is None:
             self.unpublished = self.apply(batch)
         pending = self.unpublished
@@ -294,11 +362,12 @@ class EmbedStep:
             m.CHANGES_STALE.labels(self.group).inc(guard.dropped)
         t0 = time.perf_counter()
         encoded = self.opened.text.encoded_count
+        self.current_shards = set(self.owned_shards)  # the last layer of the others goes stale now
         with m.STAGE_SECONDS.labels(self.group, "embed").time():
             report = self.engine.apply(expand_out_edges(changes, self.engine.replica))
         t1 = time.perf_counter()
         self.stats.apply_seconds += t1 - t0
-        records = vector_records(report, self.engine.model_version, self.settings.vector_encoding, source_ms)
+        records = vector_records(report, self.engine.model_version, self.settings.vector_encoding, source_ms, self.member)
         self.timings.update(
             embed_s=t1 - t0,
             texts_encoded=self.opened.text.encoded_count - encoded,
@@ -312,26 +381,32 @@ class EmbedStep:
         """Full re-embed after a model change: every live node's vector with the new version."""
         from tqdm.auto import tqdm
 
+        self.publish_rows(self.engine.replica.live_slots(), f"publish {self.engine.model_version}", tqdm)
+        self.checkpoint()
+
+    def publish_rows(self, slots: np.ndarray, what: str, progress: Any = None) -> None:
+        """The current vectors of ``slots``, in chunks, waiting for the broker's acknowledgement."""
         replica = self.engine.replica
-        slots = replica.live_slots()
         keys = [replica.keys[int(s)] for s in slots]
         now = int(time.time() * 1000)
         chunk = 10_000
         version = self.engine.model_version
-        with tqdm(total=len(keys), desc=f"publish {version}", unit="vector", mininterval=1.0) as bar:
-            for i in range(0, len(keys), chunk):
-                vectors = _numpy(self.engine.vectors(torch.as_tensor(slots[i : i + chunk], dtype=torch.long)))
-                self.publisher.publish(
-                    self.settings.topic_embeddings,
-                    [
-                        VectorRecord(k, v, version, None, None, now).to_kafka(self.settings.vector_encoding)
-                        for k, v in zip(keys[i : i + chunk], vectors, strict=True)
-                    ],
-                )
+        bar = progress(total=len(keys), desc=what, unit="vector", mininterval=1.0) if progress else None
+        for i in range(0, len(keys), chunk):
+            vectors = _numpy(self.engine.vectors(torch.as_tensor(slots[i : i + chunk], dtype=torch.long)))
+            self.publisher.publish(
+                self.settings.topic_embeddings,
+                [
+                    _signed(VectorRecord(k, v, version, None, None, now).to_kafka(self.settings.vector_encoding), self.member)
+                    for k, v in zip(keys[i : i + chunk], vectors, strict=True)
+                ],
+            )
+            if bar is not None:
                 bar.update(len(vectors))
+        if bar is not None:
+            bar.close()
         self.stats.vectors_published += len(keys)
         m.VECTORS_PUBLISHED.labels(self.group, "vector").inc(len(keys))
-        self.checkpoint()
 
     def checkpoint(self) -> None:
         """Engine state + the changelog offsets it covers + the text cache, atomically."""
@@ -371,17 +446,26 @@ class EmbedStep:
 
 
 def vector_records(
-    report: BatchReport, version: str, encoding: Encoding, source_ms: int | None = None
+    report: BatchReport, version: str, encoding: Encoding, source_ms: int | None = None, member: str | None = None
 ) -> list[tuple[bytes, bytes | None, list[tuple[str, bytes]]]]:
     """The ``kg.embeddings`` records of one applied batch, ready for the producer: a vector per
-    changed key (``published_ms`` now) and a tombstone per deleted key."""
+    changed key (``published_ms`` now) and a tombstone per deleted key; a sharded worker's
+    records name it (``member``, header ``kgs.member``)."""
     published_ms = int(time.time() * 1000)
     records = [
         VectorRecord(key, vec, version, ts, source_ms, published_ms).to_kafka(encoding)
         for key, vec, ts in zip(report.changed_keys, _numpy(report.vectors), report.changed_ts, strict=False)
     ]
     records += [VectorRecord(key, None, version).to_kafka(encoding) for key in report.deleted_keys]
-    return records
+    return [_signed(r, member) for r in records] if member else records
+
+
+def _signed(record: KafkaRecord, member: str | None) -> KafkaRecord:
+    """``record`` with the header ``kgs.member`` naming the sharded worker that published it."""
+    if not member:
+        return record
+    key, value, headers = record
+    return key, value, [*headers, ("kgs.member", member.encode())]
 
 
 def _numpy(t: torch.Tensor | np.ndarray | None) -> np.ndarray:
@@ -390,12 +474,18 @@ def _numpy(t: torch.Tensor | np.ndarray | None) -> np.ndarray:
     return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
 
 
+def embed_consumer_group(settings: Settings) -> str:
+    """The worker's group over kg.changes: ``embed_group``; a sharded worker follows the whole
+    changelog in a group of its own, ``<embed_group>.<member>``."""
+    return f"{settings.embed_group}.{member_name(settings)}" if settings.embed_shards else settings.embed_group
+
+
 def embed_consumer(settings: Settings, publisher: KafkaPublisher | None = None) -> BatchingConsumer:
-    """The embedding worker: group ``embed_group`` over kg.changes, one ``EmbedStep``."""
+    """The embedding worker: group ``embed_consumer_group`` over kg.changes, one ``EmbedStep``."""
     step = EmbedStep(settings, publisher)
     return BatchingConsumer(
         settings,
-        settings.embed_group,
+        embed_consumer_group(settings),
         [settings.topic_changes],
         "kg-embed",
         [step],

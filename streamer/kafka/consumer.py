@@ -155,6 +155,8 @@ class Step(Protocol):
     * ``on_assigned(consumer, partitions)`` -- after a rebalance assigned ``partitions``.
     * ``close(finished)`` -- once, at the end; ``finished`` is False when a batch in hand was
       abandoned (backpressure at shutdown).
+    * ``tick()`` (optional) -- every turn of the loop, between batches: quick work that must
+      not wait for records (the sharded embedding worker takes over shards there).
     * ``stats`` -- what the step did, with a ``summary()`` dict.
     """
 
@@ -407,8 +409,11 @@ class BatchingConsumer:
                 step.start()
             self.joining_since = time.monotonic()  # the group join starts with the first poll
             HEALTH.set_phase("joining")
+            ticks = [tick for step in self.steps if (tick := getattr(step, "tick", None)) is not None]
             while not self.stopping and not (deadline and time.monotonic() > deadline):
                 HEALTH.beat()  # liveness: the loop turns (streamer/health.py)
+                for tick in ticks:
+                    tick()
                 self.poll_once()
                 self.check_client()
                 if self.batch_ready():

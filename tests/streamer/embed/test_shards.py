@@ -56,7 +56,9 @@ def test_sharded_engines_together_publish_what_one_engine_publishes(stream, laye
         last_whole.update((k, None) for k in rep.deleted_keys)
         for owned, e in zip(split(n), parts):
             r = e.apply(changes, features)
-            assert all(shard_of(k, SHARDS) in owned for k in [*r.changed_keys, *r.deleted_keys]), "published a key it does not own"
+            assert all(shard_of(k, SHARDS) in owned for k in [*r.changed_keys, *r.deleted_keys]), (
+                "published a key it does not own"
+            )
             last_parts.update(zip(r.changed_keys, r.vectors))
             last_parts.update((k, None) for k in r.deleted_keys)
             err, over = e.verify(1e-5)
