@@ -162,6 +162,11 @@ class ShardMembership:
     def owned(self) -> frozenset[int]:
         return self._owned
 
+    @property
+    def changing(self) -> bool:
+        """A new owned set waits for ``take()``."""
+        return self._pending is not None
+
     def wait_for_assignment(self, timeout_s: float) -> bool:
         """Block until the group has assigned something (tests, the benchmark)."""
         deadline = time.monotonic() + timeout_s

@@ -140,3 +140,30 @@ def test_quality_bench(tmp_path):
 def test_report_tables():
     proc = run_bench(["bench/report.py", str(ROOT / "bench" / "results" / "incremental.json")], timeout_s=60)
     assert "|" in proc.stdout
+
+
+def test_scaleout_bench(tmp_path):
+    """1 and 2 sharded worker processes and a kill -9 on the tiny graph: the fields the issue
+    names, and coverage checked (the bench exits non-zero when it fails)."""
+    out = tmp_path / "scaleout.json"
+    run_bench(
+        ["bench/scaleout.py", "--preset", "tiny", "--changes", "60", "--batch", "10", "--workers", "1,2"]
+        + ["--kill-at", "0.5", "--shards", "8", "--output", str(out)]
+    )
+    doc = json.loads(out.read_text())
+    runs = doc["runs"]
+    assert [r["workers"] for r in runs] == [1, 2, 2]
+    for r in runs:
+        assert {
+            "workers",
+            "rows_per_worker",
+            "cpu_s_per_worker",
+            "updates_per_s",
+            "coverage_ok",
+            "after_kill_coverage_ok",
+        } <= set(r)
+        assert len(r["rows_per_worker"]) == r["workers"]
+    assert runs[0]["coverage_ok"] is True and runs[1]["coverage_ok"] is True
+    assert runs[2]["after_kill_coverage_ok"] is True and runs[2]["killed"]
+    assert sum(runs[1]["rows_per_worker"]) == runs[0]["rows_per_worker"][0]  # the shards split the last layer
+    assert doc["reference_vs_full_err"] < 1e-5
