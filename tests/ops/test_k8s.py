@@ -158,8 +158,34 @@ def test_keda_scales_ingest_on_lag_seconds_up_to_the_input_partitions() -> None:
     assert "kgs_consumer_lag_seconds" in trigger["metadata"]["query"] and 'group="kg-ingest"' in trigger["metadata"]["query"]
     # the metric exists under that name
     assert "kgs_consumer_lag_seconds" in (REPO / "streamer" / "metrics.py").read_text()
-    # the embedding worker is not autoscaled (one changelog partition: docs/engine.md "Scale-out")
-    assert all(s["spec"]["scaleTargetRef"]["name"] != "kg-embed" for s in by_kind("ScaledObject"))
+
+
+def test_keda_scales_the_sharded_embedding_workers_on_their_own_groups_lag() -> None:
+    """Each worker follows the changelog in its group kg-embed.<pod> and exports that group's lag
+    (streamer/groups/lag.py ``start_monitor``); the StatefulSet scales on the worst of them, never
+    past the number of shards (a worker without a shard has nothing to publish)."""
+    (scaled,) = [s["spec"] for s in by_kind("ScaledObject") if s["spec"]["scaleTargetRef"]["name"] == "kg-embed"]
+    assert scaled["scaleTargetRef"]["kind"] == "StatefulSet"
+    assert 1 <= scaled["maxReplicaCount"] <= int(by_kind("ConfigMap")[0]["data"]["KGS_EMBED_SHARDS"])
+    (trigger,) = scaled["triggers"]
+    query = trigger["metadata"]["query"]
+    assert "kgs_consumer_lag_seconds" in query
+    import re
+
+    regex = re.search(r'group=~"([^"]+)"', query).group(1).encode().decode("unicode_escape")  # PromQL string escapes
+    assert (
+        re.fullmatch(regex, "kg-embed.kg-embed-0")
+        and not re.fullmatch(regex, "kg-embed")
+        and not re.fullmatch(regex, "kg-ingest")
+    )
+    from streamer.embed.worker import embed_consumer_group
+    from streamer.settings import Settings
+
+    group = embed_consumer_group(Settings(_env_file=None, embed_shards=64, group_instance_id="kg-embed-0"))
+    assert re.fullmatch(regex, group)
+    (embed,) = [s for s in by_kind("StatefulSet") if s["metadata"]["name"] == "kg-embed"]
+    env = {e["name"]: e for e in embed["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["KGS_GROUP_INSTANCE_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
 
 
 def test_pod_disruption_budgets_cover_the_consumers() -> None:
