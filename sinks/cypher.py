@@ -16,8 +16,10 @@ changes are (re)published to kg.changes: that is what makes a crash between the 
 and the changelog publish lose nothing.
 
 A relation delete leaves a tombstone relationship (``deleted = true``) between the two
-nodes when both exist, so a stale upsert that arrives later cannot bring the edge back; a
-delete naming a node that does not exist changes nothing (no placeholder nodes for deletes).
+nodes when both exist and are live, so a stale upsert that arrives later cannot bring the edge
+back; a delete naming a node that does not exist or is a tombstone changes nothing (no
+placeholder nodes for deletes; a tombstone has no relationships, and a resurrection would
+delete that relation tombstone, resetting the relationship's ``rev`` within one incarnation).
 Readers (the embedding worker's snapshot) skip tombstoned relationships.
 
 Entity versions (what the embedding worker's ``streamer.embed.versions.VersionGuard`` orders
@@ -173,6 +175,8 @@ def relation_delete(src_label: str, rel: str, dst_label: str) -> str:
     return f"""UNWIND $rows AS row
 MATCH (a:{_label(src_label)} {{id: row.src}})
 MATCH (b:{_label(dst_label)} {{id: row.dst}})
+WITH row, a, b
+WHERE coalesce(a.deleted, false) = false AND coalesce(b.deleted, false) = false
 MERGE (a)-[r:{_rel(rel)}]->(b)
 WITH r, row
 WHERE r.ts IS NULL OR row.ts > r.ts
@@ -184,7 +188,7 @@ SET r = {{deleted: true, ts: row.ts, rev: rev}}"""
 def relation_current(src_label: str, rel: str, dst_label: str) -> str:
     return f"""UNWIND $rows AS row
 MATCH (a:{_label(src_label)} {{id: row.src}})-[r:{_rel(rel)}]->(b:{_label(dst_label)} {{id: row.dst}})
-WHERE r.ts = row.ts
+WHERE r.ts = row.ts AND coalesce(a.deleted, false) = false AND coalesce(b.deleted, false) = false
 RETURN row.src AS src, row.dst AS dst, coalesce(r.deleted, false) AS deleted, coalesce(r.rev, 0) AS rev,
        coalesce(a.gen, 0) AS src_gen, coalesce(b.gen, 0) AS dst_gen"""
 

@@ -22,7 +22,12 @@ Contract of ``admit(changes, replica)`` -> the changes to hand to the engine, in
 * a change that names an incarnation newer than the known one means the delete that started
   it has not arrived yet: a synthetic ``node_delete`` of that node is inserted before it (when
   the replica, or this batch, holds the node), dropping every edge of the older incarnations;
-* records without versions (older logs, category ``PARENT`` edges) pass unchanged.
+* records without versions (older logs, category ``PARENT`` edges) pass unchanged;
+* a dropped change's transaction still created nodes in the graph that no other change may
+  name: the targets of a product upsert's ``out_edges`` (brands, categories, attributes,
+  never deleted) and the endpoints of an edge upsert that are not of a dead incarnation
+  (its user, a placeholder product). Each of those the replica does not hold gets a bare
+  ``node_upsert`` (no props: what an edge upsert would have created) in the dropped change's place.
 
 Invariant: every edge the replica holds for a product belongs to its newest known
 incarnation, so a synthetic delete only removes what the graph has removed. With it, any
@@ -37,7 +42,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from streamer.contracts.changes import Change, node_delete, split_key
+from streamer.contracts.changes import Change, node_delete, node_upsert, split_key
 from streamer.contracts.events import RELATION_TYPES
 from streamer.embed.replica import Replica
 
@@ -68,17 +73,30 @@ class VersionGuard:
                 present[key] = False
             self.gens[key] = gen
 
+        def touch(key: str, ts: int) -> None:
+            """A node the graph created with a dropped change: create it bare if missing."""
+            if not holds(key):
+                out.append(node_upsert(*split_key(key), ts))
+                present[key] = True
+
         for change in changes:
-            if not self._admit(change, enter):
-                self.dropped += 1
+            if self._admit(change, enter):
+                out.append(change)
+                if change.op == "node_upsert" and change.key:
+                    present[change.key] = True
+                elif change.op == "node_delete" and change.key:
+                    present[change.key] = False
+                elif change.op == "edge_upsert" and change.src and change.dst:
+                    present[change.src] = present[change.dst] = True
                 continue
-            out.append(change)
-            if change.op == "node_upsert" and change.key:
-                present[change.key] = True
-            elif change.op == "node_delete" and change.key:
-                present[change.key] = False
+            self.dropped += 1
+            if change.op == "node_upsert":
+                for _rel, target in (change.props or {}).get("out_edges", []):
+                    touch(target, change.ts)
             elif change.op == "edge_upsert" and change.src and change.dst:
-                present[change.src] = present[change.dst] = True
+                for key, gen in ((change.src, change.src_gen), (change.dst, change.dst_gen)):
+                    if gen is not None and gen >= self.gens.get(key, 0):
+                        touch(key, change.ts)
         return out
 
     def _admit(self, change: Change, enter: Callable[[str, int, int], None]) -> bool:
@@ -101,7 +119,11 @@ class VersionGuard:
         src, dst, src_gen, dst_gen = change.src, change.dst, change.src_gen, change.dst_gen
         if src is None or dst is None or src_gen is None or dst_gen is None:
             return True
-        if src_gen < self.gens.get(src, 0) or dst_gen < self.gens.get(dst, 0):
+        stale = src_gen < self.gens.get(src, 0) or dst_gen < self.gens.get(dst, 0)
+        for key, gen in ((src, src_gen), (dst, dst_gen)):
+            if gen > self.gens.get(key, 0):  # that incarnation exists, whatever becomes of this change
+                enter(key, gen, change.ts)
+        if stale:
             return False
         edge = (src, change.rel or "", dst)
         if edge[1] in _RELATIONS and change.rev is not None:
@@ -111,9 +133,6 @@ class VersionGuard:
             if last is not None and (src_gen, dst_gen) == last[:2] and change.rev <= last[2]:
                 return False
             self.edges[edge] = (src_gen, dst_gen, change.rev)
-        for key, gen in ((src, src_gen), (dst, dst_gen)):
-            if gen > self.gens.get(key, 0):
-                enter(key, gen, change.ts)
         return True
 
     # --- persistence (inside the engine checkpoint) ----------------------------------------------
