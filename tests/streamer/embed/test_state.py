@@ -42,3 +42,24 @@ def test_build_engine_from_settings():
     assert engine.fusion == "concat" and engine.out_dim == 392 and engine.featurize is None
     engine.apply([C.edge_upsert("User:1", "VIEWED", "Product:1", 1)])
     assert engine.verify()[1] == 0
+
+
+def test_the_version_guard_is_saved_and_loaded_with_the_engine(tmp_path):
+    from streamer.embed.state import load_engine, save_engine
+    from streamer.embed.versions import VersionGuard
+
+    engine = build_engine(Settings(gnn_hidden=8, gnn_out=8, device="cpu"))
+    guard = VersionGuard()
+    changes = [
+        C.node_upsert("Product", "1", 1, {}, rev=3, gen=1),
+        C.edge_upsert("Product:1", "ALSO_BOUGHT", "Product:2", 2, rev=2, src_gen=1, dst_gen=0),
+    ]
+    engine.apply(guard.admit(changes, engine.replica))
+    save_engine(engine, tmp_path / "engine.pt", guard)
+    again = VersionGuard()
+    load_engine(tmp_path / "engine.pt", engine.model, "cpu", progress=False, versions=again)
+    assert again.state_dict() == guard.state_dict() and again.gens == {"Product:1": 1}
+    assert again.admit(changes, engine.replica) == [] and again.dropped == 2  # replays are stale
+    save_engine(engine, tmp_path / "old.pt")  # a checkpoint from before versions: an empty guard
+    load_engine(tmp_path / "old.pt", engine.model, "cpu", progress=False, versions=again)
+    assert again.gens == {} and again.edges == {}
