@@ -163,6 +163,9 @@ def worker(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     for i, (changes, features) in enumerate(stream):
         sync()
+        while membership.rebalancing:  # as the worker does (backpressure): apply nothing until assigned
+            time.sleep(0.05)
+            sync()
         current = set(owned)
         report = engine.apply(changes, features)
         publisher.publish(a.topic, vector_records(report, version, "f32", None, a.member))

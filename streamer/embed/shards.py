@@ -20,7 +20,8 @@ Lifecycle of a ``ShardMembership`` (a thread of its own, the only user of its Ka
 1. ``start()`` subscribes and polls in its thread (``poll`` runs the group protocol: join, sync,
    heartbeat; the rebalance callbacks run inside it).
 2. **assigned** -- the new set of shards is left for the worker's thread (``take()``).
-3. **revoked** -- the worker must stop publishing these shards *before* another member gets them.
+3. **revoked** -- the worker must stop publishing these shards *before* another member gets them,
+   and waits (``rebalancing``) until the new assignment before it applies the next batch.
    The callback leaves "owns nothing" for the worker and waits (at most ``revoke_wait_s``) until
    the worker's thread has taken it (``take()``), i.e. finished the batch in hand. Only then does
    this member rejoin, so the next owner is assigned after the previous one stopped.
@@ -96,6 +97,7 @@ class ShardMembership:
         self._lock = threading.Condition()
         self._pending: frozenset[int] | None = None  # a new owned set the worker has not taken
         self._owned: frozenset[int] = frozenset()  # what the worker acts on (after take())
+        self._rebalancing = True  # from subscribe, and from a revoke until the next assignment
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
@@ -128,11 +130,13 @@ class ShardMembership:
     def _assigned(self, shards: set[int]) -> None:
         with self._lock:
             self._pending = frozenset(shards)
+            self._rebalancing = False
             self._lock.notify_all()
         log.info("shard group %s: assigned %d of %d shards %s", self.group, len(shards), self.shards, sorted(shards))
 
     def _revoked(self) -> None:
         with self._lock:
+            self._rebalancing = True
             if not self._owned and self._pending is None:
                 return
             self._pending = frozenset()
@@ -161,6 +165,14 @@ class ShardMembership:
     @property
     def owned(self) -> frozenset[int]:
         return self._owned
+
+    @property
+    def rebalancing(self) -> bool:
+        """Between a revoke (or the start) and the next assignment: the worker waits instead of
+        applying batches, so that the shards it gets back are still current (a batch applied
+        while it owns nothing would leave every shard's last layer stale, and getting them back
+        would cost a refresh and a republish of all of them)."""
+        return self._rebalancing
 
     @property
     def changing(self) -> bool:

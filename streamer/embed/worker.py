@@ -13,7 +13,9 @@ newly owns it recomputes the shard's last layer from the exact hidden layers and
 of the shard's vectors (the previous owner may have died before publishing some), and only then
 goes on. A shard it loses is no longer published from the next batch on; the membership thread
 holds the group's rebalance until the worker has taken the loss, so two live workers never
-publish one shard at once. Every vector record then names its worker (header ``kgs.member``).
+publish one shard at once, and the worker applies no batch until the group has assigned the
+shards again (backpressure), so the shards it gets back are still current and cost nothing.
+Every vector record then names its worker (header ``kgs.member``).
 
 1. **start** -- ``streamer.embed.state.open_checkpoint``: the text encoder (offline
    transformers model) with its cache, the graph encoder (checkpoint or seeded init) and, when
@@ -293,6 +295,8 @@ class EmbedStep:
         self.timings = {}  # where this batch's time went (logged by the consumer when it is slow)
         if self.unpublished is None and self.shards is not None:
             self.sync_shards()
+            if self.shards.rebalancing:  # apply nothing until the group has assigned the shards
+                raise Backpressure("the shard group is rebalancing", 0.2)
         if self.unpublished is None:
             self.unpublished = self.apply(batch)
         pending = self.unpublished
