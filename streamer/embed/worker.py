@@ -74,7 +74,7 @@ from streamer.contracts.events import NODE_LABELS
 from streamer.contracts.vectors import Encoding, VectorRecord
 from streamer.embed.engine import BatchReport
 from streamer.embed.replica import Replica
-from streamer.embed.shards import ShardMembership, member_name
+from streamer.embed.shards import ShardMembership, member_name, shard_of
 from streamer.embed.state import Opened, open_checkpoint, save_checkpoint
 from streamer.kafka.consumer import Backpressure, Batch, BatchingConsumer, UnreadableRecord, unreadable_reason
 from streamer.kafka.dead_letter_ledger import DeadLetterLedger
@@ -246,9 +246,22 @@ class EmbedStep:
                 self.retry_shards_at = time.monotonic() + self.settings.backpressure_pause_s
 
     def publish_shards(self, shards: set[int]) -> None:
-        """Every live vector of ``shards`` (a shard this worker newly owns)."""
+        """Every live vector of ``shards`` (a shard this worker newly owns), and a tombstone for
+        each of their deleted products the version guard knows of (the previous owner may have
+        died before publishing it)."""
         rows = self.engine.shard_rows(shards)
         self.publish_rows(rows, f"shards {sorted(shards)[:8]}")
+        index, count = self.engine.replica.index, self.settings.embed_shards
+        gone = [k for k, gen in self.opened.versions.gens.items() if gen > 0 and k not in index and shard_of(k, count) in shards]
+        if gone:
+            version = self.engine.model_version
+            encoding = self.settings.vector_encoding
+            self.publisher.publish(
+                self.settings.topic_embeddings,
+                [_signed(VectorRecord(k, None, version).to_kafka(encoding), self.member) for k in gone],
+            )
+            self.stats.tombstones_published += len(gone)
+            m.VECTORS_PUBLISHED.labels(self.group, "tombstone").inc(len(gone))
 
     def on_assigned(self, consumer: KafkaConsumer, partitions: set[TopicPartition]) -> None:
         starts: dict[TopicPartition, int] = {}
