@@ -33,8 +33,10 @@ Every vector record then names its worker (header ``kgs.member``).
    where it resumes, not the group commit (kept up to date for lag monitoring and operators).
 3. **process** -- each record is decoded and checked (``decode_change``); one the worker
    cannot use goes to ``kg.dlq`` with its reason (stage ``apply``) and is counted, and the rest
-   go on. A product's ``out_edges`` are expanded into edge changes against the
-   replica; the engine applies the batch exactly, recomputing only the affected rows per
+   go on. The version guard (``streamer.embed.versions``, its state saved in the checkpoint)
+   keeps only the changes newer than what the replica holds, so that several ingest
+   consumers' interleaving cannot corrupt it. A product's ``out_edges`` are expanded into edge
+   changes against the replica; the engine applies the batch exactly, recomputing only the affected rows per
    layer, and reports the keys whose vectors moved (bitwise) and the deleted keys. Those
    vectors (and tombstones) go to kg.embeddings, keyed by node, and the step waits for the
    broker's acknowledgement. Every ``embed_checkpoint_every_s`` the engine state and the
