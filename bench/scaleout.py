@@ -1,7 +1,7 @@
 """Scale-out of the embedding worker: 1, 2 and 4 sharded worker processes on one update stream.
 
-    python bench/scaleout.py                       # synthetic 1M graph, 1/2/4 workers, a kill -9 at 4
-    python bench/scaleout.py --preset small --changes 400        # a quick run
+    python bench/scaleout.py                       # synthetic 1M graph, 1/2/4 workers, a kill -9 at 4 (~16 min)
+    python bench/scaleout.py --preset small --changes 40        # a quick run
     python bench/scaleout.py --preset tiny --changes 60 --workers 1,2 --kill-at 2 --output /tmp/s.json   # the suite's smoke run
 
 What it measures (docs/scaling.md, streamer/embed/shards.py). The parent builds the graph
@@ -425,8 +425,8 @@ def main(argv: list[str] | None = None) -> int:
         default=0.4,
         help="kill -9 worker 0 of the largest run at this fraction of the stream (0: no kill run)",
     )
-    p.add_argument("--changes", type=int, default=2000, help="changes in the stream")
-    p.add_argument("--batch", type=int, default=20, help="changes per micro-batch")
+    p.add_argument("--changes", type=int, default=100, help="changes in the stream (~13k vectors move per change on 1m)")
+    p.add_argument("--batch", type=int, default=10, help="changes per micro-batch")
     p.add_argument("--shards", type=int, default=64)
     p.add_argument(
         "--dim", type=int, default=32, help="input, hidden and output width (small: W processes hold the whole graph each)"
