@@ -20,6 +20,9 @@ products is ``w * cos(text) + (1 - w) * cos(structure)``.
   graph model (``KGS_GRAPH_CHECKPOINT``) has an alignment head (``kg-streamer train --align``),
   else ``fuse(q, 0)``, whose ranking is the text-only cosine.
 
+``titles(settings, keys)`` reads the products' titles from the graph DB (``PRODUCTS_BY_ID``,
+one parameterised read), so that the commands print ``rank id title score`` tables.
+
 ``write_back`` stores the vectors on the graph nodes (``n.embedding``, ``n.embedding_version``,
 ``n.embedding_dim``) for graph-side similarity, in batches of parameterised ``UNWIND`` writes.
 """
@@ -52,9 +55,39 @@ Source = Literal["auto", "checkpoint", "topic"]
 class Candidate:
     key: str
     score: float
+    title: str | None = None  # from the graph DB (``titles``); None: not looked up or none there
+
+    @property
+    def id(self) -> str:
+        return split_key(self.key)[1]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"key": self.key, "id": split_key(self.key)[1], "score": round(self.score, 6)}
+        return {"key": self.key, "id": self.id, "title": self.title, "score": round(self.score, 6)}
+
+
+def titles(settings: Any, keys: Iterable[str], timeout_s: float = 10.0) -> dict[str, str]:
+    """``{product key: title}`` of the live products among ``keys`` with a title, read from the
+    graph DB in one parameterised statement (``cypher.PRODUCTS_BY_ID``). Non-product keys are
+    skipped; when the graph DB does not answer, a warning and no titles (the ids still print)."""
+    from sinks import cypher
+    from sinks.graph_db import open_driver
+
+    ids = sorted({split_key(k)[1] for k in keys if split_key(k)[0] == "Product"})
+    if not ids:
+        return {}
+    try:
+        with open_driver(settings, timeout_s=timeout_s) as driver:
+            rows, _, _ = driver.execute_query(cypher.PRODUCTS_BY_ID, ids=ids, database_=settings.bolt_database)
+    except Exception as e:  # noqa: BLE001 - titles are a convenience; the ranking stands without them
+        log.warning("no titles: the graph DB at %s did not answer (%s: %s)", settings.bolt_uri, type(e).__name__, e)
+        return {}
+    return {f"Product:{r['id']}": str(r["title"]) for r in rows if r["title"]}
+
+
+def with_titles(settings: Any, cands: Sequence[Candidate]) -> list[Candidate]:
+    """The candidates with ``title`` filled in from the graph DB (``titles``)."""
+    found = titles(settings, [c.key for c in cands])
+    return [Candidate(c.key, c.score, found.get(c.key)) for c in cands]
 
 
 @dataclass

@@ -2,13 +2,15 @@
 
     kg-streamer train [--source replica|graph] [--out FILE] [--align 0.1] ...
     kg-streamer evaluate [--datasets online_retail,amazon_magazine] [--report FILE] [--quality-json FILE]
-    kg-streamer similar --node Product:X [--k 20] [--source auto|checkpoint|topic]
-    kg-streamer recommend --user U [--k 20] [--source ...]
-    kg-streamer search --text "..." [--k 20] [--source ...]
+    kg-streamer similar --node Product:X [--k 20] [--source auto|checkpoint|topic] [--json]
+    kg-streamer recommend --user U [--k 20] [--source ...] [--json]
+    kg-streamer search --text "..." [--k 20] [--source ...] [--json]
     kg-streamer write-vectors [--labels Product,User] [--source ...]
 
 ``train`` prints the checkpoint path and its version; start the worker with
-``KGS_GRAPH_CHECKPOINT=<path>`` to re-embed everything with it.
+``KGS_GRAPH_CHECKPOINT=<path>`` to re-embed everything with it. ``similar``, ``recommend`` and
+``search`` print a ``rank id score title`` table (titles read from the graph DB over Bolt), or
+with ``--json`` the query, source, model versions and every candidate (key, id, title, score).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +75,29 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def cmd_train(args: argparse.Namespace, settings: Any) -> int:
+@dataclass
+class Trained:
+    """What ``train_checkpoint`` wrote."""
+
+    checkpoint: Path
+    metrics: Path
+    published_model_version: str
+    source: str
+    result: Any  # training.train.TrainResult
+
+
+def train_checkpoint(
+    settings: Any,
+    cfg: Any,
+    source: str | None = None,
+    out: Path | None = None,
+    init: str | None = None,
+    text: Any = None,
+) -> Trained:
+    """Train the graph encoder on the worker's replica (``source="replica"``, the default when
+    the worker has a checkpoint) or on the graph DB (``"graph"``: product text through ``text``,
+    cached in its text cache), and save the checkpoint and its metrics (default
+    ``<state_dir>/model/graph-<version>.safetensors``). ``kg-streamer train`` and the demo."""
     from encoders.graph import GraphEncoder, GraphEncoderConfig
     from encoders.text import TextEncoder
     from training import dataset as graph_mod
@@ -82,8 +108,9 @@ def cmd_train(args: argparse.Namespace, settings: Any) -> int:
 
         torch.set_num_threads(settings.torch_threads)
     engine_path = Path(settings.state_dir) / "embed" / "engine.pt"
-    source = args.source or ("replica" if engine_path.exists() else "graph")
-    text = TextEncoder(settings.text_model, device=settings.device)
+    source = source or ("replica" if engine_path.exists() else "graph")
+    if text is None:  # (an encoder with an empty cache is falsy: it has a __len__)
+        text = TextEncoder(settings.text_model, device=settings.device)
     if source == "replica":
         data = graph_mod.from_engine_state(engine_path)
     else:
@@ -91,14 +118,13 @@ def cmd_train(args: argparse.Namespace, settings: Any) -> int:
         if cache.exists():
             text.load_cache(cache)
         data = graph_mod.from_graph_db(settings, text)
-    cfg = _train_config(args, settings)
-    init = GraphEncoder.load(args.init) if args.init else None
+    init_model = GraphEncoder.load(init) if init else None
     model_cfg = GraphEncoderConfig(
         in_dim=text.dim, hidden=settings.gnn_hidden, out=settings.gnn_out, layers=settings.gnn_layers, seed=cfg.seed
     )
-    result = train(data, cfg, model_cfg, init)
+    result = train(data, cfg, model_cfg, init_model)
     version = result.model.version
-    out = Path(args.out) if args.out else settings.local_dir("model") / f"graph-{version}.safetensors"
+    out = out or settings.local_dir("model") / f"graph-{version}.safetensors"
     published = published_version(result.model, text.model_id, settings.fusion, settings.fusion_text_weight)
     ckpt, metrics = save(
         result,
@@ -111,21 +137,28 @@ def cmd_train(args: argparse.Namespace, settings: Any) -> int:
             "fusion_text_weight": settings.fusion_text_weight,
         },
     )
+    return Trained(ckpt, metrics, published, source, result)
+
+
+def cmd_train(args: argparse.Namespace, settings: Any) -> int:
+    cfg = _train_config(args, settings)
+    t = train_checkpoint(settings, cfg, args.source, Path(args.out) if args.out else None, args.init)
+    result = t.result
     print(
         json.dumps(
             {
-                "checkpoint": str(ckpt),
-                "metrics": str(metrics),
-                "version": version,
-                "published_model_version": published,
+                "checkpoint": str(t.checkpoint),
+                "metrics": str(t.metrics),
+                "version": result.model.version,
+                "published_model_version": t.published_model_version,
                 "best_epoch": result.best_epoch,
                 "best_val": result.best_val,
                 "init_val": result.init_val,
                 "seconds": round(result.seconds, 1),
                 "peak_rss_mb": round(result.peak_rss_bytes / 2**20, 1),
                 "device": result.device,
-                "source": source,
-                "use": f"KGS_GRAPH_CHECKPOINT={ckpt} kg-streamer embed",
+                "source": t.source,
+                "use": f"KGS_GRAPH_CHECKPOINT={t.checkpoint} kg-streamer embed",
             },
             indent=2,
         )
@@ -150,46 +183,91 @@ def cmd_evaluate(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
-def _print_candidates(kind: str, query: str, index, cands, **extra: Any) -> None:
-    print(
-        json.dumps(
-            {
-                kind: query,
-                "source": index.source,
-                "model_versions": index.version_summary(),
-                **extra,
-                "results": [c.as_dict() for c in cands],
-            },
-            indent=2,
+def clean_title(title: str | None, width: int) -> str:
+    """One line of at most ``width`` characters (whitespace collapsed, cut with '...')."""
+    text = " ".join((title or "").split())
+    return text if len(text) <= width else text[: width - 3].rstrip() + "..."
+
+
+def candidate_table(cands: Sequence[Any], title_width: int = 64, indent: str = "") -> list[str]:
+    """``rank  id  score  title`` lines for candidates (``Candidate`` with ``title`` filled)."""
+    if not cands:
+        return [f"{indent}(no candidates)"]
+    id_w = max(2, *(len(c.id) for c in cands))
+    lines = [f"{indent}{'rank':>4}  {'id':<{id_w}}  {'score':>7}  title"]
+    for rank, c in enumerate(cands, 1):
+        title = clean_title(c.title, title_width) if c.title else "(no title)"
+        lines.append(f"{indent}{rank:>4}  {c.id:<{id_w}}  {c.score:>7.4f}  {title}")
+    return lines
+
+
+def _versions_text(index: Any) -> str:
+    versions = index.version_summary()
+    shown = ", ".join(f"{v or '?'} ({n:,} vectors)" for v, n in list(versions.items())[:2])
+    return shown + (f" (+{len(versions) - 2} more)" if len(versions) > 2 else "")
+
+
+def _print_candidates(
+    kind: str, query: str, index: Any, cands: Sequence[Any], settings: Any, as_json: bool, heading: str, **extra: Any
+) -> None:
+    """JSON (``--json``: the query, source, model versions, ``extra`` and every candidate with its
+    title) or a heading and a ``rank id score title`` table."""
+    from training.candidates import with_titles
+
+    cands = with_titles(settings, cands)
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    kind: query,
+                    "source": index.source,
+                    "model_versions": index.version_summary(),
+                    **extra,
+                    "results": [c.as_dict() for c in cands],
+                },
+                indent=2,
+            )
         )
-    )
+        return
+    print(heading)
+    print(f"  vectors: {index.source}; model {_versions_text(index)}")
+    print("\n".join(candidate_table(cands, indent="  ")))
 
 
 def cmd_similar(args: argparse.Namespace, settings: Any) -> int:
-    from training.candidates import VectorIndex
+    from training.candidates import titles
 
-    index = VectorIndex.load(settings, args.source)
-    _print_candidates("node", args.node, index, index.similar(args.node, args.k))
+    index = _load_index(settings, args.source)
+    cands = index.similar(args.node, args.k)
+    name = titles(settings, [args.node]).get(args.node) if not args.json else None
+    heading = f"products similar to {args.node}" + (f' "{clean_title(name, 60)}"' if name else "")
+    _print_candidates("node", args.node, index, cands, settings, args.json, heading)
     return 0
 
 
 def cmd_recommend(args: argparse.Namespace, settings: Any) -> int:
-    from training.candidates import VectorIndex
-
-    index = VectorIndex.load(settings, args.source)
+    index = _load_index(settings, args.source)
     rels = [r.strip().upper() for r in args.exclude_rels.split(",") if r.strip()]
     cands, excluded = index.recommend(args.user, args.k, rels)
-    _print_candidates("user", args.user, index, cands, excluded=excluded, excluded_rels=rels)
+    user = args.user if args.user.startswith("User:") else f"User:{args.user}"
+    heading = f"recommendations for {user} ({excluded:,} products already {'/'.join(rels) or '-'} left out)"
+    _print_candidates("user", args.user, index, cands, settings, args.json, heading, excluded=excluded, excluded_rels=rels)
     return 0
 
 
 def cmd_search(args: argparse.Namespace, settings: Any) -> int:
+    index = _load_index(settings, args.source)
+    cands, aligned = index.search(args.text, args.k)
+    how = "text and the graph model's alignment head" if aligned else "text only: the graph model has no alignment head"
+    heading = f'products for "{args.text}" ({how})'
+    _print_candidates("text", args.text, index, cands, settings, args.json, heading, aligned=aligned)
+    return 0
+
+
+def _load_index(settings: Any, source: Any) -> Any:
     from training.candidates import VectorIndex
 
-    index = VectorIndex.load(settings, args.source)
-    cands, aligned = index.search(args.text, args.k)
-    _print_candidates("text", args.text, index, cands, aligned=aligned)
-    return 0
+    return VectorIndex.load(settings, source)
 
 
 def cmd_write_vectors(args: argparse.Namespace, settings: Any) -> int:
@@ -228,6 +306,7 @@ def register(sub: Any) -> None:
     p.add_argument("--node", required=True, help="node key, e.g. Product:85123A")
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--source", choices=sources, default="auto")
+    p.add_argument("--json", action="store_true", help="machine-readable output (with titles)")
     p.set_defaults(func=cmd_similar)
 
     p = sub.add_parser("recommend", help="products for a user, without those already bought")
@@ -235,12 +314,14 @@ def register(sub: Any) -> None:
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--source", choices=sources, default="auto")
     p.add_argument("--exclude-rels", default="PURCHASED,RATED", help="interactions that count as already bought")
+    p.add_argument("--json", action="store_true", help="machine-readable output (with titles)")
     p.set_defaults(func=cmd_recommend)
 
     p = sub.add_parser("search", help="products for a text query (text encoder, aligned when the model can)")
     p.add_argument("--text", required=True)
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--source", choices=sources, default="auto")
+    p.add_argument("--json", action="store_true", help="machine-readable output (with titles)")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("write-vectors", help="store the current vectors on the graph nodes (n.embedding)")
