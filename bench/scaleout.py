@@ -78,7 +78,7 @@ from streamer.contracts.vectors import decode_vector
 from streamer.embed.engine import IncrementalEngine
 from streamer.embed.shards import ShardMembership, shard_of
 from streamer.embed.state import load_engine, save_engine
-from streamer.embed.worker import _signed, vector_records
+from streamer.embed.worker import signed_record, vector_records
 from streamer.kafka.topics import ensure_topics, read_to_end
 from streamer.settings import Settings
 
@@ -144,7 +144,8 @@ def worker(a: argparse.Namespace) -> int:
                 from streamer.contracts.vectors import VectorRecord
 
                 records = [
-                    _signed(VectorRecord(k, v, version, None, None, now).to_kafka("f32"), a.member) for k, v in zip(keys, vecs)
+                    signed_record(VectorRecord(k, v, version, None, None, now).to_kafka("f32"), a.member)
+                    for k, v in zip(keys, vecs)
                 ]
                 publisher.publish(a.topic, records)
                 status["takeover_vectors"] += len(records)

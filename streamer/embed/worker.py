@@ -260,7 +260,7 @@ class EmbedStep:
             encoding = self.settings.vector_encoding
             self.publisher.publish(
                 self.settings.topic_embeddings,
-                [_signed(VectorRecord(k, None, version).to_kafka(encoding), self.member) for k in gone],
+                [signed_record(VectorRecord(k, None, version).to_kafka(encoding), self.member) for k in gone],
             )
             self.stats.tombstones_published += len(gone)
             m.VECTORS_PUBLISHED.labels(self.group, "tombstone").inc(len(gone))
@@ -416,7 +416,9 @@ class EmbedStep:
             self.publisher.publish(
                 self.settings.topic_embeddings,
                 [
-                    _signed(VectorRecord(k, v, version, None, None, now).to_kafka(self.settings.vector_encoding), self.member)
+                    signed_record(
+                        VectorRecord(k, v, version, None, None, now).to_kafka(self.settings.vector_encoding), self.member
+                    )
                     for k, v in zip(keys[i : i + chunk], vectors, strict=True)
                 ],
             )
@@ -476,10 +478,10 @@ def vector_records(
         for key, vec, ts in zip(report.changed_keys, _numpy(report.vectors), report.changed_ts, strict=False)
     ]
     records += [VectorRecord(key, None, version).to_kafka(encoding) for key in report.deleted_keys]
-    return [_signed(r, member) for r in records] if member else records
+    return [signed_record(r, member) for r in records] if member else records
 
 
-def _signed(record: KafkaRecord, member: str | None) -> KafkaRecord:
+def signed_record(record: KafkaRecord, member: str | None) -> KafkaRecord:
     """``record`` with the header ``kgs.member`` naming the sharded worker that published it."""
     if not member:
         return record
