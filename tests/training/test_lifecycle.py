@@ -110,11 +110,11 @@ def test_new_model_version_triggers_a_full_reembed_and_verify_passes(settings, t
     hits, aligned = VectorIndex.load(new).search("Product 3", k=5)
     assert aligned and len(hits) == 5
     capsys.readouterr()
-    assert _run_cli(["recommend", "--user", user.partition(":")[2], "--k", "20"], new) == 0
+    assert _run_cli(["recommend", "--user", user.partition(":")[2], "--k", "20", "--json"], new) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["model_versions"] == {next(iter(new_versions)): len(live)}
     assert doc["excluded"] == len(bought) and not {r["key"] for r in doc["results"]} & bought
-    assert _run_cli(["search", "--text", "Product 3 description", "--k", "3", "--source", "topic"], new) == 0
+    assert _run_cli(["search", "--text", "Product 3 description", "--k", "3", "--source", "topic", "--json"], new) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["aligned"] and len(doc["results"]) == 3
 
