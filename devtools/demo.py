@@ -9,7 +9,8 @@
    code path, bounded by ``DEMO_TRAIN``: about a minute of CPU on the sample; the product text
    it encodes is cached for the worker), so the published vectors come from a trained model,
    not the seeded init that docs/quality.md calls useless for recommending;
-5. run the embedding worker with that checkpoint (``KGS_GRAPH_CHECKPOINT``) until its lag is 0
+5. make that checkpoint the state dir's active model (``activate_checkpoint``) and run the
+   embedding worker with it until its lag is 0
    (incremental GNN embeddings of every node, published to kg.embeddings);
 6. audit the worker's state against a full recompute;
 7. print a short summary, then recommendations for one user with purchases (the one with the
@@ -18,9 +19,9 @@
    it prints.
 
 Training is deterministic on CPU, so a second run trains the same checkpoint (same version) and
-the worker carries on without re-embedding. To keep running the worker on this model later:
-``KGS_GRAPH_CHECKPOINT=<the printed checkpoint> kg-streamer embed`` (without it the worker
-re-embeds everything with the seeded init).
+the worker carries on without re-embedding. A later plain ``kg-streamer embed`` with the same
+state dir keeps this model (``<state_dir>/model/active.json``; ``KGS_GRAPH_CHECKPOINT``
+overrides it).
 
 It prints its steps with progress bars; logs are at WARNING unless ``--verbose``. The
 services stay up afterwards (``kg-streamer services down`` stops them), so the graph can be
@@ -146,6 +147,7 @@ def run_demo(settings: Settings, sample_dir: Path, limit: int | None = None, ver
     from devtools.datasets import produce
     from devtools.local_services import LocalServices
     from sinks.graph_db import GraphSink
+    from streamer.embed.state import activate_checkpoint
     from streamer.embed.worker import embed_consumer
     from streamer.ingest.step import ingest_consumer
     from streamer.kafka.topics import ensure_topics
@@ -174,6 +176,7 @@ def run_demo(settings: Settings, sample_dir: Path, limit: int | None = None, ver
     trained = train_model(settings, verbose)
     train_s = time.monotonic() - t_train
     settings = settings.model_copy(update={"graph_checkpoint": trained.checkpoint})
+    activate_checkpoint(settings, trained.checkpoint)  # a later plain `kg-streamer embed` keeps it
 
     _step(5, "embedding with the trained model until caught up (text, then only the k-hop neighbourhoods that changed)")
     worker = embed_consumer(settings)
@@ -243,7 +246,7 @@ def run_demo(settings: Settings, sample_dir: Path, limit: int | None = None, ver
             [
                 f"  took                 {report['seconds_total']} s; Bolt {settings.bolt_uri}, "
                 f"Kafka {settings.bootstrap_servers}",
-                f"  keep this model      KGS_GRAPH_CHECKPOINT={trained.checkpoint} kg-streamer embed",
+                f"  model                {trained.checkpoint} (active: `kg-streamer embed` keeps it)",
                 f"  full report          {out}",
             ]
         ),

@@ -214,8 +214,11 @@ def query_vector(text: str, settings: Any, dim: int, text_encoder: Any = None, m
 
     text_encoder = text_encoder or TextEncoder(settings.text_model, device="cpu")
     t = text_encoder.encode([text]).float()
-    if model is None and settings.graph_checkpoint:
-        model = GraphEncoder.load(settings.graph_checkpoint)
+    from streamer.embed.state import active_checkpoint
+
+    checkpoint = active_checkpoint(settings) if model is None else None
+    if checkpoint is not None:
+        model = GraphEncoder.load(checkpoint)
     aligned = model is not None and model.has_align
     if aligned:
         with torch.no_grad():

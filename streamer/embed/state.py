@@ -65,10 +65,41 @@ def engine_options(settings: Settings) -> dict[str, Any]:
     return opts
 
 
-def graph_model(settings: Settings, in_dim: int = 384) -> GraphEncoder:
-    """The checkpoint when ``graph_checkpoint`` is set, else a seeded init; fusion checked."""
+ACTIVE_MODEL = "active.json"  # under <state_dir>/model/: the checkpoint the worker runs when none is set
+
+
+def activate_checkpoint(settings: Settings, checkpoint: str | Path) -> Path:
+    """Make ``checkpoint`` the model this state dir's worker runs when ``graph_checkpoint`` is
+    not set (``kg-streamer demo`` does it after training on the sample, so that a later plain
+    ``kg-streamer embed`` keeps the trained model). Written atomically; returns the pointer."""
+    pointer = settings.local_dir("model") / ACTIVE_MODEL
+    tmp = pointer.with_name(pointer.name + ".tmp")
+    tmp.write_text(json.dumps({"checkpoint": str(Path(checkpoint).resolve())}) + "\n")
+    tmp.replace(pointer)
+    return pointer
+
+
+def active_checkpoint(settings: Settings) -> Path | None:
+    """``graph_checkpoint`` if set, else the checkpoint ``activate_checkpoint`` named in this
+    state dir (if it still exists), else None (the seeded, untrained init)."""
     if settings.graph_checkpoint:
-        model = GraphEncoder.load(settings.graph_checkpoint)
+        return Path(settings.graph_checkpoint)
+    pointer = Path(settings.state_dir) / "model" / ACTIVE_MODEL
+    if not pointer.exists():
+        return None
+    path = Path(json.loads(pointer.read_text())["checkpoint"])
+    if not path.exists():
+        log.warning("%s names %s, which does not exist: running the untrained model", pointer, path)
+        return None
+    return path
+
+
+def graph_model(settings: Settings, in_dim: int = 384) -> GraphEncoder:
+    """The checkpoint (``active_checkpoint``: ``graph_checkpoint``, else the state dir's active
+    model), else a seeded init; fusion checked."""
+    checkpoint = active_checkpoint(settings)
+    if checkpoint is not None:
+        model = GraphEncoder.load(checkpoint)
         if model.config.in_dim != in_dim:
             raise ValueError(f"checkpoint in_dim {model.config.in_dim} != text dim {in_dim}")
     else:

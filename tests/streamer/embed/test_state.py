@@ -63,3 +63,27 @@ def test_the_version_guard_is_saved_and_loaded_with_the_engine(tmp_path):
     save_engine(engine, tmp_path / "old.pt")  # a checkpoint from before versions: an empty guard
     load_engine(tmp_path / "old.pt", engine.model, "cpu", progress=False, versions=again)
     assert again.gens == {} and again.edges == {}
+
+
+def test_the_active_checkpoint_is_the_workers_model_unless_one_is_set(tmp_path):
+    """``kg-streamer demo`` trains and activates a checkpoint; a later worker on the same state
+    dir runs it without KGS_GRAPH_CHECKPOINT; KGS_GRAPH_CHECKPOINT still wins; a pointer to a
+    file that is gone falls back to the seeded init."""
+    from encoders.graph import GraphEncoder, GraphEncoderConfig
+    from streamer.embed.state import activate_checkpoint, active_checkpoint, graph_model
+    from streamer.settings import Settings
+
+    settings = Settings(_env_file=None, state_dir=tmp_path / "state", gnn_hidden=8, gnn_out=8)
+    assert active_checkpoint(settings) is None
+    untrained = graph_model(settings, in_dim=16)
+    trained = GraphEncoder(GraphEncoderConfig(in_dim=16, hidden=8, out=8, layers=2, seed=99))
+    path = tmp_path / "trained.safetensors"
+    trained.save(path)
+    activate_checkpoint(settings, path)
+    assert active_checkpoint(settings) == path.resolve()
+    assert graph_model(settings, in_dim=16).version == trained.version != untrained.version
+    other = tmp_path / "other.safetensors"
+    GraphEncoder(GraphEncoderConfig(in_dim=16, hidden=8, out=8, layers=2, seed=7)).save(other)
+    assert graph_model(settings.model_copy(update={"graph_checkpoint": other}), in_dim=16).version != trained.version
+    path.unlink()
+    assert active_checkpoint(settings) is None
