@@ -1,14 +1,18 @@
-"""Reproduce docs/quality.md: temporal evaluation of the published vectors on real data.
+"""Reproduce docs/quality.md: leak-free temporal evaluation of the published vectors on real data.
 
     python bench/quality.py                       # both data sets from KGS_DATA_DIR, CPU
     python bench/quality.py --write-docs          # ... and rewrite docs/quality.json + the table
     python bench/quality.py --device cuda --text-cache FILE --data-dir DIR --report OUT.json
 
-Every method is measured in the same run (``training.evaluate``). The trained model
-is chosen among ``SWEEP`` (a few learning rates and temperatures) by recall@20 on its own
-validation split (the newest 10 % of the interactions before T), never by the test numbers;
-``--sweep none`` trains the default configuration only. ``--text-cache`` serves the product
-text embeddings from a cache file written by an earlier run (``<state_dir>/model/
+Every method -- the trained model, the untrained and text-only vectors, and the baselines
+(all-time and recent popularity, item-kNN, BPR matrix factorisation) -- is measured in the
+same run on the same split (``training.evaluate``; its docstring is the protocol: nothing from
+after T reaches training or the vectors at T, ties are broken in a seeded random order, paired
+bootstrap intervals of every method against the default one). The trained model is chosen
+among ``SWEEP`` (a few learning rates and temperatures) by recall@20 on its own validation
+split (the newest 10 % of the interactions before T), never by the test numbers; ``--sweep
+none`` trains the default configuration only. ``--text-cache`` serves the product text
+embeddings from a cache file written by an earlier run (``<state_dir>/model/
 text_cache.safetensors``), for a machine without the text model.
 """
 
@@ -149,7 +153,7 @@ def determinism(name: str, path, settings, base, text_cache) -> dict:
 
         text = TextEncoder(settings.text_model, device=settings.device)
     t_split = int(np.quantile(log.interaction_times(), spec["split_quantile"], method="lower"))
-    graph = from_events(log, text, t_split)
+    graph = from_events(log, text, t_split, all_products=False)  # the graph at T only (training.evaluate)
     cfg = replace(base, epochs=2, max_steps_per_epoch=5)
     mc = GraphEncoderConfig(
         in_dim=text.dim, hidden=settings.gnn_hidden, out=settings.gnn_out, layers=settings.gnn_layers, seed=settings.gnn_seed

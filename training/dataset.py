@@ -10,7 +10,8 @@ same typed edges, product text as ``streamer.embed.engine.Featurizer`` builds it
   live products with their text, every live relationship; interactions carry ``first_ts``.
 * ``from_events(events, text, until_ms)``: straight from the loaders' event streams (no Kafka,
   no graph DB): the graph as it stood at ``until_ms`` (interactions and relations before it;
-  every product of the whole stream with its metadata, see ``training/evaluate.py``).
+  with the default ``all_products=True`` also every later product with its metadata; the
+  evaluation uses ``all_products=False``, the leak-free graph at ``T``: see ``training/evaluate.py``).
 
 Input features: ``features[i]`` is a text embedding where ``has_text[i]``; every other node
 gets its label's type embedding from the graph model (``GraphEncoder.type_features``).
