@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -105,7 +104,7 @@ def test_each_engine_computes_its_share_of_the_last_layer_and_a_moved_shard_is_r
     e0.refresh_last_layer(e0.shard_rows(moved))
     err, over = e0.verify(1e-5)
     assert over == 0, err
-    for k, slot in whole.replica.index.items():
+    for k in whole.replica.index:
         assert torch.allclose(e0.vector(k), whole.vector(k), atol=1e-5, rtol=0), k
 
 
