@@ -91,7 +91,11 @@ def choose_window(
     best: tuple[float, int | None] | None = None
     for w in windows_days:
         pop = torch.as_tensor(popularity(tu, ti, tt, n_items, None if w is None else h.cut - w * DAY_MS))
-        r = rank_metrics(lambda b, p=pop: p.unsqueeze(0).expand(len(b), -1), h.users, h.targets, h.exclude, k)[f"recall@{k}"]
+
+        def score(b: np.ndarray, p: torch.Tensor = pop) -> torch.Tensor:
+            return p.unsqueeze(0).expand(len(b), -1)
+
+        r = rank_metrics(score, h.users, h.targets, h.exclude, k)[f"recall@{k}"]
         val["all" if w is None else str(w)] = r
         if best is None or r > best[0]:
             best = (r, w)
