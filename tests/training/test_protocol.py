@@ -4,6 +4,7 @@ synthetic event log (no text model, no services)."""
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import numpy as np
 import pytest
@@ -93,7 +94,7 @@ def test_graph_at_t_holds_no_node_edge_or_text_from_after_t(log_):
     cat = catalogue_at(log_, text, T, dim=DIM)
     g = cat.graph
     assert {k for k in g.keys if k.startswith("Product:")} == {"Product:P1", "Product:P2", "Product:P6"}
-    assert (g.edge_ts < T).all()  # interactions and relations before T only
+    assert g.edge_ts is not None and bool((g.edge_ts < T).all())  # interactions and relations before T only
     assert "ALSO_BOUGHT" not in g.rel_names
     # P1's text is its text at T, not the later title
     p1 = g.index["Product:P1"]
@@ -111,7 +112,7 @@ def test_graph_at_t_holds_no_node_edge_or_text_from_after_t(log_):
 def test_training_and_baselines_see_only_before_t(log_, monkeypatch):
     from training import evaluate
 
-    seen = {}
+    seen: dict[str, Any] = {}
     real_train = evaluate.train
 
     def spy(graph, cfg, model_cfg):
