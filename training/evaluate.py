@@ -719,18 +719,8 @@ def quality_json(report: dict[str, Any], k: int = 20) -> dict[str, Any]:
     return out
 
 
-ORDER = [
-    "fused_trained",
-    "fused_trained_align",
-    "popularity",
-    "popularity_recent",
-    "item_knn",
-    "bpr_mf",
-    "text_only",
-    "untrained",
-    "search_text",
-    "search_aligned",
-]
+# the tables' row order: the default, its aligned variant, the baselines, then search
+ORDER = [METHODS[0], "fused_trained_align", *METHODS[1:], "search_text", "search_aligned"]
 
 
 def _with_ci(part: dict[str, Any], metric: str) -> str:
