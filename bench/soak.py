@@ -432,12 +432,17 @@ def percentile(values: list[float], q: float) -> float | None:
     return round(s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))], 3)
 
 
+VERSION_COUNTERS = ("rev", "gen")  # sinks/cypher.py: they count the writing transactions
+
+
 def canonical_graph(settings: Settings) -> tuple[set[str], set[str]]:
-    """Every node and relationship with all its properties, as canonical JSON strings."""
+    """Every node and relationship with all its properties, as canonical JSON strings; the
+    version counters ``rev`` and ``gen`` are left out (they count the transactions that wrote
+    an entity, which depend on batching and on faults, not on the state the events describe)."""
     from sinks.graph_db import open_driver
 
     def norm(props: dict[str, Any]) -> str:
-        return json.dumps(props, sort_keys=True, default=str)
+        return json.dumps({k: v for k, v in props.items() if k not in VERSION_COUNTERS}, sort_keys=True, default=str)
 
     nodes: set[str] = set()
     rels: set[str] = set()

@@ -166,7 +166,7 @@ def product_structure(props: Mapping[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
-def _category_chain(props: Mapping[str, Any]) -> list[tuple[str, str]]:
+def category_chain(props: Mapping[str, Any]) -> list[tuple[str, str]]:
     cats = category_ids(list(props.get("categories") or []))
     return [(f"Category:{c}", f"Category:{p}") for c, p in zip(cats[1:], cats[:-1])]
 
@@ -315,7 +315,7 @@ def from_events(log: EventLog, text_encoder: Any, until_ms: int, all_products: b
         texts[key] = product_text(props)
         for rel, dst in product_structure(props):
             b.edge(key, rel, dst)
-        for child, parent in _category_chain(props):
+        for child, parent in category_chain(props):
             b.edge(child, "PARENT", parent)
     for t, op, sl, s, rel, dl, d in log.relations:
         if t >= until_ms:

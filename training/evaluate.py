@@ -76,7 +76,7 @@ from encoders.graph import GraphEncoder, GraphEncoderConfig, fuse
 from encoders.text import product_text
 from streamer.contracts.changes import split_key
 from training.baselines import DAY_MS, BPRConfig, ItemKNN, choose_window, popularity, train_bpr
-from training.dataset import EventLog, GraphData, _category_chain, encode_texts, from_events, product_structure
+from training.dataset import EventLog, GraphData, category_chain, encode_texts, from_events, product_structure
 from training.ranking import paired_bootstrap_ci, rank_per_user
 from training.train import TrainConfig, edge_index, target_pairs, train
 
@@ -200,7 +200,7 @@ def _new_product_messages(cat: Catalogue) -> tuple[np.ndarray, list[str]]:
     for j, (pid, props) in enumerate(zip(cat.new_ids, cat.new_props)):
         p_key, p = f"Product:{pid}", n + j
         edges = [(p_key, rel, dst) for rel, dst in product_structure(props)] + [
-            (child, "PARENT", parent) for child, parent in _category_chain(props)
+            (child, "PARENT", parent) for child, parent in category_chain(props)
         ]
         copies: dict[str, int] = {}  # node key of the event -> its private copy's index
 

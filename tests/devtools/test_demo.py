@@ -34,7 +34,11 @@ def test_demo_trains_embeds_with_the_trained_model_and_prints_titles(settings, m
     assert live and {r.model_version for r in live.values()} == {published}
     offsets = json.loads((settings.state_dir / "embed" / "offsets.json").read_text())
     assert offsets["model_version"] == published
-    assert f"KGS_GRAPH_CHECKPOINT={ckpt}" in out
+    # ... and it is the state dir's active model: a later plain `kg-streamer embed` keeps it
+    from streamer.embed.state import active_checkpoint
+
+    assert f"{ckpt} (active" in out
+    assert active_checkpoint(settings.model_copy(update={"graph_checkpoint": None})) == ckpt.resolve()
 
     # recommendations for a user who bought, and similar products, both with titles from the graph
     ex = report["examples"]
