@@ -121,22 +121,19 @@ def worker(a: argparse.Namespace) -> int:
     membership = ShardMembership(settings, revoke_wait_s=30)
     membership.start()
     owned: frozenset[int] = frozenset()
-    current: set[int] = set()
     status: dict[str, Any] = {"member": a.member, "pid": os.getpid(), "batches_done": 0, "layer_rows": 0, "hidden_rows": 0}
     status.update(takeover_rows=0, takeover_vectors=0, vectors_published=0, owned=[], done=False, settled=False)
     version = engine.model_version
 
-    def sync() -> None:
-        nonlocal owned, current
+    def sync() -> None:  # the worker's sync_shards (streamer/embed/worker.py), publishing f32 records
+        nonlocal owned
         new = membership.take()
         if new is None:
             return
-        added = set(new) - current
-        owned, current = new, current | set(new)
-        engine.set_shards(a.shards, new)
+        owned = new
+        added, refreshed = engine.take_shards(a.shards, new)
         if added:
             rows = engine.shard_rows(added)
-            engine.refresh_last_layer(rows)
             if status["batches_done"] or a.publish_at_start:  # at startup the initial build is already published
                 keys = [engine.replica.keys[int(s)] for s in rows]
                 vecs = engine.vectors(rows).numpy()
@@ -150,7 +147,7 @@ def worker(a: argparse.Namespace) -> int:
                 publisher.publish(a.topic, records)
                 status["takeover_vectors"] += len(records)
                 status["vectors_published"] += len(records)
-            status["takeover_rows"] += len(rows)
+            status["takeover_rows"] += refreshed
         status["owned"] = sorted(new)
 
     go = work / "go"
@@ -167,7 +164,6 @@ def worker(a: argparse.Namespace) -> int:
         while membership.rebalancing:  # as the worker does (backpressure): apply nothing until assigned
             time.sleep(0.05)
             sync()
-        current = set(owned)
         report = engine.apply(changes, features)
         publisher.publish(a.topic, vector_records(report, version, "f32", None, a.member))
         status["layer_rows"] += report.affected[-1]

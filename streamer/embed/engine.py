@@ -80,6 +80,7 @@ from encoders.graph import GraphEncoder, SageLinear, fuse, fused_dim, vector_ver
 from encoders.text import resolve_device
 from streamer.contracts.changes import Change
 from streamer.embed.replica import Replica
+from streamer.embed.shards import owned_mask, shard_of, shards_of
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +300,8 @@ class IncrementalEngine:
         self._nbr_of: Replica | None = None
         # sharded last layer (streamer/embed/shards.py): 0 = this engine owns every key
         self.shards = 0
-        self._owned_table = np.ones(1, dtype=bool)
+        self._owned: frozenset[int] = frozenset()
+        self._current_shards: frozenset[int] = frozenset()  # owned when the last batch was applied
         self._shard = np.full(0, -1, dtype=np.int32)  # per slot: its key's shard (-1: not known yet)
         self.ensure_capacity(16)
 
@@ -406,6 +408,7 @@ class IncrementalEngine:
         new input features by node key (else ``featurize(changes)``, else the type embedding).
         ``with_vectors=False`` skips building the published keys, event times and vectors
         (``changed_rows`` is still set): for benchmarks and replays that publish nothing."""
+        self._current_shards = self._owned  # sharded: the last layer of the other shards goes stale
         t_start = time.perf_counter()
         if features is None and self.featurize is not None:
             features = self.featurize(changes)
@@ -629,7 +632,8 @@ class IncrementalEngine:
         self._isnew[new_slots] = False
         if removed:
             self.clear_rows(self.as_index(removed))
-            self._shard[np.asarray(removed)[np.asarray(removed) < len(self._shard)]] = -1
+            gone = np.asarray(removed)
+            self._shard[gone[gone < len(self._shard)]] = -1
             rep.release(removed)
         return report
 
@@ -755,15 +759,19 @@ class IncrementalEngine:
         over = rows[cnt[rows] >= self.reanchor_every]
         if not len(over):
             return
-        seg, w = self.replica.gather(over)
-        fresh = torch.zeros(len(over), self.dims[layer], dtype=self.agg_dtype, device=self.device)
+        self.S[layer][self.as_index(over)], reads = self._neighbour_sums(layer, over, chunk)
+        cnt[over] = 0
+        report.reanchored_rows += len(over)
+        report.neighbour_reads += reads
+
+    def _neighbour_sums(self, layer: int, rows: np.ndarray, chunk: int = 1 << 18) -> tuple[Tensor, int]:
+        """(fresh sums of ``rows``' neighbours' ``h[layer]``, in ``agg_dtype``; neighbour reads)."""
+        seg, w = self.replica.gather(rows)
+        fresh = torch.zeros(len(rows), self.dims[layer], dtype=self.agg_dtype, device=self.device)
         for lo in range(0, len(w), chunk):  # a hub can have millions of neighbours
             rows_in = self.h[layer][self.as_index(w[lo : lo + chunk])].to(self.agg_dtype)
             fresh.index_add_(0, self.as_index(seg[lo : lo + chunk]), rows_in)
-        self.S[layer][self.as_index(over)] = fresh
-        cnt[over] = 0
-        report.reanchored_rows += len(over)
-        report.neighbour_reads += len(w)
+        return fresh, len(w)
 
     def clear_rows(self, rows: Tensor) -> None:
         for t in self.h + self.S:
@@ -779,13 +787,9 @@ class IncrementalEngine:
         stay exact for every node. A shard that is added later must be brought up to date with
         ``refresh_last_layer(shard_rows(added))`` before its vectors are read."""
         self.shards = int(shards)
-        table = np.zeros(max(self.shards, 1), dtype=bool)
-        table[list(owned)] = True
-        self._owned_table = table if self.shards else np.ones(1, dtype=bool)
+        self._owned = frozenset(owned)
 
     def _shard_ids(self, rows: np.ndarray) -> np.ndarray:
-        from streamer.embed.shards import shards_of
-
         n = self.replica.num_slots
         if len(self._shard) < n:
             grown = np.full(max(n, 2 * len(self._shard)), -1, dtype=np.int32)
@@ -804,7 +808,7 @@ class IncrementalEngine:
         if not self.shards or not len(rows):
             return rows
         ids = self._shard_ids(np.asarray(rows, dtype=np.int64))
-        owned: np.ndarray = rows[self._owned_table[np.clip(ids, 0, None)] & (ids >= 0)]
+        owned: np.ndarray = rows[owned_mask(ids, self._owned, self.shards)]
         return owned
 
     def owned_slots(self, n: int) -> np.ndarray:
@@ -819,19 +823,14 @@ class IncrementalEngine:
     def owns_key(self, key: str) -> bool:
         if not self.shards:
             return True
-        from streamer.embed.shards import shard_of
-
-        return bool(self._owned_table[shard_of(key, self.shards)])
+        return shard_of(key, self.shards) in self._owned
 
     def shard_rows(self, shards: Iterable[int]) -> np.ndarray:
         """The live slots whose keys fall in ``shards``."""
         live = self.replica.live_slots()
         if not self.shards:
             return live
-        table = np.zeros(self.shards, dtype=bool)
-        table[list(shards)] = True
-        ids = self._shard_ids(live)
-        rows: np.ndarray = live[table[np.clip(ids, 0, None)] & (ids >= 0)]
+        rows: np.ndarray = live[owned_mask(self._shard_ids(live), shards, self.shards)]
         return rows
 
     @torch.no_grad()
@@ -842,12 +841,7 @@ class IncrementalEngine:
         layer, reads = self.L - 1, 0
         for lo in range(0, len(rows), chunk):
             part = np.asarray(rows[lo : lo + chunk], dtype=np.int64)
-            seg, w = self.replica.gather(part)
-            fresh = torch.zeros(len(part), self.dims[layer], dtype=self.agg_dtype, device=self.device)
-            step = 1 << 20
-            for at in range(0, len(w), step):
-                rows_in = self.h[layer][self.as_index(w[at : at + step])].to(self.agg_dtype)
-                fresh.index_add_(0, self.as_index(seg[at : at + step]), rows_in)
+            fresh, n = self._neighbour_sums(layer, part)
             rt = self.as_index(part)
             self.S[layer][rt] = fresh
             self.count[layer][torch.from_numpy(part)] = 0
@@ -856,8 +850,23 @@ class IncrementalEngine:
                 deg = torch.from_numpy(self.replica.length[part].astype(np.float32)).to(self.device).clamp_(min=1)
                 agg.div_(deg.unsqueeze(1))
             self.h[layer + 1][rt] = self.model.dense(layer, agg, self.h[layer][rt])
-            reads += len(w)
+            reads += n
         return reads
+
+    def take_shards(self, shards: int, owned: Iterable[int]) -> tuple[set[int], int]:
+        """``set_shards``, and bring every newly owned shard up to date: the shards now owned
+        that were not owned when the last batch was applied get ``refresh_last_layer``.
+        Returns (those shards, the rows refreshed); the caller publishes their vectors. A shard
+        owned until a revoke, with no batch applied since, needs nothing (the eager group
+        protocol revokes everything on every rebalance and the sticky assignor hands most of it
+        straight back)."""
+        owned = frozenset(owned)
+        added = set(owned - self._current_shards)
+        self._current_shards |= owned
+        self.set_shards(shards, owned)
+        rows = self.shard_rows(added) if added else np.zeros(0, dtype=np.int64)
+        self.refresh_last_layer(rows)
+        return added, len(rows)
 
     # ---- outputs -----------------------------------------------------------------------
     @torch.no_grad()

@@ -163,10 +163,6 @@ class ShardMembership:
             return pending
 
     @property
-    def owned(self) -> frozenset[int]:
-        return self._owned
-
-    @property
     def rebalancing(self) -> bool:
         """Between a revoke (or the start) and the next assignment: the worker waits instead of
         applying batches, so that the shards it gets back are still current (a batch applied
@@ -178,17 +174,6 @@ class ShardMembership:
     def changing(self) -> bool:
         """A new owned set waits for ``take()``."""
         return self._pending is not None
-
-    def wait_for_assignment(self, timeout_s: float) -> bool:
-        """Block until the group has assigned something (tests, the benchmark)."""
-        deadline = time.monotonic() + timeout_s
-        with self._lock:
-            while self._pending is None and not self._owned:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._lock.wait(left)
-        return True
 
     def close(self) -> None:
         self._stop.set()
@@ -203,7 +188,7 @@ class ShardMembership:
 
 
 def owned_mask(shard_ids: np.ndarray, owned: Iterable[int], shards: int) -> np.ndarray:
-    """Boolean mask: which of ``shard_ids`` are in ``owned``."""
+    """Boolean mask: which of ``shard_ids`` (-1: unknown) are in ``owned``."""
     table = np.zeros(max(shards, 1), dtype=bool)
     table[list(owned)] = True
     return table[np.clip(shard_ids, 0, None)] & (shard_ids >= 0)

@@ -192,7 +192,6 @@ class EmbedStep:
         self.member = member_name(settings) if settings.embed_shards else None
         self.shards: ShardMembership | None = ShardMembership(settings) if settings.embed_shards else None
         self.owned_shards: frozenset[int] = frozenset()
-        self.current_shards: set[int] = set()  # shards whose last layer the engine has kept up to date
         self.unpublished_shards: set[int] = set()  # newly owned shards whose vectors are not all published yet
         self.retry_shards_at = 0.0
 
@@ -223,21 +222,14 @@ class EmbedStep:
         assert self.shards is not None
         owned = self.shards.take()
         if owned is not None:
-            # a shard whose last layer is still current (owned until a revoke, and no batch applied
-            # since) needs nothing: the eager protocol revokes everything on every rebalance and
-            # the sticky assignor hands most of it straight back
-            added = set(owned) - self.current_shards
+            t0 = time.perf_counter()
+            added, rows = self.engine.take_shards(self.settings.embed_shards, owned)
             self.owned_shards = owned
-            self.current_shards |= set(owned)
-            self.engine.set_shards(self.settings.embed_shards, owned)
             self.unpublished_shards = (self.unpublished_shards & set(owned)) | added
             if added:
-                rows = self.engine.shard_rows(added)
-                t0 = time.perf_counter()
-                self.engine.refresh_last_layer(rows)
-                self.stats.shard_rows_refreshed += len(rows)
+                self.stats.shard_rows_refreshed += rows
                 took = time.perf_counter() - t0
-                log.info("now owns %d shards (%d new: %d rows refreshed in %.2fs)", len(owned), len(added), len(rows), took)
+                log.info("now owns %d shards (%d new: %d rows refreshed in %.2fs)", len(owned), len(added), rows, took)
             m.SHARDS_OWNED.labels(self.group).set(len(owned))
         if self.unpublished_shards and time.monotonic() >= self.retry_shards_at:
             try:
@@ -381,7 +373,6 @@ class EmbedStep:
             m.CHANGES_STALE.labels(self.group).inc(guard.dropped)
         t0 = time.perf_counter()
         encoded = self.opened.text.encoded_count
-        self.current_shards = set(self.owned_shards)  # the last layer of the others goes stale now
         with m.STAGE_SECONDS.labels(self.group, "embed").time():
             report = self.engine.apply(expand_out_edges(changes, self.engine.replica))
         t1 = time.perf_counter()
