@@ -75,10 +75,13 @@ def _quiet_kafka() -> None:
     logging.getLogger("kafka").setLevel(logging.WARNING)
 
 
-def _groups(settings: Settings, names: list[str] | None, topics: list[str] | None = None) -> dict[str, list[str] | None]:
+def _groups(
+    settings: Settings, sampler, names: list[str] | None, topics: list[str] | None = None
+) -> dict[str, list[str] | None]:
+    """The named groups (default: the pipeline's, sharded workers' groups found on the broker)."""
     from streamer.groups.lag import pipeline_groups
 
-    known = pipeline_groups(settings)
+    known = pipeline_groups(settings, sampler.list_groups())
     names = names or list(known)
     return {g: topics or known.get(g) for g in names}
 
@@ -104,7 +107,7 @@ def cmd_status(args, settings: Settings) -> int:
     _quiet_kafka()
     sampler = LagSampler(settings.bootstrap_servers)
     try:
-        sample = sampler.sample(_groups(settings, args.group, args.topics))
+        sample = sampler.sample(_groups(settings, sampler, args.group, args.topics))
     except KafkaError as exc:
         print(f"cannot read lag from {settings.bootstrap_servers}: {exc}", file=sys.stderr)
         return 1
@@ -182,7 +185,7 @@ def _replay(args, settings: Settings, sampler, target, out, err) -> int:
     from streamer.groups.lag import pipeline_groups
     from streamer.groups.rewind import ReplayRefused, apply_replay, plan_replay, replay_topics
 
-    topics = replay_topics(sampler, args.group, args.topics, pipeline_groups(settings))
+    topics = replay_topics(sampler, args.group, args.topics, pipeline_groups(settings, sampler.list_groups()))
     if not topics:
         err.print(f"[red]group {args.group} has no committed offsets: name the topics with --topics[/]")
         return 2
@@ -320,8 +323,19 @@ def cmd_lag_exporter(args, settings: Settings) -> int:
     if not metrics.serve(settings.metrics_addr):
         print("lag-exporter needs KGS_METRICS_ADDR (host:port)", file=sys.stderr)
         return 2
-    groups = _groups(settings, args.group)
-    monitor = LagMonitor(settings.bootstrap_servers, groups, interval_s=args.interval or DEFAULT_INTERVAL_S).start()
+    from streamer.groups.lag import LagSampler
+
+    sampler = LagSampler(settings.bootstrap_servers)
+    try:
+        groups = _groups(settings, sampler, args.group)
+    finally:
+        sampler.close()
+    monitor = LagMonitor(
+        settings.bootstrap_servers,
+        groups,
+        interval_s=args.interval or DEFAULT_INTERVAL_S,
+        discover=None if args.group else settings,
+    ).start()
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())

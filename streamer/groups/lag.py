@@ -157,9 +157,22 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
 
-def pipeline_groups(settings: Settings) -> dict[str, list[str]]:
-    """The pipeline's consumer groups and the topics each reads."""
-    return {settings.ingest_group: list(settings.input_topics), settings.embed_group: [settings.topic_changes]}
+def pipeline_groups(settings: Settings, known_groups: Iterable[str] = ()) -> dict[str, list[str]]:
+    """The pipeline's consumer groups and the topics each reads.
+
+    Sharded embedding workers (``embed_shards`` > 0) each follow the changelog in a group of
+    their own, ``<embed_group>.<member>`` (``streamer/embed/worker.py``), so the plain
+    ``embed_group`` is the pipeline's only while the worker is unsharded. Every worker group
+    among ``known_groups`` (the broker's, ``LagSampler.list_groups``) is added; the shard group
+    ``<embed_group>.shards`` reads no records and is left out."""
+    groups = {settings.ingest_group: list(settings.input_topics)}
+    if settings.embed_shards <= 0:
+        groups[settings.embed_group] = [settings.topic_changes]
+    prefix = f"{settings.embed_group}."
+    for group in sorted(set(known_groups)):
+        if group.startswith(prefix) and group != f"{prefix}shards":
+            groups[group] = [settings.topic_changes]
+    return groups
 
 
 # --- talking to the broker ------------------------------------------------------------------
@@ -241,6 +254,10 @@ class LagSampler:
                 self._admin.close()
             finally:
                 self._admin = None
+
+    def list_groups(self) -> list[str]:
+        """The ids of the consumer groups the broker knows."""
+        return sorted({g["group_id"] if isinstance(g, dict) else g[0] for g in self.admin.list_groups()})
 
     # --- pieces also used by replay ---------------------------------------------------------
     def partitions(self, topics: Iterable[str]) -> list[TopicPartition]:
@@ -340,12 +357,19 @@ class _Track:
 
 
 class LagMonitor:
-    """Samples ``groups`` every ``interval_s`` on a daemon thread and sets the lag gauges."""
+    """Samples ``groups`` every ``interval_s`` on a daemon thread and sets the lag gauges.
+    With ``discover`` (the pipeline's settings), the groups are the pipeline's, found again at
+    every sample (``pipeline_groups``): sharded workers come and go as they scale."""
 
     def __init__(
-        self, bootstrap_servers: str, groups: Mapping[str, Sequence[str] | None], interval_s: float = DEFAULT_INTERVAL_S
+        self,
+        bootstrap_servers: str,
+        groups: Mapping[str, Sequence[str] | None],
+        interval_s: float = DEFAULT_INTERVAL_S,
+        discover: Settings | None = None,
     ):
         self.groups = dict(groups)
+        self.discover = discover
         self.interval_s = interval_s
         self.sampler = LagSampler(bootstrap_servers)
         self._tracks: dict[tuple[str, str, int], _Track] = {}
@@ -380,6 +404,8 @@ class LagMonitor:
             self._stop.wait(max(0.05, self.interval_s - (time.monotonic() - began)))
 
     def sample_once(self) -> list[GroupLag]:
+        if self.discover is not None:
+            self.groups = dict(pipeline_groups(self.discover, self.sampler.list_groups()))
         sample = self.sampler.sample(self.groups)
         for group_lag in sample:
             self._publish(group_lag)

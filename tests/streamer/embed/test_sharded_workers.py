@@ -15,6 +15,7 @@ import pytest
 from streamer.embed.shards import shard_of
 from streamer.embed.verify import last_vectors
 from streamer.embed.worker import embed_consumer
+from streamer.groups.lag import LagSampler, pipeline_groups
 from streamer.ingest.step import ingest_consumer
 from streamer.kafka.topics import ensure_topics, read_to_end
 from tests.helpers import produce_events, sample_events
@@ -114,6 +115,21 @@ def test_two_sharded_workers_publish_what_one_worker_does_and_take_over_a_leaver
                 f"{key} last published by {member}, its shard is {owner[shard_of(key, SHARDS)]}'s"
             )
         rows = (a.consumer.stats.rows_recomputed, b.consumer.stats.rows_recomputed)
+        # kg-streamer status (no --group) finds each worker's changelog group on the broker
+        members = {f"{sharded.embed_group}.{prefix}{m}" for m in "ab"}
+        sampler = LagSampler(sharded.bootstrap_servers)
+        try:
+            groups = pipeline_groups(sharded, sampler.list_groups())
+            assert members <= set(groups) and sharded.embed_group not in groups, groups
+            assert f"{sharded.embed_group}.shards" not in groups
+            wait_until(
+                lambda: {g.group: g.lag_messages for g in sampler.sample({m: groups[m] for m in members})}
+                == dict.fromkeys(members, 0),
+                60,
+                "both workers' groups to commit the whole changelog",
+            )
+        finally:
+            sampler.close()
 
         # b leaves; a takes every shard over, then more changes arrive
         b.stop()

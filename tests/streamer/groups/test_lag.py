@@ -65,6 +65,22 @@ class FakeSampler:
         pass
 
 
+def test_pipeline_groups_are_the_sharded_workers_own_groups_when_sharded():
+    from streamer.groups.lag import pipeline_groups
+    from streamer.settings import Settings
+
+    plain = Settings(_env_file=None)
+    on_broker = [plain.ingest_group, plain.embed_group, f"{plain.embed_group}.shards", f"{plain.embed_group}.w0", "other"]
+    assert pipeline_groups(plain) == {plain.ingest_group: list(plain.input_topics), plain.embed_group: [plain.topic_changes]}
+    sharded = plain.model_copy(update={"embed_shards": 8})
+    assert pipeline_groups(sharded, on_broker) == {
+        plain.ingest_group: list(plain.input_topics),
+        f"{plain.embed_group}.w0": [plain.topic_changes],
+    }
+    # a worker group left over from a sharded run still shows next to the unsharded one
+    assert set(pipeline_groups(plain, on_broker)) == {plain.ingest_group, plain.embed_group, f"{plain.embed_group}.w0"}
+
+
 def test_monitor_gauges_extrapolate_only_while_the_group_is_stopped():
     group = f"g-{uuid.uuid4().hex[:6]}"
     now = time.time()
