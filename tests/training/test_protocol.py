@@ -127,11 +127,12 @@ def test_training_and_baselines_see_only_before_t(log_, monkeypatch):
     assert seen["max_ts"] < t_split
     late_products = {f"Product:{pid}" for pid, ups in log_.products.items() if ups[0][0] >= t_split}
     assert late_products and not (late_products & seen["keys"])
-    assert rep["default_method"] == "fused_trained"
-    for m in ("popularity", "popularity_recent", "item_knn", "bpr_mf", "text_only", "untrained", "fused_trained"):
+    assert rep["default_method"] == "fused_blend"
+    for m in ("popularity", "popularity_recent", "item_knn", "bpr_mf", "text_only", "untrained", "fused_trained", "fused_blend"):
         assert m in rep["results"]
     assert "ci95_vs_default" in rep["results"]["popularity"]["overall"]
-    assert "ci95_vs_default" not in rep["results"]["fused_trained"]["overall"]
+    assert "ci95_vs_default" in rep["results"]["fused_trained"]["overall"]
+    assert "ci95_vs_default" not in rep["results"]["fused_blend"]["overall"]
 
 
 def test_baseline_inputs_are_before_t(log_):
