@@ -86,8 +86,8 @@ def pick_examples(index: Any) -> tuple[str | None, str | None]:
 
 def print_examples(settings: Settings, k: int = TOP_K) -> dict[str, Any]:
     """Print recommendations for one user and products similar to one product, with titles."""
-    from training.candidates import VectorIndex, titles, with_titles
-    from training.commands import candidate_table, clean_title
+    from training.candidates import VectorIndex, serving_blend, titles, with_titles
+    from training.commands import candidate_table, clean_title, ranking_text
 
     index = VectorIndex.load(settings, "checkpoint")
     user, product = pick_examples(index)
@@ -95,17 +95,24 @@ def print_examples(settings: Settings, k: int = TOP_K) -> dict[str, Any]:
     if user is None or product is None:
         print("  (no purchases in the graph: no recommendations to show)")
         return out
-    recs, excluded = index.recommend(user, k)
+    blend = serving_blend(settings, index)
+    recs, excluded = index.recommend(user, k, blend=blend)
     recs = with_titles(settings, recs)
     bought = titles(settings, sorted(index.interacted(user)))
     sample = "; ".join(clean_title(t, 34) for t in list(bought.values())[:3])
-    print(f"  recommendations for {user} (bought {excluded} products, e.g. {sample}):")
+    print(f"  recommendations for {user} (bought {excluded} products, e.g. {sample}),")
+    print(f"  ranked by {ranking_text(blend)}:")
     print("\n".join(candidate_table(recs, title_width=56, indent="  ")))
     sims = with_titles(settings, index.similar(product, k))
     name = titles(settings, [product]).get(product, "")
     print(f'  similar to the most-bought product {product} "{clean_title(name, 48)}":')
     print("\n".join(candidate_table(sims, title_width=56, indent="  ")))
-    out["recommend"] = {"user": user, "excluded": excluded, "results": [c.as_dict() for c in recs]}
+    out["recommend"] = {
+        "user": user,
+        "excluded": excluded,
+        "ranking": blend.to_dict() if blend is not None else "cosine",
+        "results": [c.as_dict() for c in recs],
+    }
     out["similar"] = {"node": product, "title": name, "results": [c.as_dict() for c in sims]}
     return out
 

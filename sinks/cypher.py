@@ -242,6 +242,17 @@ USER_PRODUCTS = """MATCH (u:User {id: $id})-[r]->(p:Product)
 WHERE coalesce(p.deleted, false) = false
 RETURN p.id AS id, type(r) AS rel"""
 
+# ``recommend``'s popularity terms (training/blend.py): the newest interaction time (the
+# serving "now"), then per live product the distinct users who took it ever and since $since.
+NEWEST_INTERACTION = """MATCH (:User)-[r]->(p:Product)
+WHERE type(r) IN $rels
+RETURN max(r.last_ts) AS now"""
+
+PRODUCT_POPULARITY = """MATCH (u:User)-[r]->(p:Product)
+WHERE type(r) IN $rels AND coalesce(p.deleted, false) = false
+RETURN p.id AS id, count(DISTINCT u) AS users,
+       count(DISTINCT CASE WHEN $since IS NULL OR r.last_ts >= $since THEN u END) AS recent"""
+
 
 @cache
 def write_vectors(label: str) -> str:
@@ -273,6 +284,8 @@ def all_statements() -> list[tuple[str, str]]:
         "SNAPSHOT_PRODUCTS",
         "SNAPSHOT_RELATIONSHIPS",
         "USER_PRODUCTS",
+        "NEWEST_INTERACTION",
+        "PRODUCT_POPULARITY",
         "EXPORT_NODES",
         "EXPORT_RELATIONSHIPS",
         "PRODUCTS_BY_ID",

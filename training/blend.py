@@ -4,8 +4,8 @@ for products nobody has taken yet, a text prior (issue 14; docs/quality.md).
 For a user ``u`` and a product ``p`` (published vectors are unit rows, so ``u . p`` is a cosine):
 
     score(u, p) = (u . p) / dot_scale
-                + beta  * log1p(recent(p))
-                + gamma * [p has no interaction] * (text(u) . text(p)) / text_scale
+                + beta * log1p(recent(p))
+                + [p has no interaction] * (gamma * (text(u) . text(p) - text_mean) / text_scale + cold_offset)
 
 * ``recent(p)``: distinct users who took ``p`` in the last ``window_days`` (all time: ``None``)
   before "now" (the split time in the evaluation; the newest interaction in the graph when
@@ -16,19 +16,24 @@ For a user ``u`` and a product ``p`` (published vectors are unit rows, so ``u . 
   get this prior: the trained model pushes them down (it learnt that products without buyers
   are not bought), and their text is all there is to go on. With ``mean`` fusion the text part
   cannot be recovered from the vector, so ``gamma`` is 0.
-* ``dot_scale``, ``text_scale``: the standard deviations of the two cosines over the
-  validation users x products, so that ``beta`` and ``gamma`` are on comparable scales.
+* ``dot_scale``, ``text_scale``, ``text_mean``: the standard deviations of the two cosines
+  (and the text cosines' mean) over the validation users x products, so that ``beta`` and
+  ``gamma`` are on comparable scales. The text prior is centred, so it reorders the products
+  without interactions among themselves; where they stand against the others is
+  ``cold_offset``'s alone.
 
 ``fit_blend`` chooses everything on the training's own validation split (``train.
 split_validation``: the newest ``val_fraction`` of the pairs, their edges removed from the
 graph) with the trained model's vectors on that graph, never on test data: first ``gamma`` by
 recall@k of the validation's cold-start targets among the cold-start products (the "new
-arrivals" shelf), then ``window_days`` and ``beta`` by recall@k over all validation targets with
-that ``gamma`` (NDCG@k breaks ties of recall). Validation popularity counts each pair at its first time (what the pairs carry);
-the evaluation and the serving path count any interaction in the window (``last_ts``). With
-no interaction times (a replica's graph), only all-time popularity is tried.
+arrivals" shelf, where ``cold_offset`` does not matter), then ``window_days`` and ``beta``, then
+``cold_offset``, by recall@k over all validation targets (NDCG@k breaks ties of recall).
+Validation popularity counts each pair at its first time (what the pairs carry); the
+evaluation and the serving path count any interaction in the window (``last_ts``). With no
+interaction times (a replica's graph), only all-time popularity is tried.
 
-``beta = gamma = 0`` is the plain model (always in the grids, so validation can choose it).
+``beta = gamma = cold_offset = 0`` is the plain model (in every grid, so validation can
+choose it).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +57,7 @@ log = logging.getLogger(__name__)
 
 BETAS: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 GAMMAS: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+COLD_OFFSETS: tuple[float, ...] = (0.0, -4.0, -2.0, -1.0, -0.5, 0.5, 1.0, 2.0)
 
 
 @dataclass
@@ -61,20 +67,23 @@ class Blend:
     gamma: float = 0.0
     dot_scale: float = 1.0
     text_scale: float = 1.0
+    text_mean: float = 0.0
+    cold_offset: float = 0.0
     validation: dict[str, Any] = field(default_factory=dict)
 
     @property
     def plain(self) -> bool:
-        return self.beta == 0.0 and self.gamma == 0.0
+        return self.beta == 0.0 and self.gamma == 0.0 and self.cold_offset == 0.0
 
     def score(self, dot: Tensor, text: Tensor | None, recent: Tensor, cold: Tensor) -> Tensor:
         """[users, products] blended scores from the model's cosines ``dot``, the text cosines
         ``text`` (None: no text prior), ``recent`` popularity [products] and ``cold`` [products]
         (bool: no interaction at all)."""
         s = dot / self.dot_scale + self.beta * torch.log1p(recent.float()).unsqueeze(0)
+        prior = torch.full_like(s, self.cold_offset)
         if text is not None and self.gamma:
-            s = s + (self.gamma / self.text_scale) * text * cold.float().unsqueeze(0)
-        return s
+            prior = prior + (self.gamma / self.text_scale) * (text - self.text_mean)
+        return s + prior * cold.float().unsqueeze(0)
 
     def since(self, now_ms: int) -> int | None:
         return None if self.window_days is None else now_ms - self.window_days * DAY_MS
@@ -84,7 +93,7 @@ class Blend:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Blend:
-        return cls(**{k: d[k] for k in ("window_days", "beta", "gamma", "dot_scale", "text_scale", "validation") if k in d})
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 def text_part(vectors: Tensor, struct_dim: int, fusion: str) -> Tensor | None:
@@ -154,7 +163,9 @@ def fit_blend(model: Any, graph: Any, cfg: Any, k: int = 20) -> Blend:
         tsim = text_profiles(tp, exclude) @ tp.t()
     tr_cols = col[tr.item]
     cold = torch.as_tensor(np.bincount(tr_cols, minlength=len(products)) == 0)
-    blend = Blend(dot_scale=float(dot.std()) or 1.0, text_scale=float(tsim.std()) if tsim is not None else 1.0)
+    blend = Blend(dot_scale=float(dot.std()) or 1.0)
+    if tsim is not None:
+        blend.text_scale, blend.text_mean = float(tsim.std()) or 1.0, float(tsim.mean())
     zeros = torch.zeros(len(products))
 
     # gamma: the cold-start shelf (the validation's cold targets among the cold products)
@@ -169,7 +180,7 @@ def fit_blend(model: Any, graph: Any, cfg: Any, k: int = 20) -> Blend:
         ones = torch.ones(len(cold_cols), dtype=torch.bool)
         best: tuple[tuple[float, float], float] = ((-1.0, -1.0), 0.0)
         for g in GAMMAS:
-            b = Blend(gamma=g, dot_scale=blend.dot_scale, text_scale=blend.text_scale)
+            b = replace(blend, gamma=g)
             m = _metrics(b.score(sub_dot, sub_text, zeros[: len(cold_cols)], ones), ct, [np.zeros(0, np.int64)] * len(keep), k)
             gamma_val[str(g)] = [round(x, 5) for x in m]
             if m > best[0]:
@@ -183,28 +194,41 @@ def fit_blend(model: Any, graph: Any, cfg: Any, k: int = 20) -> Blend:
     tr_users = tr.user
     overall: dict[str, list[float]] = {}
     best_o: tuple[tuple[float, float], int | None, float] = ((-1.0, -1.0), None, 0.0)
+    recents = {
+        w: torch.as_tensor(popularity(tr_users, tr_cols, tr.ts, len(products), None if w is None else cut - w * DAY_MS))
+        for w in windows
+    }
     for w in windows:
-        recent = torch.as_tensor(popularity(tr_users, tr_cols, tr.ts, len(products), None if w is None else cut - w * DAY_MS))
         for beta in BETAS:
-            b = Blend(w, beta, blend.gamma, blend.dot_scale, blend.text_scale)
-            m = _metrics(b.score(dot, tsim, recent, cold), targets, exclude, k)
+            m = _metrics(replace(blend, window_days=w, beta=beta).score(dot, tsim, recents[w], cold), targets, exclude, k)
             overall[f"{'all' if w is None else w}/{beta}"] = [round(x, 5) for x in m]
             if m > best_o[0]:
                 best_o = (m, w, beta)
     blend.window_days, blend.beta = best_o[1], best_o[2]
+    offsets: dict[str, list[float]] = {}
+    best_c: tuple[tuple[float, float], float] = ((-1.0, -1.0), 0.0)
+    if bool(cold.any()):
+        for c in COLD_OFFSETS:
+            m = _metrics(replace(blend, cold_offset=c).score(dot, tsim, recents[blend.window_days], cold), targets, exclude, k)
+            offsets[str(c)] = [round(x, 5) for x in m]
+            if m > best_c[0]:
+                best_c = (m, c)
+        blend.cold_offset = best_c[1]
     blend.validation = {
         "users": len(users),
         "cold_start_users": len(keep),
         f"cold_start_recall_ndcg@{k}_by_gamma": gamma_val,
         f"recall_ndcg@{k}_by_window_and_beta": overall,
-        f"recall_ndcg@{k}": [round(x, 5) for x in best_o[0]],
+        f"recall_ndcg@{k}_by_cold_offset": offsets,
+        f"recall_ndcg@{k}": [round(x, 5) for x in max(best_o[0], best_c[0])],
     }
     log.info(
-        "blend on validation: window %s days, beta %s, gamma %s (recall@%d %.4f)",
+        "blend on validation: window %s days, beta %s, gamma %s, cold offset %s (recall@%d %.4f)",
         blend.window_days,
         blend.beta,
         blend.gamma,
+        blend.cold_offset,
         k,
-        best_o[0][0],
+        max(best_o[0], best_c[0])[0],
     )
     return blend

@@ -16,6 +16,10 @@ products is ``w * cos(text) + (1 - w) * cos(structure)``.
 * ``similar(key)``: products nearest a node's vector (the node itself left out).
 * ``recommend(user)``: products nearest the user's vector, without those the user already
   interacted with through ``exclude_rels`` (default PURCHASED and RATED: already bought).
+  With the active checkpoint's blend (``serving_blend``; ``kg-streamer train`` fits it on its
+  validation split, training/blend.py) the cosine is blended with recent popularity and, for
+  products nobody has taken yet, a text prior; the counts come from the graph DB
+  (``product_popularity``). That blend is the default method of docs/quality.md.
 * ``search(text)``: the query through the text encoder, then ``fuse(q, align(q))`` when the
   graph model (``KGS_GRAPH_CHECKPOINT``) has an alignment head (``kg-streamer train --align``),
   else ``fuse(q, 0)``, whose ranking is the text-only cosine.
@@ -44,6 +48,7 @@ from torch import Tensor
 
 from encoders.graph import fuse
 from streamer.contracts.changes import split_key
+from training.blend import Blend
 
 log = logging.getLogger(__name__)
 
@@ -175,16 +180,19 @@ class VectorIndex:
 
     # ---- ranking -----------------------------------------------------------------------
     def _top(self, query: Tensor, k: int, exclude: set[str]) -> list[Candidate]:
-        rows = self.products
+        return self._top_scores(self.vectors[torch.as_tensor(self.products, dtype=torch.long)] @ query, k, exclude)
+
+    def _top_scores(self, scores: Tensor, k: int, exclude: set[str]) -> list[Candidate]:
+        """The ``k`` best products by ``scores`` (one per row of ``self.products``)."""
+        keep = np.ones(len(self.products), dtype=bool)
         if exclude:
             drop = np.asarray([self.index.get(key, -1) for key in exclude])
-            rows = rows[~np.isin(rows, drop)]
+            keep = ~np.isin(self.products, drop)
+        rows = np.flatnonzero(keep)
         if not len(rows):
             return []
-        scores = self.vectors[torch.as_tensor(rows, dtype=torch.long)] @ query
-        kk = min(k, len(rows))
-        top = torch.topk(scores, kk)
-        return [Candidate(self.keys[int(rows[i])], float(s)) for s, i in zip(top.values, top.indices)]
+        top = torch.topk(scores[torch.as_tensor(rows, dtype=torch.long)], min(k, len(rows)))
+        return [Candidate(self.keys[int(self.products[rows[i]])], float(s)) for s, i in zip(top.values, top.indices)]
 
     def vector(self, key: str) -> Tensor:
         i = self.index.get(key)
@@ -195,11 +203,42 @@ class VectorIndex:
     def similar(self, key: str, k: int = 20) -> list[Candidate]:
         return self._top(self.vector(key), k, {key})
 
-    def recommend(self, user: str, k: int = 20, exclude_rels: Sequence[str] = BOUGHT_RELS) -> tuple[list[Candidate], int]:
-        """(candidates, how many interacted products were left out)."""
+    def recommend(
+        self, user: str, k: int = 20, exclude_rels: Sequence[str] = BOUGHT_RELS, blend: Blend | None = None
+    ) -> tuple[list[Candidate], int]:
+        """(candidates, how many interacted products were left out). With a ``blend``
+        (``serving_blend``), the scores are ``blend.score`` of the cosines (training/blend.py)."""
         key = user if user.startswith("User:") else f"User:{user}"
         bought = self.interacted(key, exclude_rels)
-        return self._top(self.vector(key), k, bought), len(bought)
+        scores = self.vectors[torch.as_tensor(self.products, dtype=torch.long)] @ self.vector(key)
+        if blend is not None and not blend.plain:
+            scores = self._blended(key, scores, blend)
+        return self._top_scores(scores, k, bought), len(bought)
+
+    def _blended(self, user_key: str, dot: Tensor, blend: Blend) -> Tensor:
+        """``blend.score`` for one user: recent popularity and the cold flags from the graph DB
+        (``product_popularity``), the user's text profile from their products' vectors."""
+        from training.blend import text_part
+        from training.dataset import INTERACTION_RELS
+
+        pop = product_popularity(self.settings, blend)
+        if pop is None:
+            return dot
+        ids = [split_key(self.keys[int(i)])[1] for i in self.products]
+        users = torch.as_tensor([pop.get(pid, (0, 0))[0] for pid in ids], dtype=torch.float32)
+        recent = torch.as_tensor([pop.get(pid, (0, 0))[1] for pid in ids], dtype=torch.float32)
+        text = text_part(
+            self.vectors[torch.as_tensor(self.products, dtype=torch.long)], self.settings.gnn_out, self.settings.fusion
+        )
+        tsim = None
+        history = [self.index[p] for p in self.interacted(user_key, INTERACTION_RELS) if p in self.index]
+        if text is not None and history:
+            mine = text_part(
+                self.vectors[torch.as_tensor(history, dtype=torch.long)], self.settings.gnn_out, self.settings.fusion
+            )
+            assert mine is not None
+            tsim = (text @ F.normalize(mine.mean(0), dim=0)).unsqueeze(0)
+        return blend.score(dot.unsqueeze(0), tsim, recent, users == 0)[0]
 
     def search(self, text: str, k: int = 20, text_encoder: Any = None, model: Any = None) -> tuple[list[Candidate], bool]:
         """(candidates, aligned): the query vector of ``text`` against product vectors."""
@@ -229,6 +268,49 @@ def query_vector(text: str, settings: Any, dim: int, text_encoder: Any = None, m
     if q.shape[0] != dim:
         raise ValueError(f"query vector has {q.shape[0]} dims, the vectors {dim}: check the fusion settings")
     return q, aligned
+
+
+def serving_blend(settings: Any, index: VectorIndex) -> Blend | None:
+    """The blend of the active checkpoint (``streamer.embed.state.active_checkpoint``), when the
+    index's vectors are that checkpoint's (its ``published_model_version``); else None (the
+    plain cosine ranking: a blend's scales fit only its own model's vectors)."""
+    from streamer.embed.state import active_checkpoint
+    from training.blend import load_blend
+
+    checkpoint = active_checkpoint(settings)
+    blend = load_blend(checkpoint)
+    if blend is None or checkpoint is None:
+        return None
+    metrics = checkpoint.with_name(checkpoint.name.removesuffix(".safetensors") + ".metrics.json")
+    version = json.loads(metrics.read_text()).get("published_model_version")
+    if version not in index.version_summary():
+        log.warning("the vectors are not %s's (model %s): ranking by the model's cosine alone", checkpoint, version)
+        return None
+    return blend
+
+
+def product_popularity(settings: Any, blend: Blend, timeout_s: float = 30.0) -> dict[str, tuple[int, int]] | None:
+    """``{product id: (users ever, users in the blend's window)}`` of the live products with an
+    interaction, from the graph DB (``cypher.NEWEST_INTERACTION`` gives "now": the newest
+    interaction, so that replayed old data ranks as it did then; then
+    ``cypher.PRODUCT_POPULARITY``). None, with a warning, when the graph DB does not answer.
+    One scan of the interactions per call: fine for a command, not for a serving tier, which
+    would keep these counts up to date instead."""
+    from sinks import cypher
+    from sinks.graph_db import open_driver
+    from training.dataset import INTERACTION_RELS
+
+    rels = list(INTERACTION_RELS)
+    try:
+        with open_driver(settings, timeout_s=timeout_s) as driver:
+            rows, _, _ = driver.execute_query(cypher.NEWEST_INTERACTION, rels=rels, database_=settings.bolt_database)
+            now = rows[0]["now"] if rows else None
+            since = blend.since(int(now)) if now is not None else None
+            rows, _, _ = driver.execute_query(cypher.PRODUCT_POPULARITY, rels=rels, since=since, database_=settings.bolt_database)
+    except Exception as e:  # noqa: BLE001 - the cosine ranking stands without the popularity terms
+        log.warning("no popularity: the graph DB at %s did not answer (%s: %s)", settings.bolt_uri, type(e).__name__, e)
+        return None
+    return {str(r["id"]): (int(r["users"]), int(r["recent"])) for r in rows}
 
 
 def _interacted_from_graph(settings: Any, user_id: str, rels: set[str]) -> set[str]:

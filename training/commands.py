@@ -101,6 +101,7 @@ def train_checkpoint(
     from encoders.graph import GraphEncoder, GraphEncoderConfig
     from encoders.text import TextEncoder
     from training import dataset as graph_mod
+    from training.blend import fit_blend
     from training.train import published_version, save, train
 
     if settings.torch_threads > 0:
@@ -123,6 +124,7 @@ def train_checkpoint(
         in_dim=text.dim, hidden=settings.gnn_hidden, out=settings.gnn_out, layers=settings.gnn_layers, seed=cfg.seed
     )
     result = train(data, cfg, model_cfg, init_model)
+    blend = fit_blend(result.model, data, cfg, cfg.k)  # recommend's ranking, on the same validation split
     version = result.model.version
     out = out or settings.local_dir("model") / f"graph-{version}.safetensors"
     published = published_version(result.model, text.model_id, settings.fusion, settings.fusion_text_weight)
@@ -135,6 +137,7 @@ def train_checkpoint(
             "text_model": text.model_id,
             "fusion": settings.fusion,
             "fusion_text_weight": settings.fusion_text_weight,
+            "blend": blend.to_dict(),
         },
     )
     return Trained(ckpt, metrics, published, source, result)
@@ -247,12 +250,45 @@ def cmd_similar(args: argparse.Namespace, settings: Any) -> int:
 
 def cmd_recommend(args: argparse.Namespace, settings: Any) -> int:
     index = _load_index(settings, args.source)
+    from training.candidates import serving_blend
+
     rels = [r.strip().upper() for r in args.exclude_rels.split(",") if r.strip()]
-    cands, excluded = index.recommend(args.user, args.k, rels)
+    blend = None if args.plain else serving_blend(settings, index)
+    cands, excluded = index.recommend(args.user, args.k, rels, blend)
     user = args.user if args.user.startswith("User:") else f"User:{args.user}"
-    heading = f"recommendations for {user} ({excluded:,} products already {'/'.join(rels) or '-'} left out)"
-    _print_candidates("user", args.user, index, cands, settings, args.json, heading, excluded=excluded, excluded_rels=rels)
+    heading = (
+        f"recommendations for {user} ({excluded:,} products already {'/'.join(rels) or '-'} left out)\n"
+        f"  ranked by {ranking_text(blend)}"
+    )
+    _print_candidates(
+        "user",
+        args.user,
+        index,
+        cands,
+        settings,
+        args.json,
+        heading,
+        excluded=excluded,
+        excluded_rels=rels,
+        ranking=blend.to_dict() if blend is not None else "cosine",
+    )
     return 0
+
+
+def ranking_text(blend: Any) -> str:
+    """How ``recommend`` ranked, in words (``training.blend.Blend`` or None)."""
+    if blend is None or blend.plain:
+        return "the cosine of the user's and the products' vectors"
+    window = "all time" if blend.window_days is None else f"the last {blend.window_days} days"
+    return (
+        f"the model's cosine + {blend.beta:g} x log(1 + buyers in {window})"
+        + (
+            f" + a text prior (weight {blend.gamma:g}, offset {blend.cold_offset:g}) for products nobody has bought yet"
+            if blend.gamma or blend.cold_offset
+            else ""
+        )
+        + " (training/blend.py)"
+    )
 
 
 def cmd_search(args: argparse.Namespace, settings: Any) -> int:
@@ -314,6 +350,9 @@ def register(sub: Any) -> None:
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--source", choices=sources, default="auto")
     p.add_argument("--exclude-rels", default="PURCHASED,RATED", help="interactions that count as already bought")
+    p.add_argument(
+        "--plain", action="store_true", help="rank by the vectors' cosine alone, without the checkpoint's popularity/text blend"
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output (with titles)")
     p.set_defaults(func=cmd_recommend)
 

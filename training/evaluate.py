@@ -78,8 +78,8 @@ from torch import Tensor
 from encoders.graph import GraphEncoder, GraphEncoderConfig, fuse
 from encoders.text import product_text
 from streamer.contracts.changes import split_key
-from training.blend import Blend, fit_blend, text_part, text_profiles
 from training.baselines import DAY_MS, BPRConfig, ItemKNN, choose_window, popularity, train_bpr
+from training.blend import Blend, fit_blend, text_part, text_profiles
 from training.dataset import EventLog, GraphData, category_chain, encode_texts, from_events, product_structure
 from training.ranking import paired_bootstrap_ci, rank_per_user
 from training.train import TrainConfig, edge_index, target_pairs, train
@@ -414,7 +414,9 @@ def _vector_scorer(split: Split, user_vecs: Tensor, item_vecs: Tensor) -> Callab
     return score
 
 
-def _blend_scorer(split: Split, blend: Blend, user_vecs: Tensor, item_vecs: Tensor, struct_dim: int, fusion: str) -> Callable[[np.ndarray], Tensor]:
+def _blend_scorer(
+    split: Split, blend: Blend, user_vecs: Tensor, item_vecs: Tensor, struct_dim: int, fusion: str
+) -> Callable[[np.ndarray], Tensor]:
     """``blend.score`` at ``T``: recent popularity from the interactions before ``T`` (any
     interaction in the window), cold = no interaction before ``T``, the user's text profile
     from their products before ``T``."""

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from tests.training.test_protocol import CFG, FakeText, T
+from tests.training.test_protocol import log_ as log_
 from training import evaluate
 from training.blend import Blend, fit_blend, load_blend, text_part
 from training.evaluate import evaluate_dataset
 from training.train import TrainConfig
-from tests.training.test_protocol import CFG, FakeText, T  # noqa: F401 - the tiny log's pieces
-from tests.training.test_protocol import log_ as log_  # noqa: F401 - the fixture
 
 
 def test_text_prior_moves_only_products_without_interactions():
@@ -27,6 +27,9 @@ def test_text_prior_moves_only_products_without_interactions():
     prior = Blend(gamma=2.0).score(dot, text, recent, cold)
     assert torch.equal(plain[:, ~cold], prior[:, ~cold])
     assert torch.allclose(prior[:, cold], plain[:, cold] + 2.0 * text[:, cold])
+    shifted = Blend(gamma=2.0, text_mean=0.3, text_scale=0.5, cold_offset=-1.0).score(dot, text, recent, cold)
+    assert torch.equal(plain[:, ~cold], shifted[:, ~cold])
+    assert torch.allclose(shifted[:, cold], plain[:, cold] + 2.0 * (text[:, cold] - 0.3) / 0.5 - 1.0)
 
 
 def test_recent_popularity_orders_products_the_model_cannot_tell_apart():
@@ -46,7 +49,7 @@ def test_text_part_is_the_unit_text_embedding_of_concat_vectors():
     assert text_part(fuse(t, torch.randn(5, 16), "mean", 0.3), 16, "mean") is None
 
 
-def test_plain_blend_ranks_exactly_as_the_trained_model(log_, monkeypatch):  # noqa: F811
+def test_plain_blend_ranks_exactly_as_the_trained_model(log_, monkeypatch):
     monkeypatch.setattr(evaluate, "fit_blend", lambda *a, **k: Blend())
     cfg = TrainConfig(epochs=1, batch_size=8, negatives=2, progress=False, device="cpu", val_fraction=0.0)
     rep = evaluate_dataset("tiny", log_, FakeText(), [cfg], CFG, split_quantile=0.4, bootstrap=50)
@@ -57,7 +60,7 @@ def test_plain_blend_ranks_exactly_as_the_trained_model(log_, monkeypatch):  # n
             assert blend[part]["users"] == trained[part]["users"]
 
 
-def test_fit_blend_sees_the_validation_split_only(log_, monkeypatch):  # noqa: F811
+def test_fit_blend_sees_the_validation_split_only(log_, monkeypatch):
     """fit_blend scores the training graph without the held-out edges and takes its targets
     from the held-out pairs: the test period is never handed to it."""
     from training import train as train_mod
@@ -92,7 +95,7 @@ def test_a_checkpoints_blend_is_loaded_from_its_metrics(tmp_path):
 
 
 @pytest.mark.parametrize("fusion", ["concat"])
-def test_fit_blend_returns_the_plain_model_without_validation_targets(log_, fusion):  # noqa: F811
+def test_fit_blend_returns_the_plain_model_without_validation_targets(log_, fusion):
     from encoders.graph import GraphEncoder
     from training.evaluate import catalogue_at
 

@@ -9,6 +9,7 @@ import json
 import uuid
 
 import numpy as np
+import pytest
 
 from streamer.cli import build_parser
 from streamer.embed.verify import last_vectors, verify
@@ -17,6 +18,7 @@ from streamer.ingest.step import ingest_consumer
 from streamer.kafka.topics import ensure_topics
 from tests.helpers import produce_events, query, sample_events
 from training.candidates import VectorIndex, write_back
+from training.dataset import INTERACTION_RELS
 
 
 def _run_cli(argv: list[str], settings) -> int:
@@ -127,6 +129,68 @@ def test_new_model_version_triggers_a_full_reembed_and_verify_passes(settings, t
     )[0]
     assert row["v"] == next(iter(new_versions))
     np.testing.assert_allclose(np.asarray(row["e"], dtype=np.float32), live[products[0]].vector, atol=1e-6)
+
+    # recommend ranks with the checkpoint's blend (training/blend.py), checked against an
+    # independent computation from the topic's vectors and the graph's interactions; a new
+    # product nobody has bought gets the text prior
+    metrics_path = ckpt.with_name("trained.metrics.json")
+    meta = json.loads(metrics_path.read_text())
+    assert {"beta", "gamma", "window_days"} <= set(meta["blend"])
+    meta["blend"].update(window_days=None, beta=0.5, gamma=1.0, dot_scale=0.5, text_scale=0.25, text_mean=0.1, cold_offset=-0.5)
+    metrics_path.write_text(json.dumps(meta))
+    fresh = {
+        "type": "product",
+        "id": f"{prefix}NEW",
+        "title": "Product 3 new edition",
+        "brand": f"{prefix}Brand0",
+        "ts": 1_300_009_000,
+    }
+    produce_events(new, [fresh])
+    ingest_consumer(new).run(until_caught_up=True, max_seconds=120)
+    embed_consumer(new).run(until_caught_up=True, max_seconds=180)
+    vecs = {k: r.vector for k, r in last_vectors(new).items() if r.vector is not None}
+    rels = list(INTERACTION_RELS)
+    buyers = {
+        f"Product:{r['id']}": r["n"]
+        for r in query(
+            new, "MATCH (u:User)-[r]->(p:Product) WHERE type(r) IN $rels RETURN p.id AS id, count(DISTINCT u) AS n", rels=rels
+        )
+    }
+    mine = [
+        f"Product:{r['id']}"
+        for r in query(
+            new,
+            "MATCH (:User {id: $id})-[r]->(p:Product) WHERE type(r) IN $rels "
+            "AND coalesce(p.deleted, false) = false RETURN DISTINCT p.id AS id",
+            id=user.partition(":")[2],
+            rels=rels,
+        )
+    ]
+
+    def text(v):
+        t = np.asarray(v[: len(v) - new.gnn_out], dtype=np.float64)
+        return t / np.linalg.norm(t)
+
+    profile = np.mean([text(vecs[p]) for p in mine], axis=0)
+    profile /= np.linalg.norm(profile)
+    capsys.readouterr()
+    assert _run_cli(["recommend", "--user", user.partition(":")[2], "--k", "500", "--json"], new) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ranking"]["beta"] == 0.5 and doc["ranking"]["gamma"] == 1.0
+    assert f"Product:{prefix}NEW" in {r["key"] for r in doc["results"]}
+    for r in doc["results"]:
+        v, n = vecs[r["key"]], buyers.get(r["key"], 0)
+        want = (
+            float(np.dot(vecs[user], v)) / 0.5
+            + 0.5 * np.log1p(n)
+            + ((float(text(v) @ profile) - 0.1) / 0.25 - 0.5 if n == 0 else 0.0)
+        )
+        assert r["score"] == pytest.approx(want, abs=1e-4), r["key"]
+    assert _run_cli(["recommend", "--user", user.partition(":")[2], "--k", "5", "--plain", "--json"], new) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ranking"] == "cosine"
+    for r in doc["results"]:
+        assert r["score"] == pytest.approx(float(np.dot(vecs[user], vecs[r["key"]])), abs=1e-4)
 
 
 def test_train_from_a_graph_db_snapshot(settings, tmp_path, capsys):
