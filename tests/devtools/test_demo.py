@@ -58,3 +58,10 @@ def test_demo_trains_embeds_with_the_trained_model_and_prints_titles(settings, m
             assert shown in out  # the printed table shows it
     assert any(r["title"] for part in ("recommend", "similar") for r in ex[part]["results"])
     assert f"recommendations for {user}" in out and f"similar to the most-bought product {product}" in out
+    # ranked as docs/quality.md's default method: the trained model's blend (training/blend.py)
+    metrics = json.loads(ckpt.with_name(ckpt.name.removesuffix(".safetensors") + ".metrics.json").read_text())
+    assert ex["recommend"]["ranking"] == metrics["blend"]
+    from training.blend import Blend
+    from training.commands import ranking_text
+
+    assert f"ranked by {ranking_text(Blend.from_dict(metrics['blend']))}" in out
