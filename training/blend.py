@@ -169,7 +169,7 @@ def fit_blend(model: Any, graph: Any, cfg: Any, k: int = 20) -> Blend:
     zeros = torch.zeros(len(products))
 
     # gamma: the cold-start shelf (the validation's cold targets among the cold products)
-    gamma_val: dict[str, float] = {}
+    gamma_val: dict[str, list[float]] = {}
     cold_cols = np.flatnonzero(cold.numpy())
     keep = [i for i, t in enumerate(targets) if cold[t].any()]
     if tsim is not None and keep and len(cold_cols):
@@ -208,11 +208,12 @@ def fit_blend(model: Any, graph: Any, cfg: Any, k: int = 20) -> Blend:
     offsets: dict[str, list[float]] = {}
     best_c: tuple[tuple[float, float], float] = ((-1.0, -1.0), 0.0)
     if bool(cold.any()):
-        for c in COLD_OFFSETS:
-            m = _metrics(replace(blend, cold_offset=c).score(dot, tsim, recents[blend.window_days], cold), targets, exclude, k)
-            offsets[str(c)] = [round(x, 5) for x in m]
+        for offset in COLD_OFFSETS:
+            b = replace(blend, cold_offset=offset)
+            m = _metrics(b.score(dot, tsim, recents[blend.window_days], cold), targets, exclude, k)
+            offsets[str(offset)] = [round(x, 5) for x in m]
             if m > best_c[0]:
-                best_c = (m, c)
+                best_c = (m, offset)
         blend.cold_offset = best_c[1]
     blend.validation = {
         "users": len(users),

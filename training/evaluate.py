@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -721,7 +722,7 @@ def run(
         )
         rep["load_seconds"] = round(load_s, 1)
         rep["texts_encoded"] = text.encoded_count - before
-        rep["path"] = str(path)
+        rep["path"] = os.path.relpath(path)  # relative: reports are committed (bench/results/)
         rep["wall_seconds"] = round(time.perf_counter() - t1, 1)
         report["datasets"][name] = rep
         if out is not None:

@@ -75,9 +75,7 @@ def _quiet_kafka() -> None:
     logging.getLogger("kafka").setLevel(logging.WARNING)
 
 
-def _groups(
-    settings: Settings, sampler, names: list[str] | None, topics: list[str] | None = None
-) -> dict[str, list[str] | None]:
+def _groups(settings: Settings, sampler, names: list[str] | None, topics: list[str] | None = None) -> dict[str, list[str] | None]:
     """The named groups (default: the pipeline's, sharded workers' groups found on the broker)."""
     from streamer.groups.lag import pipeline_groups
 

@@ -123,8 +123,10 @@ def test_two_sharded_workers_publish_what_one_worker_does_and_take_over_a_leaver
             assert members <= set(groups) and sharded.embed_group not in groups, groups
             assert f"{sharded.embed_group}.shards" not in groups
             wait_until(
-                lambda: {g.group: g.lag_messages for g in sampler.sample({m: groups[m] for m in members})}
-                == dict.fromkeys(members, 0),
+                lambda: (
+                    {g.group: g.lag_messages for g in sampler.sample({m: groups[m] for m in members})}
+                    == dict.fromkeys(members, 0)
+                ),
                 60,
                 "both workers' groups to commit the whole changelog",
             )
