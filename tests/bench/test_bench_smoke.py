@@ -134,7 +134,9 @@ def test_quality_bench(tmp_path):
         ],
         timeout_s=600,
     )
-    assert json.loads(report.read_text())
+    rep = json.loads(report.read_text())["datasets"]["online_retail"]
+    assert rep["default_method"] == "fused_blend" and "fused_trained" in rep["results"]
+    assert {"window_days", "beta", "gamma", "cold_offset"} <= set(rep["training"]["fused_blend"])
 
 
 def test_report_tables():
