@@ -156,8 +156,11 @@ class TextEncoder:
 
         path = Path(path)
         keys = list(self._cache)
-        digests = torch.frombuffer(bytearray(b"".join(keys)), dtype=torch.uint8).reshape(len(keys), 32)
-        vectors = torch.stack(list(self._cache.values())) if keys else torch.zeros(0, self.dim)
+        if keys:  # (torch.frombuffer refuses an empty buffer)
+            digests = torch.frombuffer(bytearray(b"".join(keys)), dtype=torch.uint8).reshape(len(keys), 32)
+            vectors = torch.stack(list(self._cache.values()))
+        else:
+            digests, vectors = torch.zeros(0, 32, dtype=torch.uint8), torch.zeros(0, self.dim)
         tmp = path.with_name(path.name + ".tmp")
         save_file({"keys": digests.contiguous(), "vectors": vectors.contiguous()}, str(tmp), metadata={"model_id": self.model_id})
         tmp.replace(path)

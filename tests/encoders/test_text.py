@@ -89,6 +89,12 @@ def test_cache_persists_to_and_from_a_file(enc, tiny_bert, tmp_path):
     assert fresh.encoded_count == 0
 
 
+def test_an_empty_cache_saves_and_loads(tiny_bert, tmp_path):
+    empty = TextEncoder(tiny_bert, device="cpu")
+    empty.save_cache(tmp_path / "empty.safetensors")
+    assert TextEncoder(tiny_bert, device="cpu").load_cache(tmp_path / "empty.safetensors") == 0
+
+
 def test_cache_of_another_model_is_ignored(enc, tmp_path):
     enc.encode(["mug"])
     enc.save_cache(tmp_path / "c.safetensors")
