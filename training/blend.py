@@ -69,6 +69,7 @@ class Blend:
     text_scale: float = 1.0
     text_mean: float = 0.0
     cold_offset: float = 0.0
+    struct_dim: int = 0  # the graph model's output width: the vector's last struct_dim columns (0: unknown)
     validation: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -163,7 +164,7 @@ def fit_blend(model: Any, graph: Any, cfg: Any, k: int = 20) -> Blend:
         tsim = text_profiles(tp, exclude) @ tp.t()
     tr_cols = col[tr.item]
     cold = torch.as_tensor(np.bincount(tr_cols, minlength=len(products)) == 0)
-    blend = Blend(dot_scale=float(dot.std()) or 1.0)
+    blend = Blend(dot_scale=float(dot.std()) or 1.0, struct_dim=int(model.config.out))
     if tsim is not None:
         blend.text_scale, blend.text_mean = float(tsim.std()) or 1.0, float(tsim.mean())
     zeros = torch.zeros(len(products))

@@ -227,15 +227,12 @@ class VectorIndex:
         ids = [split_key(self.keys[int(i)])[1] for i in self.products]
         users = torch.as_tensor([pop.get(pid, (0, 0))[0] for pid in ids], dtype=torch.float32)
         recent = torch.as_tensor([pop.get(pid, (0, 0))[1] for pid in ids], dtype=torch.float32)
-        text = text_part(
-            self.vectors[torch.as_tensor(self.products, dtype=torch.long)], self.settings.gnn_out, self.settings.fusion
-        )
+        struct_dim = blend.struct_dim or self.settings.gnn_out  # the checkpoint's width, when the blend knows it
+        text = text_part(self.vectors[torch.as_tensor(self.products, dtype=torch.long)], struct_dim, self.settings.fusion)
         tsim = None
         history = [self.index[p] for p in self.interacted(user_key, INTERACTION_RELS) if p in self.index]
         if text is not None and history:
-            mine = text_part(
-                self.vectors[torch.as_tensor(history, dtype=torch.long)], self.settings.gnn_out, self.settings.fusion
-            )
+            mine = text_part(self.vectors[torch.as_tensor(history, dtype=torch.long)], struct_dim, self.settings.fusion)
             assert mine is not None
             tsim = (text @ F.normalize(mine.mean(0), dim=0)).unsqueeze(0)
         return blend.score(dot.unsqueeze(0), tsim, recent, users == 0)[0]
