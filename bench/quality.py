@@ -53,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--max-steps-per-epoch", type=int, default=None, help="for smoke runs")
     ap.add_argument("--align", type=float, default=ALIGN_WEIGHT)
+    ap.add_argument(
+        "--compare-fusion",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also train with the other fusion (mean vs concat) and report it plain and blended",
+    )
     ap.add_argument("--text-cache", default=None)
     ap.add_argument("--state-dir", default=str(ROOT / ".kgs"))
     ap.add_argument("--report", default=None, help="full JSON report (default <state-dir>/model/quality_report.json)")
@@ -113,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             text_cache=Path(args.text_cache) if args.text_cache else None,
             eval_device="cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu",
             budget_s=args.budget_s,
+            compare_fusion=args.compare_fusion,
         )
         if args.determinism:
             report["determinism"] = determinism(names[0], paths.get(names[0]), settings, base, args.text_cache)

@@ -69,7 +69,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -525,9 +525,12 @@ def evaluate_dataset(
     deadline: float | None = None,
     bootstrap: int = 1000,
     seed: int = 0,
+    compare_fusion: bool = False,
 ) -> dict[str, Any]:
     """One data set, every method in the same run. ``configs``: training configurations to
-    choose from by validation recall@k (the first is the default); ``deadline``
+    choose from by validation recall@k (the first is the default); ``compare_fusion``: also
+    train the chosen config with the other fusion (``concat``/``mean``) and report it plain
+    and blended (``fused_trained_<fusion>``, ``fused_blend_<fusion>``); ``deadline``
     (``time.monotonic()``) stops trying further configs. ``seed``: tie order and bootstrap."""
     cfg = configs[0]
     t0 = time.perf_counter()
@@ -604,6 +607,21 @@ def evaluate_dataset(
         training["fused_trained_align"] = _training_summary(res_a)
         aligned_model = res_a.model
 
+    if compare_fusion:  # the same training with the other fusion of text and structure
+        other: Literal["concat", "mean"] = "mean" if cfg.fusion == "concat" else "concat"
+        c_other = replace(cfg, fusion=other, align_weight=0.0)
+        # mean fusion adds the two parts, so the graph model's output is as wide as the text
+        m_other = replace(model_cfg, out=model_cfg.in_dim) if other == "mean" else model_cfg
+        res_f = train(graph, c_other, m_other)
+        fuv, fiv = item_vectors(res_f.model, c_other)
+        results[f"fused_trained_{other}"] = split.evaluate(f"fused_trained_{other}", _vector_scorer(split, fuv, fiv), k)
+        blend_f = fit_blend(res_f.model, graph, c_other, k)
+        results[f"fused_blend_{other}"] = split.evaluate(
+            f"fused_blend_{other}", _blend_scorer(split, blend_f, fuv, fiv, m_other.out, other), k
+        )
+        training[f"fused_trained_{other}"] = _training_summary(res_f)
+        training[f"fused_blend_{other}"] = blend_f.to_dict()
+
     # text queries: the text of the user's most recent product before T
     last = torch.as_tensor([split.last_item[u] for u in split.users.tolist()], dtype=torch.long)
     q = F.normalize(h0[last], dim=1)
@@ -670,6 +688,7 @@ def run(
     text_cache: Path | None = None,
     eval_device: str = "cpu",
     budget_s: float | None = None,
+    compare_fusion: bool = False,
 ) -> dict[str, Any]:
     """Evaluate the named data sets; write the full report to ``out`` (JSON) when given (after
     each data set). ``text_cache``: serve product text from this cache file only (no model)."""
@@ -719,6 +738,7 @@ def run(
             eval_device=eval_device,
             cache_path=cache_out,
             deadline=deadline,
+            compare_fusion=compare_fusion,
         )
         rep["load_seconds"] = round(load_s, 1)
         rep["texts_encoded"] = text.encoded_count - before
@@ -752,8 +772,9 @@ def quality_json(report: dict[str, Any], k: int = 20) -> dict[str, Any]:
     return out
 
 
-# the tables' row order: the default, its aligned variant, the baselines, then search
-ORDER = [*METHODS[:2], "fused_trained_align", *METHODS[2:], "search_text", "search_aligned"]
+# the tables' row order: the default, the plain model, its variants, the baselines, then search
+VARIANTS = ["fused_trained_align", "fused_blend_mean", "fused_trained_mean", "fused_blend_concat", "fused_trained_concat"]
+ORDER = [*METHODS[:2], *VARIANTS, *METHODS[2:], "search_text", "search_aligned"]
 
 
 def _with_ci(part: dict[str, Any], metric: str) -> str:

@@ -102,3 +102,12 @@ def test_fit_blend_returns_the_plain_model_without_validation_targets(log_, fusi
     cat = catalogue_at(log_, FakeText(), T, dim=CFG.in_dim)
     cfg = TrainConfig(epochs=1, progress=False, device="cpu", val_fraction=0.0, fusion=fusion)
     assert fit_blend(GraphEncoder(CFG), cat.graph, cfg).plain
+
+
+def test_the_fusion_comparison_reports_the_other_fusion_plain_and_blended(log_):
+    cfg = TrainConfig(epochs=1, batch_size=8, negatives=2, progress=False, device="cpu", val_fraction=0.3)
+    rep = evaluate_dataset("tiny", log_, FakeText(), [cfg], CFG, split_quantile=0.4, bootstrap=50, compare_fusion=True)
+    assert {"fused_trained_mean", "fused_blend_mean"} <= set(rep["results"])
+    assert rep["training"]["fused_trained_mean"]["train_config"]["fusion"] == "mean"
+    assert rep["training"]["fused_blend_mean"]["gamma"] == 0.0  # mean fusion has no text part to give back
+    assert "ci95_vs_default" in rep["results"]["fused_blend_mean"]["overall"]
