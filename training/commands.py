@@ -276,19 +276,18 @@ def cmd_recommend(args: argparse.Namespace, settings: Any) -> int:
 
 
 def ranking_text(blend: Any) -> str:
-    """How ``recommend`` ranked, in words (``training.blend.Blend`` or None)."""
+    """How ``recommend`` ranked, in words (``training.blend.Blend`` or None); terms at 0 left out."""
     if blend is None or blend.plain:
         return "the cosine of the user's and the products' vectors"
-    window = "all time" if blend.window_days is None else f"the last {blend.window_days} days"
-    return (
-        f"the model's cosine + {blend.beta:g} x log(1 + buyers in {window})"
-        + (
-            f" + a text prior (weight {blend.gamma:g}, offset {blend.cold_offset:g}) for products nobody has bought yet"
-            if blend.gamma or blend.cold_offset
-            else ""
-        )
-        + " (training/blend.py)"
-    )
+    terms = ["the model's cosine"]
+    if blend.beta:
+        window = "all time" if blend.window_days is None else f"the last {blend.window_days} days"
+        terms.append(f"{blend.beta:g} x log(1 + buyers in {window})")
+    if blend.gamma:
+        terms.append(f"a text prior (weight {blend.gamma:g}) for products nobody has bought yet")
+    if blend.cold_offset:
+        terms.append(f"{blend.cold_offset:g} for products nobody has bought yet")
+    return " + ".join(terms).replace("+ -", "- ") + " (training/blend.py)"
 
 
 def cmd_search(args: argparse.Namespace, settings: Any) -> int:
