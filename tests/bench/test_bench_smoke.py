@@ -113,6 +113,20 @@ def test_between_batches_bench(retail_csv):
     assert json.loads(proc.stdout[proc.stdout.index("{") :])
 
 
+def test_physical_limit_bench(tmp_path):
+    out = tmp_path / "limit.json"
+    run_bench(
+        ["bench/physical_limit.py", "--datasets", "synth:tiny", "--batch-sizes", "1,50", "--reps", "2", "--output", str(out)]
+    )
+    rows = json.loads(out.read_text())
+    assert [r["batch_size"] for r in rows] == [1, 50]
+    for r in rows:
+        for k in ("fraction_rows", "fraction_in_edges", "fraction_messages"):
+            assert 0 < r[k] <= 1, r
+        assert r["apply_over_full"] > 0
+    assert rows[1]["fraction_rows"] > rows[0]["fraction_rows"]  # a larger batch touches more
+
+
 def test_quality_bench(tmp_path):
     full_dataset("online_retail/online_retail.csv.gz")
     report = tmp_path / "quality.json"
