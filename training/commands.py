@@ -16,8 +16,10 @@ with ``--json`` the query, source, model versions and every candidate (key, id, 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,6 +239,23 @@ def _print_candidates(
     print("\n".join(candidate_table(cands, indent="  ")))
 
 
+def _clear_errors(command: Any) -> Any:
+    """A candidate command's expected failures (an unknown node or user, no vectors yet) as one
+    line on stderr and exit code 2, not a traceback."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace, settings: Any) -> int:
+        try:
+            return int(command(args, settings))
+        except (KeyError, FileNotFoundError, ValueError) as e:
+            message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+            print(f"kg-streamer {args.command}: {message}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+@_clear_errors
 def cmd_similar(args: argparse.Namespace, settings: Any) -> int:
     from training.candidates import titles
 
@@ -248,6 +267,7 @@ def cmd_similar(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
+@_clear_errors
 def cmd_recommend(args: argparse.Namespace, settings: Any) -> int:
     index = _load_index(settings, args.source)
     from training.candidates import serving_blend
@@ -290,6 +310,7 @@ def ranking_text(blend: Any) -> str:
     return " + ".join(terms).replace("+ -", "- ") + " (training/blend.py)"
 
 
+@_clear_errors
 def cmd_search(args: argparse.Namespace, settings: Any) -> int:
     index = _load_index(settings, args.source)
     cands, aligned = index.search(args.text, args.k)
@@ -305,6 +326,7 @@ def _load_index(settings: Any, source: Any) -> Any:
     return VectorIndex.load(settings, source)
 
 
+@_clear_errors
 def cmd_write_vectors(args: argparse.Namespace, settings: Any) -> int:
     from training.candidates import VectorIndex, write_back
 

@@ -79,6 +79,14 @@ def test_candidate_commands_print_titles_and_json(settings, capsys):
     assert [r["id"] for r in doc["results"]] == [r[1] for r in rows]
     assert all(r["title"] == graph_titles[r["key"]] for r in doc["results"])
 
+    # an unknown user or node: one clear line and exit code 2, no traceback
+    capsys.readouterr()
+    assert _run_cli(["recommend", "--user", f"{prefix}nobody"], settings) == 2
+    err = capsys.readouterr().err
+    assert f"User:{prefix}nobody: no vector" in err and "Traceback" not in err
+    assert _run_cli(["similar", "--node", f"Product:{prefix}nope"], settings) == 2
+    assert f"Product:{prefix}nope: no vector" in capsys.readouterr().err
+
     # search (from the topic this time): table and JSON
     assert _run_cli(["search", "--text", "Product 7", "--k", "3", "--source", "topic"], settings) == 0
     out = capsys.readouterr().out
