@@ -58,6 +58,9 @@ log = logging.getLogger(__name__)
 BETAS: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 GAMMAS: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 COLD_OFFSETS: tuple[float, ...] = (0.0, -4.0, -2.0, -1.0, -0.5, 0.5, 1.0, 2.0)
+# fit_blend scores validation users x products whole (a few such matrices at once): at most this
+# many entries, by sampling the users (seeded), so that a large catalogue cannot exhaust memory
+MAX_SCORE_ENTRIES = 20_000_000
 
 
 @dataclass
@@ -149,8 +152,9 @@ def fit_blend(model: Any, graph: Any, cfg: Any, k: int = 20) -> Blend:
     if not new:
         return Blend(validation={"users": 0})
     users = np.asarray(sorted(new), dtype=np.int64)
-    if len(users) > cfg.max_val_users:
-        users = np.sort(np.random.default_rng(cfg.seed).choice(users, cfg.max_val_users, replace=False))
+    max_users = min(cfg.max_val_users, max(100, MAX_SCORE_ENTRIES // max(1, len(products))))
+    if len(users) > max_users:
+        users = np.sort(np.random.default_rng(cfg.seed).choice(users, max_users, replace=False))
     targets = [np.asarray(sorted(new[int(u)]), dtype=np.int64) for u in users]
     exclude = [np.asarray(sorted(hist[int(u)]), dtype=np.int64) for u in users]
 
