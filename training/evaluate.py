@@ -47,6 +47,8 @@ Protocol (``evaluate_dataset``)
      products without any interaction before ``T``, a text prior; window and weights chosen
      on that same validation split (``training.blend``).
    * ``fused_trained_align`` (with ``align_weight``): trained with the alignment objective too.
+   * ``fused_trained_mean`` / ``fused_blend_mean`` (with ``compare_fusion``): the same training
+     with the other fusion of text and structure, plain and blended.
    * ``search_text`` / ``search_aligned``: a text query -- the product text of the user's most
      recent product before ``T`` -- against product vectors: cosine with text embeddings, or
      ``fuse(q, align(q)) . fused(product)`` of the aligned model (what ``kg-streamer search`` does).
