@@ -54,15 +54,7 @@ def main() -> int:
     bench = inc.Bench(args)
     ds = inc.retail_dataset(Path(args.retail), args.retail_split, args.dim)
     engine = inc.IncrementalEngine(bench.model(args.dim), torch.device("cpu"), reanchor_every=args.reanchor_every)
-    engine.bulk_load(
-        ds["keys"],
-        ds["src"],
-        ds["dst"],
-        ds["rel"],
-        features=ds["features"],
-        rel_names=ds["rel_names"],
-        feature_rows=ds["feature_rows"],
-    )
+    inc.load_into(engine, ds)
     stream, B, L = ds["stream"], a.batch_size, engine.L
     khop = inc.KHopBaseline(engine)
     big = torch.randn(8_000_000)

@@ -407,6 +407,19 @@ def retail_dataset(path: Path, split: float, dim: int) -> dict[str, Any]:
     }
 
 
+def load_into(engine: IncrementalEngine, ds: dict[str, Any]) -> None:
+    """``engine.bulk_load`` of a dataset built by ``retail_dataset`` or ``synth_dataset``."""
+    engine.bulk_load(
+        ds["keys"],
+        ds["src"],
+        ds["dst"],
+        ds["rel"],
+        features=ds["features"],
+        rel_names=ds["rel_names"],
+        feature_rows=ds["feature_rows"],
+    )
+
+
 def synth_dataset(preset: str, seed: int) -> dict[str, Any]:
     cfg = synth.PRESETS[preset].scaled(seed=seed)
     g = synth.generate(cfg)
@@ -544,17 +557,7 @@ class Bench:
             agg_dtype=getattr(torch, a.agg_dtype),
             full_ratio=a.full_ratio,
         )
-        load_s, _ = self.timer(
-            lambda: engine.bulk_load(
-                ds["keys"],
-                ds["src"],
-                ds["dst"],
-                ds["rel"],
-                features=ds["features"],
-                rel_names=ds["rel_names"],
-                feature_rows=ds["feature_rows"],
-            )
-        )
+        load_s, _ = self.timer(lambda: load_into(engine, ds))
         del ds["features"]
         log(f"dataset {name}: built in {build_s:.1f}s, loaded in {load_s:.1f}s: {ds['info']}")
         adj = engine.adjacency(torch.float32)  # (c) sums in float32, like PyG

@@ -79,15 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         model = inc.GraphEncoder(inc.GraphEncoderConfig(in_dim=384, hidden=128, out=128, layers=2, seed=0))
         # full_ratio 0: never switch to a full pass, so the delta work is what is measured
         engine = IncrementalEngine(model, torch.device("cpu"), agg_dtype=torch.float64, full_ratio=0.0)
-        engine.bulk_load(
-            ds["keys"],
-            ds["src"],
-            ds["dst"],
-            ds["rel"],
-            features=ds["features"],
-            rel_names=ds["rel_names"],
-            feature_rows=ds["feature_rows"],
-        )
+        inc.load_into(engine, ds)
         adj = engine.adjacency(torch.float32)
         fulls = []
         for _ in range(3):
