@@ -114,14 +114,16 @@ def text_profiles(text: Tensor, histories: Sequence[np.ndarray]) -> Tensor:
 
 def load_blend(checkpoint: str | Path | None) -> Blend | None:
     """The blend saved with a checkpoint (``<name>.metrics.json``'s ``blend``), if any."""
-    if checkpoint is None:
-        return None
-    path = Path(checkpoint)
-    metrics = path.with_name(path.name.removesuffix(".safetensors") + ".metrics.json")
-    if not metrics.exists():
-        return None
-    doc = json.loads(metrics.read_text()).get("blend")
+    doc = checkpoint_metrics(checkpoint).get("blend")
     return Blend.from_dict(doc) if doc else None
+
+
+def checkpoint_metrics(checkpoint: str | Path | None) -> dict[str, Any]:
+    """A checkpoint's ``<name>.metrics.json`` (``train.save``), or {} when there is none."""
+    from training.train import metrics_path
+
+    path = None if checkpoint is None else metrics_path(checkpoint)
+    return json.loads(path.read_text()) if path is not None and path.exists() else {}
 
 
 def _metrics(scores: Tensor, targets: list[np.ndarray], exclude: list[np.ndarray], k: int) -> tuple[float, float]:

@@ -210,32 +210,34 @@ class VectorIndex:
         (``serving_blend``), the scores are ``blend.score`` of the cosines (training/blend.py)."""
         key = user if user.startswith("User:") else f"User:{user}"
         bought = self.interacted(key, exclude_rels)
-        scores = self.vectors[torch.as_tensor(self.products, dtype=torch.long)] @ self.vector(key)
+        products = self.vectors[torch.as_tensor(self.products, dtype=torch.long)]
+        scores = products @ self.vector(key)
         if blend is not None and not blend.plain:
-            scores = self._blended(key, scores, blend)
+            scores = self._blended(key, products, scores, blend)
         return self._top_scores(scores, k, bought), len(bought)
 
-    def _blended(self, user_key: str, dot: Tensor, blend: Blend) -> Tensor:
+    def _blended(self, user_key: str, products: Tensor, dot: Tensor, blend: Blend) -> Tensor:
         """``blend.score`` for one user: recent popularity and the cold flags from the graph DB
-        (``product_popularity``), the user's text profile from their products' vectors."""
+        (``product_popularity``), the user's text profile from their products' vectors
+        (``products``: the rows of ``self.products``)."""
         from training.blend import text_part
         from training.dataset import INTERACTION_RELS
 
         pop = product_popularity(self.settings, blend)
         if pop is None:
             return dot
-        ids = [split_key(self.keys[int(i)])[1] for i in self.products]
-        users = torch.as_tensor([pop.get(pid, (0, 0))[0] for pid in ids], dtype=torch.float32)
-        recent = torch.as_tensor([pop.get(pid, (0, 0))[1] for pid in ids], dtype=torch.float32)
+        counts = torch.as_tensor(
+            [pop.get(split_key(self.keys[int(i)])[1], (0, 0)) for i in self.products], dtype=torch.float32
+        ).reshape(-1, 2)
         struct_dim = blend.struct_dim or self.settings.gnn_out  # the checkpoint's width, when the blend knows it
-        text = text_part(self.vectors[torch.as_tensor(self.products, dtype=torch.long)], struct_dim, self.settings.fusion)
+        text = text_part(products, struct_dim, self.settings.fusion)
         tsim = None
-        history = [self.index[p] for p in self.interacted(user_key, INTERACTION_RELS) if p in self.index]
+        position = {int(row): i for i, row in enumerate(self.products)}
+        history = [position[r] for p in self.interacted(user_key, INTERACTION_RELS) if (r := self.index.get(p, -1)) in position]
         if text is not None and history:
-            mine = text_part(self.vectors[torch.as_tensor(history, dtype=torch.long)], struct_dim, self.settings.fusion)
-            assert mine is not None
-            tsim = (text @ F.normalize(mine.mean(0), dim=0)).unsqueeze(0)
-        return blend.score(dot.unsqueeze(0), tsim, recent, users == 0)[0]
+            profile = F.normalize(text[torch.as_tensor(history, dtype=torch.long)].mean(0), dim=0)
+            tsim = (text @ profile).unsqueeze(0)
+        return blend.score(dot.unsqueeze(0), tsim, counts[:, 1], counts[:, 0] == 0)[0]
 
     def search(self, text: str, k: int = 20, text_encoder: Any = None, model: Any = None) -> tuple[list[Candidate], bool]:
         """(candidates, aligned): the query vector of ``text`` against product vectors."""
@@ -272,18 +274,17 @@ def serving_blend(settings: Any, index: VectorIndex) -> Blend | None:
     index's vectors are that checkpoint's (its ``published_model_version``); else None (the
     plain cosine ranking: a blend's scales fit only its own model's vectors)."""
     from streamer.embed.state import active_checkpoint
-    from training.blend import load_blend
+    from training.blend import checkpoint_metrics
 
     checkpoint = active_checkpoint(settings)
-    blend = load_blend(checkpoint)
-    if blend is None or checkpoint is None:
+    doc = checkpoint_metrics(checkpoint)
+    if not doc.get("blend"):
         return None
-    metrics = checkpoint.with_name(checkpoint.name.removesuffix(".safetensors") + ".metrics.json")
-    version = json.loads(metrics.read_text()).get("published_model_version")
+    version = doc.get("published_model_version")
     if version not in index.version_summary():
         log.warning("the vectors are not %s's (model %s): ranking by the model's cosine alone", checkpoint, version)
         return None
-    return blend
+    return Blend.from_dict(doc["blend"])
 
 
 def product_popularity(settings: Any, blend: Blend, timeout_s: float = 30.0) -> dict[str, tuple[int, int]] | None:

@@ -269,9 +269,9 @@ def cmd_similar(args: argparse.Namespace, settings: Any) -> int:
 
 @_clear_errors
 def cmd_recommend(args: argparse.Namespace, settings: Any) -> int:
-    index = _load_index(settings, args.source)
     from training.candidates import serving_blend
 
+    index = _load_index(settings, args.source)
     rels = [r.strip().upper() for r in args.exclude_rels.split(",") if r.strip()]
     blend = None if args.plain else serving_blend(settings, index)
     cands, excluded = index.recommend(args.user, args.k, rels, blend)

@@ -693,13 +693,19 @@ def published_version(model: GraphEncoder, text_model_id: str, fusion: str, fusi
     ).model_version
 
 
+def metrics_path(checkpoint: str | Path) -> Path:
+    """``<name>.metrics.json`` next to a checkpoint ``<name>.safetensors`` (``save`` writes it)."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.name.removesuffix(".safetensors") + ".metrics.json")
+
+
 def save(result: TrainResult, out: str | Path, extra: dict[str, Any] | None = None) -> tuple[Path, Path]:
     """Write the checkpoint (safetensors, config and version in its metadata) and, next to it,
     ``<name>.metrics.json``. Returns both paths."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result.model.save(out)
-    metrics_path = out.with_name(out.name.removesuffix(".safetensors") + ".metrics.json")
+    metrics = metrics_path(out)
     doc = {**result.metrics(), **(extra or {}), "checkpoint": str(out)}
-    metrics_path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    return out, metrics_path
+    metrics.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    return out, metrics
