@@ -69,7 +69,7 @@ def cmd_load(args, settings: Settings) -> int:
     return 0
 
 
-def _run_consumer(make, args, settings: Settings) -> int:
+def run_consumer(make, args, settings: Settings) -> int:
     """A long-running consumer: topics, /metrics and the group's lag monitor (only where
     metrics are served), SIGTERM handling, run, print its summary."""
     from streamer import metrics
@@ -79,7 +79,11 @@ def _run_consumer(make, args, settings: Settings) -> int:
 
     ensure_topics(settings)
     HEALTH.stale_s = settings.max_poll_interval_ms / 1000  # a loop stuck longer has left its group anyway
-    metrics.serve(settings.metrics_addr)
+    try:
+        metrics.serve(settings.metrics_addr)
+    except metrics.AddressInUse as e:
+        print(f"kg-streamer {args.command}: {e}", file=sys.stderr)
+        return 2
     consumer = make(settings)
     consumer.install_signal_handlers()
     monitor = start_monitor(settings, consumer.group, consumer.topics)
@@ -95,13 +99,13 @@ def _run_consumer(make, args, settings: Settings) -> int:
 def cmd_ingest(args, settings: Settings) -> int:
     from streamer.ingest.step import ingest_consumer
 
-    return _run_consumer(ingest_consumer, args, settings)
+    return run_consumer(ingest_consumer, args, settings)
 
 
 def cmd_embed(args, settings: Settings) -> int:
     from streamer.embed.worker import embed_consumer
 
-    return _run_consumer(embed_consumer, args, settings)
+    return run_consumer(embed_consumer, args, settings)
 
 
 def cmd_verify(args, settings: Settings) -> int:

@@ -193,13 +193,23 @@ def _app() -> Any:
     return app
 
 
+class AddressInUse(RuntimeError):
+    """``serve``'s address is taken (e.g. by another kg-streamer command on the same host)."""
+
+
 def serve(addr: str) -> bool:
     """Start the HTTP endpoint (/metrics, /healthz, /readyz) on "host:port" in a daemon thread;
-    returns False when disabled."""
+    returns False when disabled; ``AddressInUse`` when the address cannot be bound."""
     if not addr:
         return False
     host, _, port = addr.rpartition(":")
-    server = make_server(host or "0.0.0.0", int(port), _app(), _ThreadingServer, handler_class=_QuietHandler)
+    try:
+        server = make_server(host or "0.0.0.0", int(port), _app(), _ThreadingServer, handler_class=_QuietHandler)
+    except OSError as e:
+        raise AddressInUse(
+            f"cannot serve /metrics on {addr} ({e.strerror or e}); another process holds it (another kg-streamer "
+            "command on this host?): give this one its own KGS_METRICS_ADDR=host:port, or KGS_METRICS_ADDR= for none"
+        ) from e
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     _served.append(addr)
     return True

@@ -318,7 +318,12 @@ def cmd_lag_exporter(args, settings: Settings) -> int:
     from streamer import metrics
     from streamer.groups.lag import DEFAULT_INTERVAL_S, LagMonitor
 
-    if not metrics.serve(settings.metrics_addr):
+    try:
+        served = metrics.serve(settings.metrics_addr)
+    except metrics.AddressInUse as e:
+        print(f"kg-streamer lag-exporter: {e}", file=sys.stderr)
+        return 2
+    if not served:
         print("lag-exporter needs KGS_METRICS_ADDR (host:port)", file=sys.stderr)
         return 2
     from streamer.groups.lag import LagSampler

@@ -61,3 +61,24 @@ def test_the_endpoint_answers_the_probes_and_still_serves_metrics(served_health:
     assert get(port, "/readyz")[0] == 503
     status, body = get(port, "/metrics")
     assert status == 200 and "kgs_stage_duration_seconds" in body
+
+
+def test_a_taken_metrics_address_is_one_clear_line_and_exit_2(served_health: int, monkeypatch, capsys) -> None:
+    """A second kg-streamer command on the same host and default KGS_METRICS_ADDR: it says what
+    to set instead of dying with a traceback (found running ingest and embed side by side)."""
+    import argparse
+
+    from streamer import cli
+    from streamer.kafka import topics
+    from streamer.settings import Settings
+
+    with pytest.raises(metrics.AddressInUse, match="KGS_METRICS_ADDR"):
+        metrics.serve(f"127.0.0.1:{served_health}")
+    monkeypatch.setattr(topics, "ensure_topics", lambda settings: None)
+    made = []
+    args = argparse.Namespace(command="embed", until_caught_up=False, max_seconds=None)
+    settings = Settings(_env_file=None, metrics_addr=f"127.0.0.1:{served_health}")
+    assert cli.run_consumer(lambda s: made.append(s), args, settings) == 2
+    assert not made  # no consumer was built
+    err = capsys.readouterr().err
+    assert err.startswith(f"kg-streamer embed: cannot serve /metrics on 127.0.0.1:{served_health}") and "Traceback" not in err
