@@ -186,6 +186,7 @@ class EmbedStep:
         self.unpublished: Unpublished | None = None
         self.timings: dict[str, float] = {}
         self.last_checkpoint = time.monotonic()
+        self.checkpointed = dict(self.positions)  # the offsets the checkpoint on disk covers
         self.text_encoded = self.opened.text.encoded_count
         self.ledger = DeadLetterLedger(settings)
         self.ledger_for: dict[TopicPartition, int] | None = None  # replay starts to load the ledger for
@@ -211,9 +212,18 @@ class EmbedStep:
             self.shards.start()
 
     def tick(self) -> None:
-        """Every turn of the consumer loop: act on a new owned set of shards between batches."""
-        if self.shards is not None and self.unpublished is None:
+        """Every turn of the consumer loop, between batches: act on a new owned set of shards,
+        and save progress the checkpoint does not cover yet once ``embed_checkpoint_every_s``
+        has passed. (``process`` checkpoints only after a batch, so a worker that went idle
+        right after one would leave its checkpoint, and what ``verify`` audits, behind for as
+        long as it stays idle.)"""
+        if self.unpublished is not None:
+            return
+        if self.shards is not None:
             self.sync_shards()
+        every = self.settings.embed_checkpoint_every_s
+        if self.positions != self.checkpointed and time.monotonic() - self.last_checkpoint >= every:
+            self.checkpoint()
 
     def sync_shards(self) -> None:
         """Take a new owned set from the shard group; bring newly owned shards up to date and
@@ -423,6 +433,7 @@ class EmbedStep:
     def checkpoint(self) -> None:
         """Engine state + the changelog offsets it covers + the text cache, atomically."""
         save_checkpoint(self.opened, self.positions)
+        self.checkpointed = dict(self.positions)
         self.last_checkpoint = time.monotonic()
 
     def account(self, n_records: int, report: BatchReport, source_ms: int | None, acked: float, dead: list[DeadLetter]) -> None:

@@ -196,3 +196,40 @@ def test_a_rebalance_that_gives_the_partition_back_resumes_where_the_engine_is(s
     client = SeekLog()
     step.on_assigned(client, {tp})
     assert client.seeks == {tp: applied}
+
+
+def test_an_idle_worker_checkpoints_what_it_applied_and_verify_passes_while_it_runs(settings, prefix):
+    """A long-lived worker that goes idle after a batch saves the progress its checkpoint does
+    not cover yet, so `verify` against the running deployment audits the current state (found
+    in a user run: verify failed against a live, caught-up worker whose checkpoint was a batch
+    behind, because checkpoints were only written after batches)."""
+    import json
+    import threading
+
+    from streamer.kafka.topics import read_to_end
+
+    # the batch lands within checkpoint_every_s of the worker's start, so `process` does not
+    # checkpoint after it: only the idle worker's tick can
+    settings = settings.model_copy(update={"embed_checkpoint_every_s": 6.0, "torch_threads": 1})
+    events = sample_events(prefix, products=12, users=5)
+    produce_events(settings, events)
+    ingest(settings)
+    worker = embed_consumer(settings)
+    thread = threading.Thread(target=worker.run, kwargs={"max_seconds": 120}, daemon=True)
+    thread.start()
+    try:
+        end = sum(1 for _ in read_to_end(settings, settings.topic_changes, 60))
+        offsets = settings.state_dir / "embed" / "offsets.json"
+        deadline = time.monotonic() + 25
+        while time.monotonic() < deadline:
+            saved = json.loads(offsets.read_text())["offsets"] if offsets.exists() else {}
+            if saved.get(f"{settings.topic_changes}:0") == end:
+                break
+            time.sleep(0.2)
+        assert saved.get(f"{settings.topic_changes}:0") == end, (saved, end)
+        assert thread.is_alive()  # checkpointed by the running worker, not by its shutdown
+        report = verify(settings, against_topic=True, against_graph=True)
+        assert report["ok"], report
+    finally:
+        worker.stop()
+        thread.join(timeout=60)
