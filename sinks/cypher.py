@@ -128,12 +128,30 @@ WHERE p.ts = row.ts AND coalesce(p.version, 0) = row.version AND coalesce(p.dele
 RETURN row.id AS id, coalesce(p.rev, 0) AS rev, coalesce(p.gen, 0) AS gen"""
 
 
+# Write-lock the endpoints before reading whether they are tombstones. Without it, an edge
+# write that read a product as live can commit after a concurrent delete (or delete and
+# resurrection) of that product has detached its edges: a ghost edge on a newer incarnation
+# that no change describes (the worker drops the edge's change as stale). With it, the two
+# transactions serialise: Neo4j's exclusive node lock is taken before the read, so the read sees
+# the committed delete; ArcadeDB's optimistic MVCC fails one of the two commits, and
+# ``GraphSink.write`` retries it. (Found by tests/streamer/ingest/test_racing_ingest.py under load.)
+def _lock(*names: str) -> str:
+    """The lock clauses for the named Product variables ("" when none: other labels are never deleted)."""
+    if not names:
+        return ""
+    return f"SET {', '.join(f'{n}.locked = true' for n in names)}\nREMOVE {', '.join(f'{n}.locked' for n in names)}\n"
+
+
+def _products(*pairs: tuple[str, str]) -> list[str]:
+    return [name for name, label in pairs if label == "Product"]
+
+
 # --- interactions: User-[:<ACTION>]->Product ----------------------------------------------
 @cache
 def interaction_upsert(rel: str) -> str:
     return f"""UNWIND $rows AS row
 MERGE (p:Product {{id: row.product_id}})
-WITH p, row
+{_lock("p")}WITH p, row
 WHERE coalesce(p.deleted, false) = false
 MERGE (u:User {{id: row.user_id}})
 MERGE (u)-[r:{_rel(rel)}]->(p)
@@ -158,7 +176,7 @@ def relation_upsert(src_label: str, rel: str, dst_label: str) -> str:
     return f"""UNWIND $rows AS row
 OPTIONAL MATCH (a0:{_label(src_label)} {{id: row.src}})
 OPTIONAL MATCH (b0:{_label(dst_label)} {{id: row.dst}})
-WITH row, a0, b0
+{_lock(*_products(("a0", src_label), ("b0", dst_label)))}WITH row, a0, b0
 WHERE coalesce(a0.deleted, false) = false AND coalesce(b0.deleted, false) = false
 MERGE (a:{_label(src_label)} {{id: row.src}})
 MERGE (b:{_label(dst_label)} {{id: row.dst}})
@@ -175,7 +193,7 @@ def relation_delete(src_label: str, rel: str, dst_label: str) -> str:
     return f"""UNWIND $rows AS row
 MATCH (a:{_label(src_label)} {{id: row.src}})
 MATCH (b:{_label(dst_label)} {{id: row.dst}})
-WITH row, a, b
+{_lock(*_products(("a", src_label), ("b", dst_label)))}WITH row, a, b
 WHERE coalesce(a.deleted, false) = false AND coalesce(b.deleted, false) = false
 MERGE (a)-[r:{_rel(rel)}]->(b)
 WITH r, row
