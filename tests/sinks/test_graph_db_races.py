@@ -39,37 +39,38 @@ def _race(settings: Any, edge_statement: str, edge_rows: list[dict[str, Any]], v
     Returns how the edge writer ended: "committed" or "conflict"."""
     delete = _batch({"type": "product", "op": "delete", "id": victim, "ts": 2_000})
     auth = (settings.bolt_user, settings.bolt_password.get_secret_value())
-    with GraphDatabase.driver(settings.bolt_uri, auth=auth) as driver:
-        with driver.session(database=settings.bolt_database) as writer_session:
-            writer = writer_session.begin_transaction()
-            writer.run(edge_statement, rows=edge_rows).consume()
-            failure: list[BaseException] = []
+    with (
+        GraphDatabase.driver(settings.bolt_uri, auth=auth) as driver,
+        driver.session(database=settings.bolt_database) as writer_session,
+    ):
+        writer = writer_session.begin_transaction()
+        writer.run(edge_statement, rows=edge_rows).consume()
+        failure: list[BaseException] = []
 
-            def deleter() -> None:
-                try:
-                    with driver.session(database=settings.bolt_database) as session:
-                        with session.begin_transaction() as tx:
-                            ids = [r["id"] for r in tx.run(cypher.PRODUCT_DELETE, rows=delete.product_deletes)]
-                            tx.run(cypher.PRODUCT_DETACH, ids=ids).consume()
-                            tx.commit()
-                except BaseException as exc:  # surfaced below
-                    failure.append(exc)
-
-            thread = threading.Thread(target=deleter, daemon=True)
-            thread.start()
-            thread.join(3.0)  # commits now (optimistic), or waits for the writer's lock (locking)
+        def deleter() -> None:
             try:
-                writer.commit()
-                outcome = "committed"
-            except (TransientError, Neo4jError) as exc:
-                if isinstance(exc, Neo4jError) and not isinstance(exc, TransientError) and ".Transient" not in (exc.code or ""):
-                    raise
-                outcome = "conflict"
-            finally:
-                writer.close()
-            thread.join(30.0)
-            assert not thread.is_alive(), "the delete never finished"
-            assert not failure, f"the delete failed: {failure[0]!r}"
+                with driver.session(database=settings.bolt_database) as session, session.begin_transaction() as tx:
+                    ids = [r["id"] for r in tx.run(cypher.PRODUCT_DELETE, rows=delete.product_deletes)]
+                    tx.run(cypher.PRODUCT_DETACH, ids=ids).consume()
+                    tx.commit()
+            except BaseException as exc:  # surfaced below
+                failure.append(exc)
+
+        thread = threading.Thread(target=deleter, daemon=True)
+        thread.start()
+        thread.join(3.0)  # commits now (optimistic), or waits for the writer's lock (locking)
+        try:
+            writer.commit()
+            outcome = "committed"
+        except (TransientError, Neo4jError) as exc:
+            if isinstance(exc, Neo4jError) and not isinstance(exc, TransientError) and ".Transient" not in (exc.code or ""):
+                raise
+            outcome = "conflict"
+        finally:
+            writer.close()
+        thread.join(30.0)
+        assert not thread.is_alive(), "the delete never finished"
+        assert not failure, f"the delete failed: {failure[0]!r}"
     return outcome
 
 
