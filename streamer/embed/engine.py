@@ -92,6 +92,10 @@ STATE_FORMAT = 1
 # index work of a large incremental layer
 FULL_RATIO = {"cpu": 0.1, "cuda": 0.02}
 CALIBRATE_MIN_MESSAGES = 2_000  # delta layers below this are mostly fixed cost: not a per-message rate
+# The most terms a full pass sums in one float32 run (``IncrementalEngine._blocked``): a float32
+# sum of d identical rows drifts ~2.3e-9 x d from the exact mean (bench/float_sums.py: 1.5e-3 at
+# d = 657k), so blocks of 256 stay ~40x under the 1e-5 bound; the blocks add up in float64.
+F32_BLOCK = 256
 
 
 @dataclass
@@ -520,8 +524,8 @@ class IncrementalEngine:
         alive = rep.alive
         touched_ts: list[Tensor] = []
 
-        # 1. structure: sums gain/lose the neighbour's *old* row. Layer 0 here; layer l >= 1 just
-        # before h[l] is overwritten, and only when layer l+1 runs on the delta path (a full pass
+        # 1. structure: sums gain/lose the neighbour's *old* row. Layer 0 here, layer l >= 1 just
+        # before h[l] is overwritten; each only when layer l+1 runs on the delta path (a full pass
         # computes fresh sums for every row the structure touched)
         owners, srcs, signs, tss = structure.arrays()
         if len(owners):
@@ -546,11 +550,16 @@ class IncrementalEngine:
                 self.S[layer][self.as_index(zero)] = 0
                 self.count[layer].numpy()[zero] = 0
 
-        structure_into(0)
+        # a batch whose first layer runs as a full pass skips layer 0's structural sums: the pass
+        # recomputes the sums of every row they touch (the rows with new features stand in for
+        # the rows that changed: a superset, decided before the features overwrite the old rows)
+        slots = np.fromiter((s for s in x_new if alive[s]), dtype=np.int64)
+        full_next = self._use_full_pass(slots, ends)
+        if not full_next:
+            structure_into(0)
         self._isnew[new_slots] = True
 
         # 2. input features
-        slots = np.fromiter((s for s in x_new if alive[s]), dtype=np.int64)
         rows_t = self.as_index(slots)
         old0 = self.h[0][rows_t]
         default = np.asarray([s for s in slots.tolist() if x_new[s][0] is None], dtype=np.int64)
@@ -571,7 +580,6 @@ class IncrementalEngine:
         held_last = np.zeros(0, dtype=np.int64)
 
         # 3. layers (a large batch finishes with full passes: module doc, "Large batches")
-        full_next = self._use_full_pass(changed, ends)
         for layer in range(L):
             if full_next:
                 began = time.perf_counter()
@@ -669,7 +677,13 @@ class IncrementalEngine:
         rep, dev, n = self.replica, self.device, self.replica.num_slots
         crow, col, row = self._csr(with_rows=True)
         assert row is not None  # with_rows=True
-        adj = self._sparse(crow, col, self.agg_dtype)
+        # Blocked float32 sums: one float32 product (half the cost of float64, as a plain full
+        # pass) over the rows cut into blocks of at most F32_BLOCK terms, the blocks of a row then
+        # added in agg_dtype (``_blocked``). A CSR product sums a row one term at a time, and in
+        # float32 that drifts with the row's length (bench/float_sums.py: 1.5e-3 at a 657k hub
+        # of identical rows); a block of 256 stays ~40x inside the 1e-5 bound.
+        adj, vrow, first_block = self._blocked(crow, col)
+        split = len(vrow) > n
         alive = torch.from_numpy(rep.alive[:n]).to(dev)
         end_mask = torch.zeros(n, dtype=torch.bool, device=dev)
         end_mask[self.as_index(ends)] = True
@@ -677,7 +691,8 @@ class IncrementalEngine:
         in_c[self.as_index(changed)] = True
         deg = torch.from_numpy(rep.length[:n].astype(np.float32)).to(dev).clamp_(min=1)
         for layer in range(first, self.L):
-            reached = self._spmm(adj, in_c.to(adj.dtype).unsqueeze(1)).squeeze(1) > 0
+            reached = torch.zeros(n, dtype=torch.bool, device=dev)
+            reached[vrow[self._spmm(adj, in_c.to(adj.dtype).unsqueeze(1)).squeeze(1) > 0]] = True
             rows_mask = (reached | in_c | end_mask) & alive
             if layer + 1 == self.L and self.shards:
                 rows_mask &= torch.from_numpy(self.owned_slots(n)).to(dev)
@@ -688,7 +703,18 @@ class IncrementalEngine:
                 self._ts.scatter_reduce_(0, recv, self._ts[col[sel]], reduce="amax")
                 touched_ts.append(recv)
             rows_t = rows_mask.nonzero().squeeze(1)
-            fresh = self._spmm(adj, self.h[layer][:n])[rows_t].to(self.agg_dtype)
+            blocks = self._spmm(adj, self.h[layer][:n])  # [blocks, dim] float32
+            fresh = blocks[first_block[rows_t]].to(self.agg_dtype)
+            if split:  # add the further blocks of the long rows of A
+                position = torch.full((n,), -1, dtype=torch.long, device=dev)
+                position[rows_t] = torch.arange(len(rows_t), device=dev)
+                more = torch.ones(len(vrow), dtype=torch.bool, device=dev)
+                more[first_block] = False
+                more &= rows_mask[vrow]
+                extra = more.nonzero().squeeze(1)
+                fresh.index_add_(0, position[vrow[extra]], blocks[extra].to(self.agg_dtype))
+            del blocks
+            rows = rows_t.cpu().numpy()
             self.S[layer][rows_t] = fresh
             self.count[layer][rows_t.cpu()] = 0
             agg = fresh.to(torch.float32)
@@ -697,7 +723,6 @@ class IncrementalEngine:
                 agg.div_(deg[rows_t].unsqueeze(1))
             new = self.model.dense(layer, agg, self.h[layer][rows_t])
             del agg
-            rows = rows_t.cpu().numpy()
             changed, idx, _, held = self._select(layer + 1, rows, self.h[layer + 1][rows_t], new, report, need_delta=False)
             if len(changed):
                 c_t = self.as_index(changed)
@@ -930,6 +955,29 @@ class IncrementalEngine:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             return torch.sparse_csr_tensor(crow, col, torch.ones(len(col), dtype=dtype, device=self.device), size=(n, n))
+
+    def _blocked(self, crow: Tensor, col: Tensor, block: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """The CSR adjacency with every row cut into blocks of at most ``block`` (default
+        ``F32_BLOCK``) consecutive entries, as a [blocks, n] float32 matrix (``col`` unchanged);
+        with ``vrow`` (the row of each block) and ``first_block`` (each row's first block; an
+        empty row keeps one empty block)."""
+        block = block or F32_BLOCK
+        dev, n = self.device, len(crow) - 1
+        length = crow[1:] - crow[:-1]
+        k = torch.clamp((length + block - 1) // block, min=1)  # blocks per row
+        first_block = torch.zeros(n, dtype=torch.int64, device=dev)
+        torch.cumsum(k[:-1], 0, out=first_block[1:])
+        blocks = int(first_block[-1] + k[-1]) if n else 0
+        vrow = torch.repeat_interleave(torch.arange(n, device=dev), k, output_size=blocks)
+        vcrow = torch.empty(blocks + 1, dtype=torch.int64, device=dev)
+        vcrow[:blocks] = crow[:-1][vrow] + (torch.arange(blocks, device=dev) - first_block[vrow]) * block
+        vcrow[blocks] = crow[-1]
+        if self.device.type == "cpu" and len(col) < (1 << 31) - 1:
+            vcrow, col = vcrow.int(), col.int()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            adj = torch.sparse_csr_tensor(vcrow, col, torch.ones(len(col), device=dev), size=(blocks, n))
+        return adj, vrow, first_block
 
     def adjacency(self, dtype: torch.dtype | None = None) -> Tensor:
         """The replica's adjacency as a sparse CSR matrix on the device (row = receiver), for

@@ -310,6 +310,33 @@ def test_a_hub_change_switches_to_a_full_pass_at_layer_two():
     assert engine.verify()[1] == 0
 
 
+def test_blocked_adjacency_cuts_long_rows_and_sums_to_the_plain_product():
+    """The full path's float32 product runs over rows cut into blocks of at most F32_BLOCK
+    terms; the blocks of a row add up to the row's plain sum, every block is short, and an
+    empty row keeps one empty block."""
+    lengths = [0, 1, 4, 5, 12, 0, 9]
+    keys = [f"Product:{i}" for i in range(len(lengths))] + [f"User:{j}" for j in range(max(lengths))]
+    src, dst = [], []
+    for i, k in enumerate(lengths):
+        src += [len(lengths) + j for j in range(k)]
+        dst += [i] * k
+    engine = IncrementalEngine(make_model(2), "cpu")
+    engine.bulk_load(keys, np.asarray(src), np.asarray(dst), "VIEWED")
+    n = engine.replica.num_slots
+    crow, col, _ = engine._csr()
+    adj, vrow, first = engine._blocked(crow, col, block=4)
+    vcrow = adj.crow_indices().long()
+    assert int((vcrow[1:] - vcrow[:-1]).max()) <= 4
+    x = torch.randn(n, 3, dtype=torch.float64)
+    blocks = adj.to_dense().double() @ x
+    combined = torch.zeros(n, 3, dtype=torch.float64).index_add_(0, vrow, blocks)
+    plain = engine._sparse(crow, col, torch.float64).to_dense() @ x
+    assert torch.allclose(combined, plain)
+    assert (vrow[first] == torch.arange(n)).all()
+    degree = torch.from_numpy(engine.replica.length[:n].astype(np.int64))
+    assert torch.equal(torch.bincount(vrow, minlength=n), torch.clamp((degree + 3) // 4, min=1))
+
+
 def test_full_ratio_validation_and_device_default():
     assert IncrementalEngine(make_model(1), "cpu").full_ratio == FULL_RATIO["cpu"]
     assert IncrementalEngine(make_model(1), "cpu", full_ratio=0).full_ratio == 0
