@@ -41,9 +41,11 @@ sums and dense work live on the device (CPU or CUDA).
 Large batches: before layer ``l`` the engine knows how many delta messages it would
 send, ``sum deg(C_{l-1})`` plus the structural ends. When that reaches ``full_ratio`` times the
 graph's half-edges, layers ``l..L`` switch to full-graph passes instead (``_full_from``): one
-CSR product over all rows gives fresh sums, and the *structural* rule above still decides
-which rows are written and published (``A_l`` from a sparse product with the indicator of
-``C_{l-1}``), so rows outside ``A_l`` stay bit-identical and nothing is published for rounding.
+blocked float32 CSR product over all rows gives fresh sums (rows cut into blocks of at most
+``F32_BLOCK`` terms, the blocks added in ``agg_dtype``: ``_blocked``), and the *structural*
+rule above still decides which rows are written and published (``A_l`` from a sparse product
+with the indicator of ``C_{l-1}``), so rows outside ``A_l`` stay bit-identical (a row of
+``A_l`` may move by the float32 rounding, and is then published in exact mode).
 The written sums are fresh, i.e. re-anchored; in bounded mode ``_select`` still decides
 which recomputed rows pass their change on. A fixed ``full_ratio`` sets the switch point (0
 turns it off). Left unset, on CPU the switch point is the break-even of a cost model calibrated
