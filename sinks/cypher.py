@@ -142,7 +142,8 @@ def _lock(*names: str) -> str:
     return f"SET {', '.join(f'{n}.locked = true' for n in names)}\nREMOVE {', '.join(f'{n}.locked' for n in names)}\n"
 
 
-def _products(*pairs: tuple[str, str]) -> list[str]:
+def _product_ends(*pairs: tuple[str, str]) -> list[str]:
+    """The variables of ``(variable, label)`` pairs whose label is Product."""
     return [name for name, label in pairs if label == "Product"]
 
 
@@ -176,7 +177,7 @@ def relation_upsert(src_label: str, rel: str, dst_label: str) -> str:
     return f"""UNWIND $rows AS row
 OPTIONAL MATCH (a0:{_label(src_label)} {{id: row.src}})
 OPTIONAL MATCH (b0:{_label(dst_label)} {{id: row.dst}})
-{_lock(*_products(("a0", src_label), ("b0", dst_label)))}WITH row, a0, b0
+{_lock(*_product_ends(("a0", src_label), ("b0", dst_label)))}WITH row, a0, b0
 WHERE coalesce(a0.deleted, false) = false AND coalesce(b0.deleted, false) = false
 MERGE (a:{_label(src_label)} {{id: row.src}})
 MERGE (b:{_label(dst_label)} {{id: row.dst}})
@@ -193,7 +194,7 @@ def relation_delete(src_label: str, rel: str, dst_label: str) -> str:
     return f"""UNWIND $rows AS row
 MATCH (a:{_label(src_label)} {{id: row.src}})
 MATCH (b:{_label(dst_label)} {{id: row.dst}})
-{_lock(*_products(("a", src_label), ("b", dst_label)))}WITH row, a, b
+{_lock(*_product_ends(("a", src_label), ("b", dst_label)))}WITH row, a, b
 WHERE coalesce(a.deleted, false) = false AND coalesce(b.deleted, false) = false
 MERGE (a)-[r:{_rel(rel)}]->(b)
 WITH r, row

@@ -698,7 +698,10 @@ class IncrementalEngine:
         # float32 that drifts with the row's length (bench/float_sums.py: 1.5e-3 at a 657k hub
         # of identical rows); a block of 256 stays ~40x inside the 1e-5 bound.
         adj, vrow, first_block = self._blocked(crow, col)
-        split = len(vrow) > n
+        further: Tensor | None = None  # the blocks after each row's first (None: no row was cut)
+        if len(vrow) > n:
+            further = torch.ones(len(vrow), dtype=torch.bool, device=dev)
+            further[first_block] = False
         alive = torch.from_numpy(rep.alive[:n]).to(dev)
         end_mask = torch.zeros(n, dtype=torch.bool, device=dev)
         end_mask[self.as_index(ends)] = True
@@ -720,18 +723,15 @@ class IncrementalEngine:
             rows_t = rows_mask.nonzero().squeeze(1)
             blocks = self._spmm(adj, self.h[layer][:n])  # [blocks, dim] float32
             fresh = blocks[first_block[rows_t]].to(self.agg_dtype)
-            if split:  # add the further blocks of the long rows of A
+            if further is not None:  # add the further blocks of the long rows of A
                 position = torch.full((n,), -1, dtype=torch.long, device=dev)
                 position[rows_t] = torch.arange(len(rows_t), device=dev)
-                more = torch.ones(len(vrow), dtype=torch.bool, device=dev)
-                more[first_block] = False
-                more &= rows_mask[vrow]
-                extra = more.nonzero().squeeze(1)
+                extra = (further & rows_mask[vrow]).nonzero().squeeze(1)
                 fresh.index_add_(0, position[vrow[extra]], blocks[extra].to(self.agg_dtype))
             del blocks
             rows = rows_t.cpu().numpy()
             self.S[layer][rows_t] = fresh
-            self.count[layer][rows_t.cpu()] = 0
+            self.count[layer].numpy()[rows] = 0
             agg = fresh.to(torch.float32)
             del fresh
             if self.mean:
@@ -963,20 +963,21 @@ class IncrementalEngine:
             buf[self.as_index(writes)] = torch.from_numpy(rep.nbr[writes]).to(self.device)
         return buf[: rep.top]
 
-    def _sparse(self, crow: Tensor, col: Tensor, dtype: torch.dtype) -> Tensor:
-        n = len(crow) - 1
+    def _sparse(self, crow: Tensor, col: Tensor, dtype: torch.dtype, columns: int | None = None) -> Tensor:
+        """A CSR matrix of ones, [len(crow) - 1, columns] (default: square)."""
+        rows = len(crow) - 1
         if self.device.type == "cpu" and len(col) < (1 << 31) - 1:  # int32 halves the CSR on the host
             crow, col = crow.int(), col.int()
+        size = (rows, rows if columns is None else columns)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            return torch.sparse_csr_tensor(crow, col, torch.ones(len(col), dtype=dtype, device=self.device), size=(n, n))
+            return torch.sparse_csr_tensor(crow, col, torch.ones(len(col), dtype=dtype, device=self.device), size=size)
 
-    def _blocked(self, crow: Tensor, col: Tensor, block: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-        """The CSR adjacency with every row cut into blocks of at most ``block`` (default
-        ``F32_BLOCK``) consecutive entries, as a [blocks, n] float32 matrix (``col`` unchanged);
-        with ``vrow`` (the row of each block) and ``first_block`` (each row's first block; an
-        empty row keeps one empty block)."""
-        block = block or F32_BLOCK
+    def _blocked(self, crow: Tensor, col: Tensor, block: int = F32_BLOCK) -> tuple[Tensor, Tensor, Tensor]:
+        """The CSR adjacency with every row cut into blocks of at most ``block`` consecutive
+        entries, as a [blocks, n] float32 matrix (``col`` unchanged); with ``vrow`` (the row of
+        each block) and ``first_block`` (each row's first block; an empty row keeps one empty
+        block)."""
         dev, n = self.device, len(crow) - 1
         length = crow[1:] - crow[:-1]
         k = torch.clamp((length + block - 1) // block, min=1)  # blocks per row
@@ -987,12 +988,7 @@ class IncrementalEngine:
         vcrow = torch.empty(blocks + 1, dtype=torch.int64, device=dev)
         vcrow[:blocks] = crow[:-1][vrow] + (torch.arange(blocks, device=dev) - first_block[vrow]) * block
         vcrow[blocks] = crow[-1]
-        if self.device.type == "cpu" and len(col) < (1 << 31) - 1:
-            vcrow, col = vcrow.int(), col.int()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            adj = torch.sparse_csr_tensor(vcrow, col, torch.ones(len(col), device=dev), size=(blocks, n))
-        return adj, vrow, first_block
+        return self._sparse(vcrow, col, torch.float32, columns=n), vrow, first_block
 
     def adjacency(self, dtype: torch.dtype | None = None) -> Tensor:
         """The replica's adjacency as a sparse CSR matrix on the device (row = receiver), for

@@ -62,8 +62,8 @@ def _race(settings: Any, edge_statement: str, edge_rows: list[dict[str, Any]], v
         try:
             writer.commit()
             outcome = "committed"
-        except (TransientError, Neo4jError) as exc:
-            if isinstance(exc, Neo4jError) and not isinstance(exc, TransientError) and ".Transient" not in (exc.code or ""):
+        except Neo4jError as exc:
+            if not isinstance(exc, TransientError) and ".Transient" not in (exc.code or ""):
                 raise
             outcome = "conflict"
         finally:
