@@ -71,7 +71,7 @@ from streamer.kafka.topics import ensure_topics
 from streamer.settings import Settings
 
 DEFAULT_DATA = Settings().data_dir / "online_retail" / "online_retail.csv.gz"
-STAGES = ("decode", "write", "publish", "commit")
+STAGES = ("decode", "write", "publish", "publish_ack", "commit")
 # Broker session settings: Tansu makes a new group wait session_timeout/2 before the join
 # completes, noida-db needs >= 6 s (reference/environment.md).
 SESSION = {"tansu": (2_000, 500), "noida": (6_000, 1_000)}

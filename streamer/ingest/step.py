@@ -2,7 +2,8 @@
 
 It runs on the shared ``BatchingConsumer`` (``streamer.kafka.consumer``, which owns poll,
 pause/resume, rebalance and the commit, always the last step). Contract of
-``IngestStep.process(batch)``, which returns only when all of this is durable:
+``IngestStep.process(batch)``, which returns when all of this is durable but the changes'
+acknowledgement, and returns the wait for that:
 
 1. **decode** -- each message is validated (``streamer.contracts.events``); an invalid one
    becomes a dead letter (``streamer.contracts.dead_letters``: original key and value, headers
@@ -15,9 +16,14 @@ pause/resume, rebalance and the commit, always the last step). Contract of
    not answer, ``Backpressure`` is raised: the consumer pauses its partitions and brings the
    same batch again after ``backpressure_pause_s``.
 3. **publish** -- the changes the transaction made current go to ``kg.changes`` (keyed by
-   node) and the dead letters to ``kg.dlq``; both wait for the broker's acknowledgement. A
-   broker that does not acknowledge is backpressure too: the batch comes again, the version
-   guards make the second write a no-op and the "current" reads republish its changes.
+   node) and the dead letters to ``kg.dlq``. The dead letters are acknowledged before
+   ``process`` returns; the changes are handed to the producer, and ``process`` returns the
+   wait for their acknowledgement (``acknowledged``), which the consumer calls before it
+   commits the batch. In between it may write the next batch to the graph: the graph
+   transaction of batch N+1 overlaps the changelog acknowledgement of batch N. A broker that
+   does not acknowledge is backpressure too: the batch (with the next one, when that was
+   already written) comes again, the version guards make the second write a no-op and the
+   "current" reads republish its changes.
    A dead letter already on ``kg.dlq`` for the same source offset (a replayed batch) is not
    sent again (``streamer.kafka.dead_letter_ledger``, loaded after every assignment).
 
@@ -34,6 +40,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter as Tally
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,7 +137,7 @@ class IngestStep:
         m.init_labels(self.group, "ingest")
         self.graph.ensure_schema()
 
-    def process(self, batch: Batch) -> None:
+    def process(self, batch: Batch) -> Callable[[], None]:
         records = batch.records
         started = time.monotonic()
         with m.STAGE_SECONDS.labels(self.group, "decode").time():
@@ -142,7 +149,7 @@ class IngestStep:
                 written = self.write(valid, source_ms)
             self.timings["write_s"] = time.monotonic() - started - self.timings["decode_s"]
             with m.STAGE_SECONDS.labels(self.group, "publish").time():
-                self.publisher.publish(
+                sent = self.publisher.send(
                     self.settings.topic_changes, ((c.partition_key.encode(), c.to_json(), []) for c in written.changes)
                 )
                 self.publish_dead_letters(dead + written.dead, batch)
@@ -152,7 +159,18 @@ class IngestStep:
             raise Backpressure(f"graph DB unavailable: {exc}", self.settings.backpressure_pause_s) from exc
         except PublishFailed as exc:
             raise Backpressure(f"broker did not acknowledge: {exc}", self.settings.backpressure_pause_s) from exc
-        self.account(records, valid, dead + written.dead, written, started)
+
+        def acknowledged() -> None:
+            """Return once the broker acknowledged every change of the batch (step 3 of the
+            module docstring); the consumer commits the batch only after this."""
+            try:
+                with m.STAGE_SECONDS.labels(self.group, "publish_ack").time():
+                    sent.wait()
+            except PublishFailed as exc:
+                raise Backpressure(f"broker did not acknowledge: {exc}", self.settings.backpressure_pause_s) from exc
+            self.account(records, valid, dead + written.dead, written, started)
+
+        return acknowledged
 
     def on_revoked(self) -> None:
         pass

@@ -16,15 +16,27 @@ Lifecycle (one thread; kafka-python heartbeats from its own thread):
    batch every earlier step finished. The last step is always ``CommitOffsets``: the offsets
    after the batch's last record per partition, with the commit time in the offset metadata
    (``commit_metadata``; ``kg-streamer status`` reads the last commit age from it).
+   **One batch in flight**: the step just before the commit may return instead a wait
+   (``acknowledged()``, a callable) for the last part of its work, an acknowledgement from the
+   broker (ingest's changelog records). The batch is then *in flight*: the consumer polls and
+   processes the next batch, then calls the wait and commits the batch in flight, then
+   commits or puts in flight the next one. So the graph write of batch N+1 overlaps the
+   acknowledgement of batch N, commits stay in batch order, and an offset is committed only
+   after everything before it is durable. When no batch is ready to process, the batch in
+   flight is finished at once (it is never kept waiting for traffic). A wait that fails
+   (``Backpressure``) puts the batch in flight back in hand, together with the batch after it
+   (already written, not committed), and both are held and replayed as one (step 4).
 4. **backpressure** -- a step that cannot finish because infrastructure is down (graph DB,
    broker) raises ``Backpressure(reason, retry_after_s)``. The consumer pauses every assigned
    partition, keeps the batch, keeps polling (paused partitions return nothing and the group
    membership stays alive: it never sleeps in the poll loop) and runs the chain again on the
    same batch after ``retry_after_s``; once it goes through, the partitions are resumed. Steps
    are idempotent, so running one again on the same batch is harmless. One message never
-   raises ``Backpressure``: a step dead-letters what it cannot use.
+   raises ``Backpressure``: a step dead-letters what it cannot use. A batch in flight is
+   finished (or, when its wait fails too, put back in hand with the held batch) before the
+   consumer holds a batch, so nothing is in flight while backpressure holds one.
 5. **rebalance** (eager protocol; callbacks run inside ``poll``) -- on revoke the batch in hand
-   is dropped uncommitted (the next owner reads it again from the committed offsets) and the
+   and the batch in flight are dropped uncommitted (the next owner reads it again from the committed offsets) and the
    backpressure state is cleared; on assign, partitions that came back to this member are
    rewound to the dropped batch's first offsets (kafka-python keeps a kept partition's
    position, past the dropped records, so without the rewind they would be skipped and a
@@ -53,8 +65,8 @@ Lifecycle (one thread; kafka-python heartbeats from its own thread):
    in hand uncommitted (as on a revoke), closes the old client without a commit and subscribes
    a new one with the same group and instance id, which reads on from the committed offsets
    (``kgs_consumer_client_rebuilds_total``).
-8. **stop** -- SIGTERM/SIGINT set the stop flag: the batch in hand is finished through commit
-   (or, while backpressure holds it, abandoned uncommitted), every step's ``close(finished)``
+8. **stop** -- SIGTERM/SIGINT set the stop flag: the batch in flight and the batch in hand are
+   finished through commit (or, while backpressure holds them, abandoned uncommitted), every step's ``close(finished)``
    runs (``finished`` is False when a batch was abandoned), then the clients close.
 
 Health (``streamer.health``, the Kubernetes probes): every turn of the loop is a beat
@@ -62,7 +74,7 @@ Health (``streamer.health``, the Kubernetes probes): every turn of the loop is a
 ``member`` from an assignment (readiness), ``stopping`` at the end. A batch that takes
 ``SLOW_BATCH_S`` or more is logged with where its time went (the steps' ``timings``).
 
-``--until-caught-up`` stops once no batch is in hand, every assigned partition's position has
+``--until-caught-up`` stops once no batch is in hand or in flight, every assigned partition's position has
 reached its high watermark and the group's committed offset equals the position
 (``caught_up``).
 """
@@ -143,14 +155,24 @@ class Batch:
         return nxt
 
 
+@dataclass
+class InFlight:
+    """A processed batch whose commit waits for ``acknowledged()`` (module docstring, 3)."""
+
+    batch: Batch
+    acknowledged: Callable[[], None]
+
+
 class Step(Protocol):
     """One stage's work on a batch.
 
     * ``start()`` -- once, before the first poll.
-    * ``process(batch)`` -- do the batch's work and return only when it is durable; raise
-      ``Backpressure`` when infrastructure is unavailable (the same batch comes again later).
-      Never raise for one bad message: dead-letter it. Any other exception is a bug: it stops
-      the consumer with nothing committed.
+    * ``process(batch)`` -- do the batch's work and return None only when it is durable, or
+      (the step just before the commit only) return ``acknowledged``, a callable that returns
+      once the rest of the work is durable or raises ``Backpressure`` (module docstring, 3);
+      raise ``Backpressure`` when infrastructure is unavailable (the same batch comes again
+      later). Never raise for one bad message: dead-letter it. Any other exception is a bug:
+      it stops the consumer with nothing committed.
     * ``on_revoked()`` -- a rebalance took the partitions; the batch in hand is dropped.
     * ``on_assigned(consumer, partitions)`` -- after a rebalance assigned ``partitions``.
     * ``close(finished)`` -- once, at the end; ``finished`` is False when a batch in hand was
@@ -164,7 +186,7 @@ class Step(Protocol):
 
     def start(self) -> None: ...
 
-    def process(self, batch: Batch) -> None: ...
+    def process(self, batch: Batch) -> Callable[[], None] | None: ...
 
     def on_revoked(self) -> None: ...
 
@@ -367,6 +389,7 @@ class BatchingConsumer:
         self.steps: list[Step] = [*steps, CommitOffsets(self.consumer, group)]
         self.on_close = list(on_close)
         self.batch = Batch()
+        self.in_flight: InFlight | None = None  # a processed batch whose commit waits for its acknowledgement
         self.held_since: float | None = None  # set while backpressure holds the batch
         self.process_s = 0.0  # moving average of the seconds a batch takes through the steps
         self.retry_at = 0.0
@@ -390,8 +413,8 @@ class BatchingConsumer:
 
     @property
     def pending(self) -> list[ConsumerRecord]:
-        """The records in hand (not yet committed)."""
-        return self.batch.records
+        """The records in flight and in hand (not yet committed)."""
+        return (self.in_flight.batch.records if self.in_flight else []) + self.batch.records
 
     # --- control ------------------------------------------------------------------------------
     def stop(self, *_args: object) -> None:
@@ -418,10 +441,13 @@ class BatchingConsumer:
                 self.check_client()
                 if self.batch_ready():
                     self.process_batch()
-                if until_caught_up and not self.batch.records and caught_up(self.consumer):
+                elif self.in_flight is not None:
+                    self.settle_in_flight()  # nothing else to do: do not keep it waiting
+                if until_caught_up and not self.batch.records and self.in_flight is None and caught_up(self.consumer):
                     break
             if self.batch.records and self.held_since is None:
                 self.process_batch()  # shutdown: finish the batch in hand
+            self.settle_in_flight()
             finished = not self.batch.records
             if not finished:
                 log.warning(
@@ -602,20 +628,32 @@ class BatchingConsumer:
 
     # --- process ------------------------------------------------------------------------------
     def process_batch(self) -> bool:
-        """Run the chain over the batch in hand; False when backpressure holds it."""
+        """Run the chain over the batch in hand, then commit the batch in flight and commit this
+        one or put it in flight (module docstring, 3); False when backpressure holds it."""
         batch = self.batch
         began = time.monotonic()
         if self.held_since is None:  # a first try: how long its oldest record took to get here
             m.STAGE_SECONDS.labels(self.group, "queue").observe(batch.polled_age_s)
             m.STAGE_SECONDS.labels(self.group, "batch_wait").observe(began - batch.opened)
+        *work, commit = self.steps
+        acknowledged = None
         try:
-            for step in self.steps:
-                step.process(batch)
+            for step in work:
+                if acknowledged is not None:  # only the step before the commit may leave work in flight
+                    acknowledged()
+                acknowledged = step.process(batch)
         except Backpressure as exc:
-            self._hold(exc)
+            if self.settle_in_flight():
+                self._hold(exc)
             return False
         finally:
             self.alive_at = time.monotonic()  # time spent processing is not time without records
+        if not self.settle_in_flight():
+            return False
+        if acknowledged is None:
+            commit.process(batch)
+        else:
+            self.in_flight = InFlight(batch, acknowledged)
         took = time.monotonic() - began
         if took >= SLOW_BATCH_S:
             timings = {k: round(v, 3) for step in self.steps for k, v in getattr(step, "timings", {}).items()}
@@ -624,6 +662,24 @@ class BatchingConsumer:
         self._release()
         m.BATCH_EVENTS.labels(self.group).observe(len(batch))
         self.batch = Batch()
+        return True
+
+    def settle_in_flight(self) -> bool:
+        """Wait for the batch in flight and commit it. When its wait fails, it goes back in hand
+        in front of the batch there (both are replayed as one, step 3) and is held: False."""
+        if self.in_flight is None:
+            return True
+        flight, self.in_flight = self.in_flight, None
+        try:
+            flight.acknowledged()
+        except Backpressure as exc:
+            log.warning("%s: a batch in flight was not acknowledged; replaying it with the batch after it", self.group)
+            self.batch = Batch(flight.batch.records + self.batch.records, flight.batch.opened, flight.batch.polled_age_s)
+            self._hold(exc)
+            return False
+        finally:
+            self.alive_at = time.monotonic()
+        self.steps[-1].process(flight.batch)
         return True
 
     def _hold(self, exc: Backpressure) -> None:
@@ -645,6 +701,9 @@ class BatchingConsumer:
     def drop_batch(self) -> None:
         self.joining_since = time.monotonic()
         HEALTH.set_phase("joining")
+        if self.in_flight is not None:  # its wait is not called: a new owner replays it
+            self.batch = Batch(self.in_flight.batch.records + self.batch.records)
+            self.in_flight = None
         if self.batch.records:
             log.info("%s: partitions revoked: dropping %d uncommitted messages", self.group, len(self.batch))
             for tp, offset in self.batch.first_offsets().items():

@@ -222,11 +222,16 @@ def _interrupted_run(settings, broker_kind, prefix, ingest_process, sig):
     produce_events(run, events)
     ends = log_ends(run, topic_counts(run, (event_message(run, e) for e in events)))
     first = ingest_process(run, "--until-caught-up", "--max-seconds", "120")
+    # some batches in the graph and committed (a batch is committed once the next one is
+    # written: one batch in flight, streamer/kafka/consumer.py)
     wait_for(
-        lambda: first.proc.poll() is not None or product_count(settings, prefix + "run-") >= 12,
+        lambda: (
+            first.proc.poll() is not None
+            or (product_count(settings, prefix + "run-") >= 12 and sum(committed_offsets(run).values()) > 0)
+        ),
         timeout_s=90,
         interval_s=0.02,
-        what="the first batches in the graph",
+        what="the first batches in the graph and committed",
     )
     assert first.proc.poll() is None, "ingest ended before the signal:\n" + first.tail()
     first.send(sig)

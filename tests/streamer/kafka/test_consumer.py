@@ -250,3 +250,73 @@ def test_a_client_whose_fetches_and_probes_fail_is_rebuilt_and_reads_on(settings
         wait_for(lambda: rebuilds._value.get() == 1, timeout_s=30, what="a client rebuild")
         wait_for(lambda: after <= set(collect.values), timeout_s=60, what="the messages after")
         assert set(collect.values) == first | after
+
+
+class _Acknowledging(PassStep):
+    """A step that leaves each batch in flight (``process`` returns its ``acknowledged`` wait,
+    as ingest does for its changelog records) and logs what happens, in order. The wait of the
+    batch numbered ``fail_at`` fails once, as a broker that does not acknowledge."""
+
+    def __init__(self, fail_at: int) -> None:
+        self.log: list[tuple[str, int]] = []
+        self.batches: list[list[bytes]] = []
+        self.number: dict[int, int] = {}  # id(batch) -> its number
+        self.records: list = []
+        self.fail_at = fail_at
+
+    def process(self, batch):
+        from streamer.kafka.consumer import Backpressure
+
+        number = len(self.batches)
+        self.number[id(batch)] = number
+        self.batches.append([r.value for r in batch.records])
+        self.records.extend(batch.records)
+        self.log.append(("process", number))
+
+        def acknowledged() -> None:
+            self.log.append(("ack", number))
+            if number == self.fail_at:
+                raise Backpressure("staged: not acknowledged", 0.2)
+
+        return acknowledged
+
+
+def test_a_batch_in_flight_is_committed_after_its_wait_and_replayed_with_the_next_when_the_wait_fails(settings):
+    """The commit of batch N waits for its acknowledgement, the next batch is processed before
+    that wait (the overlap), commits stay in batch order, and a failed wait brings batch N and
+    the batch after it back in hand, held, then replayed and committed to the end."""
+    from streamer.kafka.consumer import BatchingConsumer
+
+    values = [f"m{i}".encode() for i in range(40)]
+    produce(settings, ((settings.topic_products, b"one partition", v) for v in values))  # polls of 5, full
+    step = _Acknowledging(fail_at=2)
+    group = settings.ingest_group
+    consumer = BatchingConsumer(settings, group, [settings.topic_products], group, [step], max_batch=5, max_wait_s=0.05)
+    commit = consumer.steps[-1]
+    real_commit = commit.process
+    committed: list[int] = []  # batch numbers, in commit order
+
+    def logged_commit(batch) -> None:  # the real commit, logged
+        committed.append(step.number[id(batch)])
+        step.log.append(("commit", committed[-1]))
+        real_commit(batch)
+
+    commit.process = logged_commit
+    consumer.run(until_caught_up=True, max_seconds=90)
+
+    processed = [v for b in step.batches for v in b]
+    failed, after, replay = step.batches[2], step.batches[3], step.batches[4]
+    assert replay == failed + after, "the batch in flight comes back in front of the batch after it, as one"
+    assert sorted(processed) == sorted(values + failed + after), "every message processed; only those two twice"
+    order = {event: i for i, event in enumerate(step.log)}
+    assert order[("process", 1)] < order[("ack", 0)], f"batch 1 is processed while batch 0 is in flight: {step.log}"
+    assert committed == sorted(committed) and 2 not in committed and 3 not in committed, step.log
+    assert sorted(v for n in committed for v in step.batches[n]) == sorted(values), "every message committed once"
+    for n in committed:
+        assert order[("ack", n)] < order[("commit", n)], f"batch {n} committed before its wait: {step.log}"
+    assert [n for kind, n in step.log if kind == "ack"].count(2) == 1, "a failed wait is not called again"
+    ends: dict[TopicPartition, int] = {}
+    for r in step.records:
+        tp = TopicPartition(r.topic, r.partition)
+        ends[tp] = max(ends.get(tp, 0), r.offset + 1)
+    assert _committed(settings, group, list(ends)) == ends, "committed to the end"
