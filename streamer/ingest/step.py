@@ -1,35 +1,39 @@
 """The ingest step: input messages -> one graph transaction -> kg.changes (+ kg.dlq).
 
 It runs on the shared ``BatchingConsumer`` (``streamer.kafka.consumer``, which owns poll,
-pause/resume, rebalance and the commit, always the last step). Contract of
-``IngestStep.process(batch)``, which returns when all of this is durable but the changes'
-acknowledgement, and returns the wait for that:
+pause/resume, rebalance and the commit, always the last step). ``IngestStep.process(batch)``
+decodes the batch, hands its graph write to the step's **writer thread** and returns
+``finish``, the rest of the batch's work. The consumer keeps that batch *in flight*: it polls
+and processes the next batch (whose write queues behind this one on the writer thread), then
+calls ``finish`` and commits (its lifecycle step 3). So while the graph DB runs batch N+1's
+transaction, the consumer's thread publishes batch N's changes, waits for their
+acknowledgement, commits N and polls and decodes N+2. Writes run one at a time, in batch order;
+commits stay in batch order; an offset is committed only after ``finish`` returned. The work:
 
-1. **decode** -- each message is validated (``streamer.contracts.events``); an invalid one
-   becomes a dead letter (``streamer.contracts.dead_letters``: original key and value, headers
-   naming source topic, partition, offset, error class and message) and the rest go on.
-2. **write** -- the valid events are coalesced (``streamer.ingest.plan``) and written in ONE
-   graph transaction (``sinks.graph_db``), nodes before relationships, version-guarded.
-   Transient errors are retried with jitter inside the sink. If the DB *refuses* the batch (a
-   non-transient error), the batch is bisected until the refused event is isolated; that
-   event is dead-lettered with stage ``write`` and everything else is written. If the DB does
-   not answer, ``Backpressure`` is raised: the consumer pauses its partitions and brings the
-   same batch again after ``backpressure_pause_s``.
-3. **publish** -- the changes the transaction made current go to ``kg.changes`` (keyed by
-   node) and the dead letters to ``kg.dlq``. The dead letters are acknowledged before
-   ``process`` returns; the changes are handed to the producer, and ``process`` returns the
-   wait for their acknowledgement (``acknowledged``), which the consumer calls before it
-   commits the batch. In between it may write the next batch to the graph: the graph
-   transaction of batch N+1 overlaps the changelog acknowledgement of batch N. A broker that
-   does not acknowledge is backpressure too: the batch (with the next one, when that was
-   already written) comes again, the version guards make the second write a no-op and the
-   "current" reads republish its changes.
-   A dead letter already on ``kg.dlq`` for the same source offset (a replayed batch) is not
-   sent again (``streamer.kafka.dead_letter_ledger``, loaded after every assignment).
+1. **decode** (``process``) -- each message is validated (``streamer.contracts.events``); an
+   invalid one becomes a dead letter (``streamer.contracts.dead_letters``: original key and
+   value, headers naming source topic, partition, offset, error class and message) and the
+   rest go on.
+2. **write** (the writer thread; ``finish`` waits for it) -- the valid events are coalesced
+   (``streamer.ingest.plan``) and written in ONE graph transaction (``sinks.graph_db``), nodes
+   before relationships, version-guarded. Transient errors are retried with jitter inside the
+   sink. If the DB *refuses* the batch (a non-transient error), the batch is bisected until the
+   refused event is isolated; that event is dead-lettered with stage ``write`` and everything
+   else is written. If the DB does not answer, ``finish`` raises ``Backpressure``: the consumer
+   pauses its partitions and brings the batch (with the next one, already handed to the
+   writer) again after ``backpressure_pause_s``.
+3. **publish** (``finish``) -- the changes the transaction made current go to ``kg.changes``
+   (keyed by node) and the dead letters to ``kg.dlq``; ``finish`` returns once the broker
+   acknowledged both. A broker that does not acknowledge is backpressure too: the batch comes
+   again, the version guards make the second write a no-op and the "current" reads republish
+   its changes. A dead letter already on ``kg.dlq`` for the same source offset (a replayed
+   batch) is not sent again (``streamer.kafka.dead_letter_ledger``, loaded after every
+   assignment).
 
 Then the consumer commits. A crash anywhere before the commit replays the batch, which the
 version guards make harmless (and the changes are republished, so the embedding worker
-misses nothing).
+misses nothing). On a revoke the batch in flight is dropped uncommitted; a write of it still on
+the writer thread finishes (harmless, as a replay) before any later write starts.
 
 ``ingest_consumer(settings)`` builds the consumer with this step: group ``ingest_group`` over
 the input topics.
@@ -41,6 +45,7 @@ import logging
 import time
 from collections import Counter as Tally
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,45 +137,67 @@ class IngestStep:
         self.ledger_for: set[Any] | None = None  # partitions to load the ledger for, before the next batch
         self.consumer: Any = None
         self.timings: dict[str, float] = {}
+        # graph writes run here, one at a time and in batch order, while the consumer's thread
+        # polls, decodes and publishes around them (module docstring)
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kg-ingest-write")
 
     def start(self) -> None:
         m.init_labels(self.group, "ingest")
         self.graph.ensure_schema()
 
     def process(self, batch: Batch) -> Callable[[], None]:
+        """Decode the batch and hand its graph write to the writer thread; return the rest of
+        its work (``finish``), which the consumer calls before it commits the batch."""
         records = batch.records
         started = time.monotonic()
         with m.STAGE_SECONDS.labels(self.group, "decode").time():
             valid, dead = self.decode(records)
         source_ms = min(r.timestamp for r in records)
-        self.timings = {"decode_s": time.monotonic() - started}  # logged by the consumer when the batch is slow
+        writing = self.writer.submit(self.timed_write, valid, source_ms)
+        decode_s = time.monotonic() - started
+        return lambda: self.finish(batch, valid, dead, writing, started, decode_s)
+
+    def timed_write(self, valid: list[Decoded], source_ms: int) -> tuple[Written, float]:
+        """The writer thread's job: the batch's graph transaction (``write``) and its seconds."""
+        began = time.monotonic()
+        with m.STAGE_SECONDS.labels(self.group, "write").time():
+            written = self.write(valid, source_ms)
+        return written, time.monotonic() - began
+
+    def finish(
+        self,
+        batch: Batch,
+        valid: list[Decoded],
+        dead: list[DeadLetter],
+        writing: Future[tuple[Written, float]],
+        started: float,
+        decode_s: float,
+    ) -> None:
+        """Steps 2 (the wait for the graph write) and 3 of the module docstring: return once the
+        batch is written, its dead letters and changes acknowledged; ``Backpressure`` when the
+        graph DB or the broker cannot take them."""
         try:
-            with m.STAGE_SECONDS.labels(self.group, "write").time():
-                written = self.write(valid, source_ms)
-            self.timings["write_s"] = time.monotonic() - started - self.timings["decode_s"]
+            written, write_s = writing.result()
+            began = time.monotonic()
             with m.STAGE_SECONDS.labels(self.group, "publish").time():
                 sent = self.publisher.send(
                     self.settings.topic_changes, ((c.partition_key.encode(), c.to_json(), []) for c in written.changes)
                 )
                 self.publish_dead_letters(dead + written.dead, batch)
-            self.timings["changes"] = len(written.changes)
+                sent.wait()
         except GraphUnavailable as exc:
             m.GRAPH_ERRORS.labels(self.group, "unavailable").inc()
             raise Backpressure(f"graph DB unavailable: {exc}", self.settings.backpressure_pause_s) from exc
         except PublishFailed as exc:
             raise Backpressure(f"broker did not acknowledge: {exc}", self.settings.backpressure_pause_s) from exc
-
-        def acknowledged() -> None:
-            """Return once the broker acknowledged every change of the batch (step 3 of the
-            module docstring); the consumer commits the batch only after this."""
-            try:
-                with m.STAGE_SECONDS.labels(self.group, "publish_ack").time():
-                    sent.wait()
-            except PublishFailed as exc:
-                raise Backpressure(f"broker did not acknowledge: {exc}", self.settings.backpressure_pause_s) from exc
-            self.account(records, valid, dead + written.dead, written, started)
-
-        return acknowledged
+        # logged by the consumer when the batch is slow
+        self.timings = {
+            "decode_s": decode_s,
+            "write_s": write_s,
+            "publish_s": time.monotonic() - began,
+            "changes": len(written.changes),
+        }
+        self.account(batch.records, valid, dead + written.dead, written, started)
 
     def on_revoked(self) -> None:
         pass
@@ -194,6 +221,7 @@ class IngestStep:
         self.ledger.add((d.topic, d.partition, d.offset) for d in fresh)
 
     def close(self, finished: bool) -> None:
+        self.writer.shutdown(wait=True)  # a write in progress ends (or fails) before the graph closes
         for close in (self.publisher.close, self.graph.close):
             try:
                 close()

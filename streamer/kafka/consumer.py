@@ -16,16 +16,17 @@ Lifecycle (one thread; kafka-python heartbeats from its own thread):
    batch every earlier step finished. The last step is always ``CommitOffsets``: the offsets
    after the batch's last record per partition, with the commit time in the offset metadata
    (``commit_metadata``; ``kg-streamer status`` reads the last commit age from it).
-   **One batch in flight**: the step just before the commit may return instead a wait
-   (``acknowledged()``, a callable) for the last part of its work, an acknowledgement from the
-   broker (ingest's changelog records). The batch is then *in flight*: the consumer polls and
-   processes the next batch, then calls the wait and commits the batch in flight, then
-   commits or puts in flight the next one. So the graph write of batch N+1 overlaps the
-   acknowledgement of batch N, commits stay in batch order, and an offset is committed only
-   after everything before it is durable. When no batch is ready to process, the batch in
-   flight is finished at once (it is never kept waiting for traffic). A wait that fails
+   **One batch in flight**: the step just before the commit may return instead the rest of
+   its work (``finish()``, a callable; ingest's: wait for the graph write it started on its
+   writer thread, publish the changes, wait for the broker). The batch is then *in flight*:
+   the consumer polls and processes the next batch, then calls ``finish`` and commits the
+   batch in flight, then commits or puts in flight the next one. So ingest's graph write of
+   batch N+1 runs while the consumer's thread publishes batch N and polls N+2; commits stay in
+   batch order, and an offset is committed only after everything before it is durable. When
+   no batch is ready to process, the batch in flight is finished at once (a poll takes only
+   what has arrived: it is never kept waiting for traffic). A ``finish`` that fails
    (``Backpressure``) puts the batch in flight back in hand, together with the batch after it
-   (already written, not committed), and both are held and replayed as one (step 4).
+   (processed, not committed), and both are held and replayed as one (step 4).
 4. **backpressure** -- a step that cannot finish because infrastructure is down (graph DB,
    broker) raises ``Backpressure(reason, retry_after_s)``. The consumer pauses every assigned
    partition, keeps the batch, keeps polling (paused partitions return nothing and the group
@@ -33,8 +34,9 @@ Lifecycle (one thread; kafka-python heartbeats from its own thread):
    same batch after ``retry_after_s``; once it goes through, the partitions are resumed. Steps
    are idempotent, so running one again on the same batch is harmless. One message never
    raises ``Backpressure``: a step dead-letters what it cannot use. A batch in flight is
-   finished (or, when its wait fails too, put back in hand with the held batch) before the
-   consumer holds a batch, so nothing is in flight while backpressure holds one.
+   finished (or, when its ``finish`` fails too, put back in hand with the held batch) before
+   the consumer holds a batch, so nothing is in flight while backpressure holds one, and a
+   held batch's retry runs whole, ``finish`` included, before the partitions resume.
 5. **rebalance** (eager protocol; callbacks run inside ``poll``) -- on revoke the batch in hand
    and the batch in flight are dropped uncommitted (the next owner reads it again from the committed offsets) and the
    backpressure state is cleared; on assign, partitions that came back to this member are
@@ -157,10 +159,10 @@ class Batch:
 
 @dataclass
 class InFlight:
-    """A processed batch whose commit waits for ``acknowledged()`` (module docstring, 3)."""
+    """A processed batch whose commit waits for ``finish()`` (module docstring, 3)."""
 
     batch: Batch
-    acknowledged: Callable[[], None]
+    finish: Callable[[], None]
 
 
 class Step(Protocol):
@@ -168,8 +170,8 @@ class Step(Protocol):
 
     * ``start()`` -- once, before the first poll.
     * ``process(batch)`` -- do the batch's work and return None only when it is durable, or
-      (the step just before the commit only) return ``acknowledged``, a callable that returns
-      once the rest of the work is durable or raises ``Backpressure`` (module docstring, 3);
+      (the step just before the commit only) return ``finish``, a callable that does the rest
+      and returns once it is durable, or raises ``Backpressure`` (module docstring, 3);
       raise ``Backpressure`` when infrastructure is unavailable (the same batch comes again
       later). Never raise for one bad message: dead-letter it. Any other exception is a bug:
       it stops the consumer with nothing committed.
@@ -477,7 +479,9 @@ class BatchingConsumer:
             if room <= 0:
                 return  # full: batch_ready() processes it before the next poll
             timeout_ms = 2000 if not self.consumer.assignment() else 100
-            if self.batch.records:  # wake up when the batch is due, not later
+            if self.in_flight is not None:
+                timeout_ms = 0  # take what has arrived; the batch in flight must not wait for more
+            elif self.batch.records:  # wake up when the batch is due, not later
                 due = self.batch.opened + self.wait_s() - time.monotonic()
                 timeout_ms = int(min(100, max(1, due * 1000)))
             polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=room)
@@ -636,12 +640,15 @@ class BatchingConsumer:
             m.STAGE_SECONDS.labels(self.group, "queue").observe(batch.polled_age_s)
             m.STAGE_SECONDS.labels(self.group, "batch_wait").observe(began - batch.opened)
         *work, commit = self.steps
-        acknowledged = None
+        finish = None
         try:
             for step in work:
-                if acknowledged is not None:  # only the step before the commit may leave work in flight
-                    acknowledged()
-                acknowledged = step.process(batch)
+                if finish is not None:  # only the step before the commit may leave work in flight
+                    finish()
+                finish = step.process(batch)
+            if finish is not None and self.held_since is not None:  # a retry goes through whole before resuming
+                finish()
+                finish = None
         except Backpressure as exc:
             if self.settle_in_flight():
                 self._hold(exc)
@@ -650,10 +657,10 @@ class BatchingConsumer:
             self.alive_at = time.monotonic()  # time spent processing is not time without records
         if not self.settle_in_flight():
             return False
-        if acknowledged is None:
+        if finish is None:
             commit.process(batch)
         else:
-            self.in_flight = InFlight(batch, acknowledged)
+            self.in_flight = InFlight(batch, finish)
         took = time.monotonic() - began
         if took >= SLOW_BATCH_S:
             timings = {k: round(v, 3) for step in self.steps for k, v in getattr(step, "timings", {}).items()}
@@ -671,7 +678,7 @@ class BatchingConsumer:
             return True
         flight, self.in_flight = self.in_flight, None
         try:
-            flight.acknowledged()
+            flight.finish()
         except Backpressure as exc:
             log.warning("%s: a batch in flight was not acknowledged; replaying it with the batch after it", self.group)
             self.batch = Batch(flight.batch.records + self.batch.records, flight.batch.opened, flight.batch.polled_age_s)

@@ -253,9 +253,9 @@ def test_a_client_whose_fetches_and_probes_fail_is_rebuilt_and_reads_on(settings
 
 
 class _Acknowledging(PassStep):
-    """A step that leaves each batch in flight (``process`` returns its ``acknowledged`` wait,
-    as ingest does for its changelog records) and logs what happens, in order. The wait of the
-    batch numbered ``fail_at`` fails once, as a broker that does not acknowledge."""
+    """A step that leaves each batch in flight (``process`` returns its ``finish``, as ingest
+    does) and logs what happens, in order. The ``finish`` of the batch numbered ``fail_at``
+    fails once, as a broker that does not acknowledge."""
 
     def __init__(self, fail_at: int) -> None:
         self.log: list[tuple[str, int]] = []
@@ -273,18 +273,18 @@ class _Acknowledging(PassStep):
         self.records.extend(batch.records)
         self.log.append(("process", number))
 
-        def acknowledged() -> None:
-            self.log.append(("ack", number))
+        def finish() -> None:
+            self.log.append(("finish", number))
             if number == self.fail_at:
                 raise Backpressure("staged: not acknowledged", 0.2)
 
-        return acknowledged
+        return finish
 
 
-def test_a_batch_in_flight_is_committed_after_its_wait_and_replayed_with_the_next_when_the_wait_fails(settings):
-    """The commit of batch N waits for its acknowledgement, the next batch is processed before
-    that wait (the overlap), commits stay in batch order, and a failed wait brings batch N and
-    the batch after it back in hand, held, then replayed and committed to the end."""
+def test_a_batch_in_flight_is_committed_after_its_finish_and_replayed_with_the_next_when_finish_fails(settings):
+    """The commit of batch N waits for its ``finish``, the next batch is processed before that
+    (the overlap), commits stay in batch order, and a failed ``finish`` brings batch N and the
+    batch after it back in hand, held, then replayed and committed to the end."""
     from streamer.kafka.consumer import BatchingConsumer
 
     values = [f"m{i}".encode() for i in range(40)]
@@ -309,12 +309,12 @@ def test_a_batch_in_flight_is_committed_after_its_wait_and_replayed_with_the_nex
     assert replay == failed + after, "the batch in flight comes back in front of the batch after it, as one"
     assert sorted(processed) == sorted(values + failed + after), "every message processed; only those two twice"
     order = {event: i for i, event in enumerate(step.log)}
-    assert order[("process", 1)] < order[("ack", 0)], f"batch 1 is processed while batch 0 is in flight: {step.log}"
+    assert order[("process", 1)] < order[("finish", 0)], f"batch 1 is processed while batch 0 is in flight: {step.log}"
     assert committed == sorted(committed) and 2 not in committed and 3 not in committed, step.log
     assert sorted(v for n in committed for v in step.batches[n]) == sorted(values), "every message committed once"
     for n in committed:
-        assert order[("ack", n)] < order[("commit", n)], f"batch {n} committed before its wait: {step.log}"
-    assert [n for kind, n in step.log if kind == "ack"].count(2) == 1, "a failed wait is not called again"
+        assert order[("finish", n)] < order[("commit", n)], f"batch {n} committed before its finish: {step.log}"
+    assert [n for kind, n in step.log if kind == "finish"].count(2) == 1, "a failed finish is not called again"
     ends: dict[TopicPartition, int] = {}
     for r in step.records:
         tp = TopicPartition(r.topic, r.partition)
