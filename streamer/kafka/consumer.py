@@ -163,6 +163,7 @@ class InFlight:
 
     batch: Batch
     finish: Callable[[], None]
+    began: float  # monotonic time its processing began
 
 
 class Step(Protocol):
@@ -659,13 +660,9 @@ class BatchingConsumer:
             return False
         if finish is None:
             commit.process(batch)
+            self._committed(batch, began)
         else:
-            self.in_flight = InFlight(batch, finish)
-        took = time.monotonic() - began
-        if took >= SLOW_BATCH_S:
-            timings = {k: round(v, 3) for step in self.steps for k, v in getattr(step, "timings", {}).items()}
-            log.info("%s: slow batch: %d records in %.2fs %s", self.group, len(batch), took, json.dumps(timings))
-        self.process_s += 0.3 * (took - self.process_s)  # moving average
+            self.in_flight = InFlight(batch, finish, began)
         self._release()
         m.BATCH_EVENTS.labels(self.group).observe(len(batch))
         self.batch = Batch()
@@ -687,7 +684,17 @@ class BatchingConsumer:
         finally:
             self.alive_at = time.monotonic()
         self.steps[-1].process(flight.batch)
+        self._committed(flight.batch, flight.began)
         return True
+
+    def _committed(self, batch: Batch, began: float) -> None:
+        """A batch went through to its commit (its processing began at ``began``, monotonic):
+        log it when slow, and feed the moving average the batch wait follows (``wait_s``)."""
+        took = time.monotonic() - began
+        if took >= SLOW_BATCH_S:
+            timings = {k: round(v, 3) for step in self.steps for k, v in getattr(step, "timings", {}).items()}
+            log.info("%s: slow batch: %d records in %.2fs %s", self.group, len(batch), took, json.dumps(timings))
+        self.process_s += 0.3 * (took - self.process_s)  # moving average
 
     def _hold(self, exc: Backpressure) -> None:
         if self.held_since is None:
