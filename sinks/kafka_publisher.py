@@ -5,12 +5,6 @@ only when each record is acknowledged (acks=all); any failure raises ``PublishFa
 caller must not commit the offsets the records cover. Retries are safe for ordering because
 at most one request per connection is in flight.
 
-``send(topic, records)`` hands the records to the producer and returns at once with a ``Sent``
-whose ``wait()`` returns when every one of them is acknowledged (or raises ``PublishFailed``).
-Ingest uses it to write the next batch to the graph while the broker acknowledges this one's
-changes (streamer/kafka/consumer.py, lifecycle step 3). Records sent later never make an
-earlier ``wait()`` longer: it waits on its own records only, not on a flush of the producer.
-
 A publish waits at most ``timeout_s`` (metadata, buffer space and acknowledgements together),
 so a broker that is down turns into ``PublishFailed`` (backpressure upstream) within seconds,
 not minutes. After a failure the producer is replaced by a new one: a broker that restarted
@@ -20,9 +14,7 @@ OutOfOrderSequenceNumber, and a fresh producer starts clean.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
-from typing import Any
 
 from kafka import KafkaProducer
 
@@ -33,24 +25,6 @@ Record = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]
 
 class PublishFailed(Exception):
     """At least one record was not acknowledged by the broker."""
-
-
-class Sent:
-    """Records handed to the producer; ``wait()`` returns their count once the broker has
-    acknowledged every one, and raises ``PublishFailed`` (the producer is replaced) otherwise."""
-
-    def __init__(self, publisher: KafkaPublisher, topic: str, producer: Any, futures: list[Any]):
-        self.publisher, self.topic, self.producer, self.futures = publisher, topic, producer, futures
-
-    def wait(self) -> int:
-        deadline = time.monotonic() + self.publisher.timeout_s
-        try:
-            for future in self.futures:
-                future.get(timeout=max(0.0, deadline - time.monotonic()))
-        except Exception as exc:
-            self.publisher._replace(self.producer)
-            raise PublishFailed(f"{self.topic}: {type(exc).__name__}: {exc}") from exc
-        return len(self.futures)
 
 
 class KafkaPublisher:
@@ -75,39 +49,29 @@ class KafkaPublisher:
         )
 
     def publish(self, topic: str, records: Iterable[Record]) -> int:
-        sent = self.send(topic, records)
-        if not sent.futures:
-            return 0
         try:
-            sent.producer.flush(timeout=self.timeout_s)  # send now, without waiting for linger_ms
-        except Exception as exc:
-            self._replace(sent.producer)
-            raise PublishFailed(f"{topic}: {type(exc).__name__}: {exc}") from exc
-        return sent.wait()
-
-    def send(self, topic: str, records: Iterable[Record]) -> Sent:
-        """Hand ``records`` to the producer; ``wait()`` on the result before committing them."""
-        producer = self.producer
-        try:
-            if producer is None:
-                producer = self.producer = self._new_producer()
+            if self.producer is None:
+                self.producer = self._new_producer()
+            producer = self.producer
             futures = [producer.send(topic, key=key, value=value, headers=headers) for key, value, headers in records]
+            if not futures:
+                return 0
+            producer.flush(timeout=self.timeout_s)
+            for future in futures:
+                future.get(timeout=0)
         except Exception as exc:
-            self._replace(producer)
+            self._replace()
             raise PublishFailed(f"{topic}: {type(exc).__name__}: {exc}") from exc
-        return Sent(self, topic, producer, futures)
+        return len(futures)
 
-    def _replace(self, failed: KafkaProducer | None) -> None:
-        """Drop the producer that failed; the next send makes a new one (the broker may still be
-        down). A producer already replaced after an earlier failure is left alone."""
-        if failed is None or failed is not self.producer:
-            return
-        dropped: Any = failed
+    def _replace(self) -> None:
+        """Drop the producer; the next publish makes a new one (the broker may still be down)."""
+        if self.producer is not None:
+            try:
+                self.producer.close(timeout=0)
+            except Exception:  # noqa: BLE001 - a broken producer may fail to close; it is dropped anyway
+                pass
         self.producer = None
-        try:
-            dropped.close(timeout=0)
-        except Exception:  # noqa: BLE001 - a broken producer may fail to close; it is dropped anyway
-            pass
 
     def close(self) -> None:
         if self.producer is not None:

@@ -180,11 +180,10 @@ class IngestStep:
             written, write_s = writing.result()
             began = time.monotonic()
             with m.STAGE_SECONDS.labels(self.group, "publish").time():
-                sent = self.publisher.send(
+                self.publisher.publish(
                     self.settings.topic_changes, ((c.partition_key.encode(), c.to_json(), []) for c in written.changes)
                 )
                 self.publish_dead_letters(dead + written.dead, batch)
-                sent.wait()
         except GraphUnavailable as exc:
             m.GRAPH_ERRORS.labels(self.group, "unavailable").inc()
             raise Backpressure(f"graph DB unavailable: {exc}", self.settings.backpressure_pause_s) from exc
