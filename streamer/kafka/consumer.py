@@ -37,10 +37,10 @@ Lifecycle (one thread; kafka-python heartbeats from its own thread):
    finished (or, when its ``finish`` fails too, put back in hand with the held batch) before
    the consumer holds a batch, so nothing is in flight while backpressure holds one, and a
    held batch's retry runs whole, ``finish`` included, before the partitions resume.
-5. **rebalance** (eager protocol; callbacks run inside ``poll``) -- on revoke the batch in hand
-   and the batch in flight are dropped uncommitted (the next owner reads it again from the committed offsets) and the
-   backpressure state is cleared; on assign, partitions that came back to this member are
-   rewound to the dropped batch's first offsets (kafka-python keeps a kept partition's
+5. **rebalance** (eager protocol; callbacks run inside ``poll``) -- on revoke the batch in
+   flight and the batch in hand are dropped uncommitted (the next owner reads them again from
+   the committed offsets) and the backpressure state is cleared; on assign, partitions that
+   came back to this member are rewound to the dropped batches' first offsets (kafka-python keeps a kept partition's
    position, past the dropped records, so without the rewind they would be skipped and a
    later commit would pass over them), every assigned partition is resumed (kafka-python keeps
    the paused flag of a partition that comes back), and the steps' ``on_assigned`` run (the
@@ -68,16 +68,17 @@ Lifecycle (one thread; kafka-python heartbeats from its own thread):
    a new one with the same group and instance id, which reads on from the committed offsets
    (``kgs_consumer_client_rebuilds_total``).
 8. **stop** -- SIGTERM/SIGINT set the stop flag: the batch in flight and the batch in hand are
-   finished through commit (or, while backpressure holds them, abandoned uncommitted), every step's ``close(finished)``
-   runs (``finished`` is False when a batch was abandoned), then the clients close.
+   finished through commit (or, while backpressure holds them, abandoned uncommitted), every
+   step's ``close(finished)`` runs (``finished`` is False when a batch was abandoned), then the
+   clients close.
 
 Health (``streamer.health``, the Kubernetes probes): every turn of the loop is a beat
 (liveness); the phase is ``joining`` from the start and after a revoke or a client rebuild,
 ``member`` from an assignment (readiness), ``stopping`` at the end. A batch that takes
 ``SLOW_BATCH_S`` or more is logged with where its time went (the steps' ``timings``).
 
-``--until-caught-up`` stops once no batch is in hand or in flight, every assigned partition's position has
-reached its high watermark and the group's committed offset equals the position
+``--until-caught-up`` stops once no batch is in hand or in flight, every assigned partition's
+position has reached its high watermark and the group's committed offset equals the position
 (``caught_up``).
 """
 
@@ -392,7 +393,7 @@ class BatchingConsumer:
         self.steps: list[Step] = [*steps, CommitOffsets(self.consumer, group)]
         self.on_close = list(on_close)
         self.batch = Batch()
-        self.in_flight: InFlight | None = None  # a processed batch whose commit waits for its acknowledgement
+        self.in_flight: InFlight | None = None  # a processed batch whose commit waits for its finish()
         self.held_since: float | None = None  # set while backpressure holds the batch
         self.process_s = 0.0  # moving average of the seconds a batch takes through the steps
         self.retry_at = 0.0
@@ -669,15 +670,15 @@ class BatchingConsumer:
         return True
 
     def settle_in_flight(self) -> bool:
-        """Wait for the batch in flight and commit it. When its wait fails, it goes back in hand
-        in front of the batch there (both are replayed as one, step 3) and is held: False."""
+        """Finish the batch in flight and commit it. When its ``finish`` fails, it goes back in
+        hand in front of the batch there (both are replayed as one, step 3) and is held: False."""
         if self.in_flight is None:
             return True
         flight, self.in_flight = self.in_flight, None
         try:
             flight.finish()
         except Backpressure as exc:
-            log.warning("%s: a batch in flight was not acknowledged; replaying it with the batch after it", self.group)
+            log.warning("%s: the batch in flight could not be finished; holding it with the batch after it", self.group)
             self.batch = Batch(flight.batch.records + self.batch.records, flight.batch.opened, flight.batch.polled_age_s)
             self._hold(exc)
             return False
@@ -715,7 +716,7 @@ class BatchingConsumer:
     def drop_batch(self) -> None:
         self.joining_since = time.monotonic()
         HEALTH.set_phase("joining")
-        if self.in_flight is not None:  # its wait is not called: a new owner replays it
+        if self.in_flight is not None:  # not finished here: the partitions' next owner replays it
             self.batch = Batch(self.in_flight.batch.records + self.batch.records)
             self.in_flight = None
         if self.batch.records:
