@@ -252,7 +252,7 @@ def test_a_client_whose_fetches_and_probes_fail_is_rebuilt_and_reads_on(settings
         assert set(collect.values) == first | after
 
 
-class _Acknowledging(PassStep):
+class _LeavesInFlight(PassStep):
     """A step that leaves each batch in flight (``process`` returns its ``finish``, as ingest
     does) and logs what happens, in order. The ``finish`` of the batch numbered ``fail_at``
     fails once, as a broker that does not acknowledge."""
@@ -289,7 +289,7 @@ def test_a_batch_in_flight_is_committed_after_its_finish_and_replayed_with_the_n
 
     values = [f"m{i}".encode() for i in range(40)]
     produce(settings, ((settings.topic_products, b"one partition", v) for v in values))  # polls of 5, full
-    step = _Acknowledging(fail_at=2)
+    step = _LeavesInFlight(fail_at=2)
     group = settings.ingest_group
     consumer = BatchingConsumer(settings, group, [settings.topic_products], group, [step], max_batch=5, max_wait_s=0.05)
     commit = consumer.steps[-1]
@@ -315,8 +315,5 @@ def test_a_batch_in_flight_is_committed_after_its_finish_and_replayed_with_the_n
     for n in committed:
         assert order[("finish", n)] < order[("commit", n)], f"batch {n} committed before its finish: {step.log}"
     assert [n for kind, n in step.log if kind == "finish"].count(2) == 1, "a failed finish is not called again"
-    ends: dict[TopicPartition, int] = {}
-    for r in step.records:
-        tp = TopicPartition(r.topic, r.partition)
-        ends[tp] = max(ends.get(tp, 0), r.offset + 1)
+    _, ends = _bounds(step.records)
     assert _committed(settings, group, list(ends)) == ends, "committed to the end"
