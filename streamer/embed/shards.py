@@ -48,6 +48,7 @@ from kafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAs
 from kafka.partitioner.default import murmur2
 from kafka.structs import TopicPartition
 
+from streamer.kafka.consumer import subscribe
 from streamer.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ class ShardMembership:
 
     # --- the membership thread ----------------------------------------------------------
     def start(self) -> None:
-        self.consumer.subscribe([self.settings.topic_shards], listener=_Listener(self))
+        subscribe(self.consumer, [self.settings.topic_shards], _Listener(self))  # one rebalance, not two
         self._thread = threading.Thread(target=self._run, name="kg-embed-shards", daemon=True)
         self._thread.start()
 

@@ -37,7 +37,9 @@ Lifecycle (one thread; kafka-python heartbeats from its own thread):
    finished (or, when its ``finish`` fails too, put back in hand with the held batch) before
    the consumer holds a batch, so nothing is in flight while backpressure holds one, and a
    held batch's retry runs whole, ``finish`` included, before the partitions resume.
-5. **rebalance** (eager protocol; callbacks run inside ``poll``) -- on revoke the batch in
+5. **rebalance** (eager protocol; callbacks run inside ``poll``) -- the consumer subscribes
+   with ``subscribe``, which waits for the topics' metadata so that the first join assigns
+   once (kafka-python rejoins otherwise). On revoke the batch in
    flight and the batch in hand are dropped uncommitted (the next owner reads them again from
    the committed offsets) and the backpressure state is cleared; on assign, partitions that
    came back to this member are rewound to the dropped batches' first offsets (kafka-python keeps a kept partition's
@@ -237,6 +239,21 @@ def make_consumer(settings: Settings, group: str, client_id: str, max_poll_recor
     )
 
 
+def subscribe(consumer: KafkaConsumer, topics: Sequence[str], listener: ConsumerRebalanceListener) -> None:
+    """Subscribe, then wait (5 s at most) for a metadata answer about ``topics`` before the first
+    poll joins the group. kafka-python's group leader remembers the topic metadata it assigned
+    from and rejoins as soon as the latest differs; a client that joins before its first
+    metadata answer assigns from an empty snapshot, so every start and every client rebuild ran
+    a second rebalance a moment after the first (noida-db sometimes never answered that second
+    rebalance's SyncGroup: the member sat unassigned until the stuck-client rebuild, module
+    docstring 7). Without the answer in time the join goes on as before."""
+    consumer.subscribe(list(topics), listener=listener)
+    try:
+        consumer.bootstrap(timeout_ms=5000, refresh=True)  # a metadata request for the subscription
+    except KafkaError as exc:
+        log.warning("no topic metadata before joining the group (%s); the first assignment may be redone", exc)
+
+
 def caught_up(consumer: KafkaConsumer) -> bool:
     """Nothing left to read and everything read committed, on every assigned partition: the
     position has reached the high watermark (``highwater()``, what the last fetch saw; Tansu's
@@ -404,7 +421,7 @@ class BatchingConsumer:
         self.failing: dict[str, float] = {}  # per probe of a quiet consumer: failing since then
         self.probed_at = 0.0  # the last probe (at most one per PROBE_EVERY_S)
         self.joining_since: float | None = None  # subscribed or revoked, and no assignment since
-        self.consumer.subscribe(self.topics, listener=_Rebalance(self))
+        subscribe(self.consumer, self.topics, _Rebalance(self))
 
     @property
     def step(self) -> Any:
@@ -575,7 +592,7 @@ class BatchingConsumer:
         commit = self.steps[-1]
         assert isinstance(commit, CommitOffsets)
         commit.consumer = self.consumer
-        self.consumer.subscribe(self.topics, listener=_Rebalance(self))
+        subscribe(self.consumer, self.topics, _Rebalance(self))
         self.alive_at = self.joining_since = time.monotonic()
         self.failing = {}
 

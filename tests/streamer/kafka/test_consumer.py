@@ -317,3 +317,51 @@ def test_a_batch_in_flight_is_committed_after_its_finish_and_replayed_with_the_n
     assert [n for kind, n in step.log if kind == "finish"].count(2) == 1, "a failed finish is not called again"
     _, ends = _bounds(step.records)
     assert _committed(settings, group, list(ends)) == ends, "committed to the end"
+
+
+class _Membership(_Collect):
+    """``_Collect`` that also records the order of the consumer's revokes and assignments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[str] = []
+
+    def on_revoked(self) -> None:
+        self.events.append("revoked")
+
+    def on_assigned(self, consumer, partitions) -> None:
+        self.events.append("assigned")
+
+
+def test_a_new_member_is_assigned_once_not_assigned_revoked_and_assigned_again(settings, broker_kind):
+    """kafka-python's group leader remembers the topic metadata it assigned from and rejoins as
+    soon as the latest differs. A client that joined before its first metadata answer assigned
+    from an empty snapshot, so every start (and every client rebuild) ran a second rebalance a
+    moment after the first; on noida-db that second rebalance's SyncGroup sometimes never came
+    back and the member sat unassigned until the stuck-client rebuild (the short fault soak
+    missed its recovery time in CI for it). ``subscribe`` waits for that answer: right after
+    the consumer is made, the client's snapshot (kafka-python's ``_metadata_snapshot``, what
+    its leader compares) holds the subscribed partitions, and a member alone in its group is
+    assigned once and keeps its partitions, and so is the client a rebuild makes."""
+    from streamer.kafka.consumer import BatchingConsumer
+
+    topic = settings.topic_products
+    first = produce_named(settings, "a")
+    step = _Membership()
+    group = f"once-{time.monotonic_ns()}"
+    consumer = BatchingConsumer(settings, group, [topic], group, [step], max_batch=50, max_wait_s=0.05)
+    assert consumer.consumer._coordinator._metadata_snapshot == {topic: {0, 1, 2}}, "joined before the topic metadata"
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: first <= set(step.values), timeout_s=60, what="the first messages")
+        time.sleep(3)  # kafka-python rejoined within a metadata refresh of the assignment
+        assert step.events.count("assigned") == 1 and step.events[-1] == "assigned", step.events
+        consumer.joining_since = time.monotonic() - 2 * settings.consumer_stall_s  # the loop rebuilds its client
+        after = produce_named(settings, "b")
+        wait_for(lambda: after <= set(step.values), timeout_s=60, what="the messages after the rebuild")
+        time.sleep(3)
+        assert step.events.count("assigned") == 2 and step.events[-1] == "assigned", step.events
+    finally:
+        consumer.stop()
+        thread.join(60)
