@@ -82,6 +82,21 @@ log = logging.getLogger("bench.ingest")
 
 
 # --------------------------------------------------------------------------- helpers
+def command_line(script: str, argv: list[str]) -> str:
+    """The command that made a result, for its JSON: an absolute path among the arguments is
+    written relative to the repository when it lies inside it, otherwise as its file name
+    under ``<elsewhere>/`` (no machine's absolute path goes into a committed result)."""
+    root = Path(__file__).resolve().parents[1]
+
+    def portable(arg: str) -> str:
+        if not os.path.isabs(arg):
+            return arg
+        path = Path(arg).resolve()
+        return os.path.relpath(path, root) if path.is_relative_to(root) else f"<elsewhere>/{path.name}"
+
+    return " ".join(["python", script, *(portable(a) for a in argv)])
+
+
 def machine() -> dict[str, Any]:
     model = None
     try:
@@ -524,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "benchmark": "ingest",
         "data": os.path.relpath(data, Path(__file__).resolve().parents[1]),  # no machine's absolute path
-        "command": " ".join(["python", "bench/ingest.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line("bench/ingest.py", argv if argv is not None else sys.argv[1:]),
         "broker": args.broker,
         "graph_db": "arcadedb (arcadedb-embedded, Bolt)",
         "machine": machine(),

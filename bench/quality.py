@@ -124,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.determinism:
             report["determinism"] = determinism(names[0], paths.get(names[0]), settings, base, args.text_cache)
             print(json.dumps(report["determinism"]))
-        report["command"] = "python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        from bench.ingest import command_line
+
+        report["command"] = command_line("bench/quality.py", argv if argv is not None else sys.argv[1:])
         report["seconds"] = round(time.perf_counter() - t0, 1)
         report["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
         report["torch"] = torch.__version__
