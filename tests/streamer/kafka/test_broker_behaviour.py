@@ -210,9 +210,12 @@ def prefix() -> str:
 
 
 def _interrupted_run(settings, broker_kind, prefix, ingest_process, sig):
-    """Start ingest in a child, send ``sig`` once some batches are in the graph, return what we know."""
-    clean_run(settings, sample_events(prefix + "clean-", products=40))
-    events = sample_events(prefix + "run-", products=40)
+    """Start ingest in a child, send ``sig`` once some batches are in the graph, return what we know.
+    The stream is long enough (~160 batches) that the child is still running when the test,
+    polling the graph and the group's commits, sees the first batches: with 40 products it
+    sometimes finished the whole stream between two looks (CI, stop 23)."""
+    clean_run(settings, sample_events(prefix + "clean-", products=160))
+    events = sample_events(prefix + "run-", products=160)
     run = derive(
         settings,
         batch_max_events=BATCH,
