@@ -13,6 +13,16 @@ this process that replays real data at ``--rate`` events/s with event times re-b
 wall clock (the data set is cycled when it runs out: the next pass repeats its purchases at
 newer times, as returning customers would).
 
+The harness shares the machine with what it measures, so it keeps out of its way: every thread
+of this process except the main one (the producer, the vector reader, the sampler, and the
+Kafka clients' own threads) runs at nice ``HARNESS_NICE`` (``deprioritise_harness``), and the
+reference graph DB starts only when the reference is built, after the run. In a deployment the
+producers and the readers of kg.embeddings run on other machines; here they still use the same
+two cores, but only CPU the pipeline, the broker and the graph DB leave idle. The main thread
+stays at the default priority because it starts (and restarts) the processes under test, which
+inherit its nice value. Freshness is not measured by this process's clock: ``source_ms`` is
+the record timestamp the producer stamps when it sends, ``published_ms`` the worker's.
+
 Faults, on a seeded schedule (``--per-kind`` of each kind, spread over the run after a
 minute of warm-up): ``kill_ingest`` / ``kill_embed`` (kill -9, restarted 2 s later, as a
 supervisor would), ``term_ingest`` / ``term_embed`` (SIGTERM: the exit time is measured
@@ -78,6 +88,28 @@ SLO_S = 1.0  # freshness target: produce to published vector
 GRAPH_DOWN_S = 30.0
 AFTER_FAULT_S = 60.0  # "the minute after each fault"
 WARMUP_S = 60.0
+CATCH_UP_S = 10.0  # a producer that fell behind by up to this (its thread starved of CPU) sends the backlog
+HARNESS_NICE = 10  # the harness's own threads: lower priority than the processes under test
+
+
+def deprioritise_harness() -> None:
+    """Give every thread of this process but the main one nice ``HARNESS_NICE`` (Linux: the
+    nice value is per thread; threads started later inherit it from the thread that starts them,
+    so this runs again every few seconds for the Kafka clients' threads). Raising one's own nice
+    value needs no privilege."""
+    main = os.getpid()  # the main thread's id is the process id
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{main}/task")]
+    except FileNotFoundError:  # not Linux: nothing to do
+        return
+    for tid in tids:
+        if tid == main:
+            continue
+        try:
+            if os.getpriority(os.PRIO_PROCESS, tid) < HARNESS_NICE:
+                os.setpriority(os.PRIO_PROCESS, tid, HARNESS_NICE)
+        except (ProcessLookupError, PermissionError):  # the thread ended meanwhile
+            pass
 
 
 def log(msg: str) -> None:
@@ -202,7 +234,7 @@ class Producer:
             self.send(topic, key, json.dumps(event, separators=(",", ":")).encode())
             self.sent += 1
             next_at += interval
-            if now - next_at > 1.0:  # fell behind by more than a second (a stall): do not burst
+            if now - next_at > CATCH_UP_S:  # fell far behind (a long stall): do not burst
                 next_at = now
 
     def stop(self) -> None:
@@ -336,6 +368,7 @@ class Sampler:
         sampler: LagSampler | None = None
         groups = pipeline_groups(self.settings)
         while not self.stop_flag.is_set():
+            deprioritise_harness()
             now = time.time()
             for name, pid_of in self.processes.items():
                 pid = pid_of()
@@ -549,7 +582,7 @@ def reference_graph(services: LocalServices, ref: Settings, acks: list[tuple[str
 
     from streamer.ingest.step import ingest_consumer
 
-    services.up(("broker",))
+    services.up(("broker", "graph"))
     ensure_topics(ref)
     producer = KafkaProducer(
         bootstrap_servers=ref.bootstrap_servers,
@@ -674,7 +707,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         log(f"services up in {root}")
         services.up()
-        ref_graph.up(("graph",))
         ensure_topics(base)
         events = source_events(args.data, base)
         log(f"{len(events):,} source events; faults {plan}")
