@@ -11,6 +11,7 @@ bench/results/soak.json and docs/reliability.md.)"""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -70,3 +71,35 @@ def test_short_soak_with_faults_loses_nothing(tmp_path):
     assert report["dlq_found"] == report["dlq_distinct"] == report["dlq_expected"] == 20, summary
     assert [f["kind"] for f in report["faults"]] and all(f["recovered_s"] is not None for f in report["faults"]), report["faults"]
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+# In a child process: a nice value raised cannot be lowered again without privilege, and the
+# test process's own threads must keep theirs.
+_PRIORITIES = r"""
+import os, subprocess, sys, threading
+sys.path.insert(0, "bench")
+import soak
+stop = threading.Event()
+helper = threading.Thread(target=stop.wait)
+helper.start()
+soak.deprioritise_harness()
+child = subprocess.run([sys.executable, "-c", "import os; print(os.getpriority(os.PRIO_PROCESS, 0))"],
+                       capture_output=True, text=True, check=True)
+print(soak.HARNESS_NICE, os.getpriority(os.PRIO_PROCESS, helper.native_id), os.getpriority(os.PRIO_PROCESS, 0),
+      child.stdout.strip())
+stop.set()
+helper.join()
+"""
+
+
+def test_the_harness_threads_yield_to_the_processes_it_starts():
+    """The harness's helper threads (producer, vector reader, sampler, Kafka client threads) run
+    at ``HARNESS_NICE``; its main thread, which starts and restarts the processes under test,
+    keeps its priority, and so does a process it starts (docs/reliability.md "The harness")."""
+    proc = subprocess.run([sys.executable, "-c", _PRIORITIES], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    nice, helper, main, child = (int(v) for v in proc.stdout.split()[-4:])
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    assert nice > 0
+    assert helper == max(nice, base), (helper, base)
+    assert main == base and child == base, (main, child, base)
