@@ -79,6 +79,7 @@ sys.path.insert(0, str(ROOT))
 from devtools.datasets import online_retail
 from devtools.local_services import LocalServices, free_port
 from streamer.contracts.vectors import VectorRecord, decode_vector, timing
+from streamer.kafka import paced_poll
 from streamer.kafka.topics import ensure_topics, read_to_end
 from streamer.settings import Settings
 
@@ -296,7 +297,7 @@ class VectorWatch:
                     tps = [TopicPartition(self.settings.topic_embeddings, p) for p in sorted(parts)]
                     consumer.assign(tps)
                     consumer.seek_to_beginning(*tps)
-                polled = consumer.poll(timeout_ms=500)
+                polled = paced_poll.poll(consumer, 500, self.settings.idle_fetch_interval_s)
                 if not polled:
                     self.at_end = all(
                         (hw := consumer.highwater(tp)) is not None and consumer.position(tp) >= hw for tp in consumer.assignment()

@@ -74,6 +74,13 @@ class Settings(BaseSettings):
         description="how long the broker may hold a fetch that finds no new record (Kafka's default, 500 ms, "
         "is latency a quiet stream pays on every batch; measured in docs/reliability.md)",
     )
+    idle_fetch_interval_ms: int | None = Field(
+        None,
+        ge=0,
+        description="while nothing arrives, a consumer fetches at most this often: for brokers that answer an empty "
+        "fetch at once instead of holding it fetch_max_wait_ms (noida-db), where kafka-python's poll would spin a "
+        "core (streamer/kafka/paced_poll.py); unset: 10 when local_broker is noida, else 0 (off)",
+    )
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     consumer_stall_s: float = Field(
         30.0,
@@ -170,6 +177,14 @@ class Settings(BaseSettings):
     # --- observability ---
     metrics_addr: str = Field("127.0.0.1:9464", description="host:port for /metrics; empty disables")
     log_level: str = "INFO"
+
+    @property
+    def idle_fetch_interval_s(self) -> float:
+        """``idle_fetch_interval_ms`` in seconds, resolved: unset means 10 ms on the embedded
+        noida-db, which answers empty fetches at once, and 0 (plain polls) elsewhere."""
+        if self.idle_fetch_interval_ms is not None:
+            return self.idle_fetch_interval_ms / 1000
+        return 0.010 if self.local_broker == "noida" else 0.0
 
     @property
     def input_topics(self) -> list[str]:

@@ -10,7 +10,9 @@ Lifecycle (one thread; kafka-python heartbeats from its own thread):
 1. **start** -- every step's ``start()`` (graph schema, a full re-embed ...).
 2. **poll** -- ``consumer.poll`` adds records to the batch in hand until it holds
    ``max_batch`` records, or its oldest has waited as long as the last batches took to process
-   (``wait_s``: adaptive, at most ``max_wait_s``), or the loop is stopping.
+   (``wait_s``: adaptive, at most ``max_wait_s``), or the loop is stopping. On a broker that
+   answers empty fetches at once (noida-db) the poll fetches every ``idle_fetch_interval_s``
+   while nothing arrives instead of spinning (``streamer/kafka/paced_poll.py``).
 3. **process** -- the batch goes through the steps in order. A step's ``process(batch)``
    returns only when its work is durable (written, acknowledged); the next step sees only a
    batch every earlier step finished. The last step is always ``CommitOffsets``: the offsets
@@ -101,6 +103,7 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from streamer import metrics as m
 from streamer.health import HEALTH
+from streamer.kafka import paced_poll
 from streamer.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -503,7 +506,7 @@ class BatchingConsumer:
             elif self.batch.records:  # wake up when the batch is due, not later
                 due = self.batch.opened + self.wait_s() - time.monotonic()
                 timeout_ms = int(min(100, max(1, due * 1000)))
-            polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=room)
+            polled = paced_poll.poll(self.consumer, timeout_ms, self.settings.idle_fetch_interval_s, max_records=room)
         except CorruptRecordError as exc:
             self.skip_unreadable(exc)
             return
