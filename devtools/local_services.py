@@ -22,6 +22,9 @@ Services
     evicts a consumer that died without leaving the group** (kill -9): the group's next
     JoinGroup waits forever. Static membership (``KGS_GROUP_INSTANCE_ID``, KIP-345) works
     around it: the restarted consumer with the same instance id takes the dead one's place.
+    It answers a fetch that finds nothing at once instead of holding it ``fetch_max_wait_ms``,
+    so a plain ``KafkaConsumer.poll`` spins a core while it waits; the consumers fetch every
+    ``idle_fetch_interval_ms`` instead (10 ms on noida-db: ``streamer/kafka/paced_poll.py``).
 
   Tansu is the default because a crashed consumer must be able to come back without a
   broker restart -- that is the recovery path every user meets first. noida-db is the
