@@ -6,7 +6,7 @@ A Kafka broker holds a fetch that finds no new record for up to ``fetch.max.wait
 waiting in ``KafkaConsumer.poll(timeout_ms=T)`` sleeps on its socket. Tansu does the same.
 noida-db does not: it answers every fetch at once, empty or not, and kafka-python's ``poll``
 then sends the next fetch at once, for the whole of ``T``. Measured here (2 cores): one
-consumer waiting on a quiet noida-db topic used 90-100% of a core, 800-1,000 fetches a
+consumer waiting on a quiet noida-db topic used 90-100% of a core, 800 to 1,800 fetches a
 second; on Tansu 1-4%. Every consumer of the pipeline waits like that between batches (the
 adaptive batch wait), so on noida-db they burned the cores the pipeline needs
 (docs/reliability.md, "The consumers spun on noida-db").
@@ -34,13 +34,14 @@ from kafka import KafkaConsumer
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.structs import TopicPartition
 
+Polled = dict[TopicPartition, list[ConsumerRecord]]
+
 
 def poll(
     consumer: KafkaConsumer, timeout_ms: int, interval_s: float, max_records: int | None = None
-) -> dict[TopicPartition, list[ConsumerRecord]]:
+) -> Polled:
     """``consumer.poll(timeout_ms, max_records)``, fetching at most every ``interval_s`` while
     nothing arrives (module docstring); ``interval_s <= 0`` is the plain ``poll``."""
-    Polled = dict[TopicPartition, list[ConsumerRecord]]
     if interval_s <= 0 or timeout_ms <= 0 or not consumer.assignment():
         return cast(Polled, consumer.poll(timeout_ms=timeout_ms, max_records=max_records))
     deadline = time.monotonic() + timeout_ms / 1000
