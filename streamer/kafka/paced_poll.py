@@ -37,9 +37,7 @@ from kafka.structs import TopicPartition
 Polled = dict[TopicPartition, list[ConsumerRecord]]
 
 
-def poll(
-    consumer: KafkaConsumer, timeout_ms: int, interval_s: float, max_records: int | None = None
-) -> Polled:
+def poll(consumer: KafkaConsumer, timeout_ms: int, interval_s: float, max_records: int | None = None) -> Polled:
     """``consumer.poll(timeout_ms, max_records)``, fetching at most every ``interval_s`` while
     nothing arrives (module docstring); ``interval_s <= 0`` is the plain ``poll``."""
     if interval_s <= 0 or timeout_ms <= 0 or not consumer.assignment():
