@@ -25,6 +25,8 @@ Services
     It answers a fetch that finds nothing at once instead of holding it ``fetch_max_wait_ms``,
     so a plain ``KafkaConsumer.poll`` spins a core while it waits; the consumers fetch every
     ``idle_fetch_interval_ms`` instead (10 ms on noida-db: ``streamer/kafka/paced_poll.py``).
+    It refuses a 3 MB message (``MessageSizeTooLargeError`` at the producer, with the records
+    batched with it); Tansu accepts it.
 
   Tansu is the default because a crashed consumer must be able to come back without a
   broker restart -- that is the recovery path every user meets first. noida-db is the
