@@ -73,7 +73,7 @@ from streamer import metrics as m
 from streamer.contracts.changes import Change, InvalidChange, decode_change, edge_delete, edge_upsert
 from streamer.contracts.dead_letters import DeadLetter
 from streamer.contracts.events import NODE_LABELS
-from streamer.contracts.vectors import Encoding, VectorRecord
+from streamer.contracts.vectors import Encoding, VectorRecord, encode_vectors
 from streamer.embed.engine import BatchReport
 from streamer.embed.replica import Replica
 from streamer.embed.shards import ShardMembership, member_name, shard_of
@@ -475,10 +475,11 @@ def vector_records(
     changed key (``published_ms`` now) and a tombstone per deleted key; a sharded worker's
     records name it (``member``, header ``kgs.member``)."""
     published_ms = int(time.time() * 1000)
-    records = [
-        VectorRecord(key, vec, version, ts, source_ms, published_ms).to_kafka(encoding)
-        for key, vec, ts in zip(report.changed_keys, _numpy(report.vectors), report.changed_ts, strict=False)
-    ]
+    vectors = _numpy(report.vectors)
+    n = min(len(report.changed_keys), len(vectors), len(report.changed_ts))  # no vectors: none built
+    records = encode_vectors(
+        report.changed_keys[:n], vectors[:n], version, report.changed_ts[:n], source_ms, published_ms, encoding
+    )
     records += [VectorRecord(key, None, version).to_kafka(encoding) for key in report.deleted_keys]
     return [signed_record(r, member) for r in records] if member else records
 
