@@ -683,15 +683,13 @@ class IncrementalEngine:
         self, first: int, changed: np.ndarray, ends: np.ndarray, report: BatchReport, touched_ts: list[Tensor]
     ) -> tuple[np.ndarray, np.ndarray]:
         """Layers ``first+1..L`` by full-graph passes; returns (``C_L``, rows of layer L held
-        back). Per layer: ``A`` = ``C`` + neighbours of ``C`` (one sparse product with C's
-        indicator) + ``ends``; the fresh sums (one CSR product over all rows, i.e. the sums of
+        back). Per layer: ``A`` = ``C`` + the receivers of C's messages (C's neighbours) + ``ends``; the fresh sums (one CSR product over all rows, i.e. the sums of
         the *stored* rows, as the delta path keeps them) are written for the rows of ``A``,
         and ``_select`` decides, as on the delta path, which of them pass their new row on
         (exact: every row that moved; bounded: the rows over the layer's threshold). Every
         other row stays bit-identical."""
         rep, dev, n = self.replica, self.device, self.replica.num_slots
-        crow, col, row = self._csr(with_rows=True)
-        assert row is not None  # with_rows=True
+        crow, col, _ = self._csr()
         # Blocked float32 sums: one float32 product (half the cost of float64, as a plain full
         # pass) over the rows cut into blocks of at most F32_BLOCK terms, the blocks of a row then
         # added in agg_dtype (``_blocked``). A CSR product sums a row one term at a time, and in
@@ -709,17 +707,18 @@ class IncrementalEngine:
         in_c[self.as_index(changed)] = True
         deg = torch.from_numpy(rep.length[:n].astype(np.float32)).to(dev).clamp_(min=1)
         for layer in range(first, self.L):
+            # the receivers of C's messages (C's neighbours: every edge is kept at both ends, as
+            # on the delta path), and their event time: the newest among their changed neighbours
+            seg, w = rep.gather(changed)
             reached = torch.zeros(n, dtype=torch.bool, device=dev)
-            reached[vrow[self._spmm(adj, in_c.to(adj.dtype).unsqueeze(1)).squeeze(1) > 0]] = True
+            if len(w):
+                recv = self.as_index(w)
+                reached[recv] = True
+                self._ts.scatter_reduce_(0, recv, self._ts[self.as_index(changed)][self.as_index(seg)], reduce="amax")
+                touched_ts.append(recv)
             rows_mask = (reached | in_c | end_mask) & alive
             if layer + 1 == self.L and self.shards:
                 rows_mask &= torch.from_numpy(self.owned_slots(n)).to(dev)
-            # event time: a receiver takes the newest time among its changed neighbours
-            sel = in_c[col]
-            if bool(sel.any()):
-                recv = row[sel]
-                self._ts.scatter_reduce_(0, recv, self._ts[col[sel]], reduce="amax")
-                touched_ts.append(recv)
             rows_t = rows_mask.nonzero().squeeze(1)
             blocks = self._spmm(adj, self.h[layer][:n])  # [blocks, dim] float32
             fresh = blocks[first_block[rows_t]].to(self.agg_dtype)

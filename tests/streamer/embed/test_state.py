@@ -9,6 +9,13 @@ from streamer.embed.state import build_engine, engine_options, graph_model
 from streamer.settings import Settings
 
 
+@pytest.fixture(autouse=True)
+def _fresh_state_dir(tmp_path, monkeypatch):
+    """Settings() here must not see ./.kgs: a model an earlier demo run promoted there is the
+    active checkpoint, and these tests build models of other sizes."""
+    monkeypatch.setenv("KGS_STATE_DIR", str(tmp_path / "default-state"))
+
+
 def test_graph_model_from_settings(tmp_path):
     model = graph_model(Settings(gnn_layers=3, gnn_hidden=16, gnn_out=8, gnn_seed=7), in_dim=12)
     assert model.dims == [12, 16, 16, 8] and model.config.seed == 7
