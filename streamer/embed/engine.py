@@ -683,8 +683,9 @@ class IncrementalEngine:
         self, first: int, changed: np.ndarray, ends: np.ndarray, report: BatchReport, touched_ts: list[Tensor]
     ) -> tuple[np.ndarray, np.ndarray]:
         """Layers ``first+1..L`` by full-graph passes; returns (``C_L``, rows of layer L held
-        back). Per layer: ``A`` = ``C`` + the receivers of C's messages (C's neighbours) + ``ends``; the fresh sums (one CSR product over all rows, i.e. the sums of
-        the *stored* rows, as the delta path keeps them) are written for the rows of ``A``,
+        back). Per layer: ``A`` = ``C`` + the receivers of C's messages (C's neighbours) +
+        ``ends``; the fresh sums (one CSR product over all rows, i.e. the sums of the *stored*
+        rows, as the delta path keeps them) are written for the rows of ``A``,
         and ``_select`` decides, as on the delta path, which of them pass their new row on
         (exact: every row that moved; bounded: the rows over the layer's threshold). Every
         other row stays bit-identical."""
