@@ -43,8 +43,8 @@ send, ``sum deg(C_{l-1})`` plus the structural ends. When that reaches ``full_ra
 graph's half-edges, layers ``l..L`` switch to full-graph passes instead (``_full_from``): one
 blocked float32 CSR product over all rows gives fresh sums (rows cut into blocks of at most
 ``F32_BLOCK`` terms, the blocks added in ``agg_dtype``: ``_blocked``), and the *structural*
-rule above still decides which rows are written and published (``A_l`` from a sparse product
-with the indicator of ``C_{l-1}``), so rows outside ``A_l`` stay bit-identical (a row of
+rule above still decides which rows are written and published (``A_l`` from the neighbour
+blocks of ``C_{l-1}``, as on the delta path), so rows outside ``A_l`` stay bit-identical (a row of
 ``A_l`` may move by the float32 rounding, and is then published in exact mode).
 The written sums are fresh, i.e. re-anchored; in bounded mode ``_select`` still decides
 which recomputed rows pass their change on. A fixed ``full_ratio`` sets the switch point (0

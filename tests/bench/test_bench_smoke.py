@@ -183,3 +183,13 @@ def test_scaleout_bench(tmp_path):
     assert runs[2]["after_kill_coverage_ok"] is True and runs[2]["killed"]
     assert sum(runs[1]["rows_per_worker"]) == runs[0]["rows_per_worker"][0]  # the shards split the last layer
     assert doc["reference_vs_full_err"] < 1e-5
+
+
+def test_publish_bench(tmp_path):
+    out = tmp_path / "publish.json"
+    run_bench(["bench/publish.py", "--records", "50,300", "--reps", "2", "--output", str(out)], timeout_s=240)
+    report = json.loads(out.read_text())
+    assert [r["records"] for r in report["rows"]] == [50, 300]
+    for row in report["rows"]:
+        assert row["speedup_publish"] > 0 and row["speedup_serialise"] > 0, row
+        assert set(row["us_per_record"]) == {"serialise_one_by_one", "serialise_at_once", "send", "packed"}, row
