@@ -116,9 +116,8 @@ class KafkaPublisher:
     def _partitioner(self, producer: KafkaProducer, topic: str) -> Callable[[bytes | None], int]:
         """The partition of a key as every Kafka client's default partitioner picks it (murmur2
         of the key over the sorted partitions; a record without a key goes to the next partition
-        in turn), with the
-        keys' partitions remembered. kafka-python's partitioner is pure Python, about a sixth of
-        the cost of a send, and vectors and changes are keyed by node: the same keys come back."""
+        in turn), with the keys' partitions remembered. kafka-python's partitioner is pure
+        Python, and vectors and changes are keyed by node: the same keys come back."""
         partitions: list[int] = sorted(producer.partitions_for(topic))
         known, remembered = self.key_partitions.get(topic, ([], {}))
         if known != partitions or len(remembered) > KEYS_REMEMBERED:
