@@ -297,6 +297,30 @@ def test_replica_write_log_covers_every_write():
             assert np.array_equal(mirror[s : s + n], rep.nbr[s : s + n]), (step, v)
 
 
+def test_host_and_device_full_paths_compute_the_same_bits():
+    """The full path's sums on the host (a CSR of the rows of A only, read from the replica)
+    and on a GPU (one CSR of the whole graph, the rows of A taken out; run here on CPU) are bit
+    for bit the same, rows cut into float32 blocks included (a hub of 700 > F32_BLOCK)."""
+    host = IncrementalEngine(make_model(2), "cpu", full_ratio=1e-9)
+    device_style = IncrementalEngine(make_model(2), "cpu", full_ratio=1e-9)
+    device_style.mirror_adjacency = True
+    batches = [
+        [C.edge_upsert(f"User:{u}", "VIEWED", "Product:hub", 1 + u) for u in range(700)],
+        [C.edge_upsert(f"User:{u}", "VIEWED", f"Product:{u % 9}", 800 + u) for u in range(0, 700, 3)],
+        [C.edge_delete(f"User:{u}", "VIEWED", "Product:hub", 2000 + u) for u in range(0, 700, 5)],
+    ]
+    for changes in batches:
+        rh, rd = host.apply(changes), device_style.apply(changes)
+        assert rh.full_layers >= 1 and rd.full_layers == rh.full_layers
+        assert rh.changed_keys == rd.changed_keys
+        n = host.replica.num_slots
+        for layer in range(host.L + 1):
+            assert torch.equal(host.h[layer][:n], device_style.h[layer][:n]), layer
+        for layer in range(host.L):
+            assert torch.equal(host.S[layer][:n], device_style.S[layer][:n]), layer
+    assert host.verify()[1] == 0
+
+
 def test_a_hub_change_switches_to_a_full_pass_at_layer_two():
     keys = ["Category:hub"] + [f"Product:{i}" for i in range(2000)]
     engine = IncrementalEngine(make_model(2), "cpu", full_ratio=0.25)
