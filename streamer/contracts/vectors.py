@@ -84,12 +84,8 @@ class VectorRecord:
         code = _CODES[encoding]
         vec = np.ascontiguousarray(self.vector, dtype=_DTYPES[code])
         version = self.model_version.encode("ascii")
-
-        def ms(value: int | None) -> int:
-            return -1 if value is None else int(value)
-
         head = _HEAD.pack(
-            MAGIC, code, 0, int(vec.shape[0]), ms(self.event_ts), ms(self.source_ms), ms(self.published_ms), len(version)
+            MAGIC, code, 0, int(vec.shape[0]), _ms(self.event_ts), _ms(self.source_ms), _ms(self.published_ms), len(version)
         )
         return self.key.encode(), head + version + vec.tobytes(), headers
 

@@ -692,7 +692,7 @@ class IncrementalEngine:
         rep, dev, n = self.replica, self.device, self.replica.num_slots
         # on a GPU one CSR of the whole graph, from the mirrored adjacency, serves every layer;
         # on the host each layer reads just the rows of A from the replica (``_fresh_sums``)
-        whole = self._blocked(*self._csr()[:2]) if self.mirror_adjacency else None
+        whole = self._blocked(*self._csr()) if self.mirror_adjacency else None
         alive = torch.from_numpy(rep.alive[:n]).to(dev)
         end_mask = torch.zeros(n, dtype=torch.bool, device=dev)
         end_mask[self.as_index(ends)] = True
@@ -752,33 +752,28 @@ class IncrementalEngine:
         covers the in-edges of A only (at a batch of 1,000 on Online Retail: 2.7 ms of CSR and
         5.0 ms of product become 0.5 ms and 3.6 ms)."""
         n, dev = self.replica.num_slots, self.device
-        if whole is None:
+        if whole is None:  # the CSR of A's rows: block row i is rows_t[i]
             rows = rows_t.numpy()
             _, nbrs = self.replica.gather(rows)
             crow = torch.zeros(len(rows) + 1, dtype=torch.int64)
             torch.cumsum(torch.from_numpy(self.replica.length[rows].astype(np.int64)), 0, out=crow[1:])
             adj, vrow, first_block = self._blocked(crow, torch.from_numpy(nbrs), columns=n)
-            blocks = self._spmm(adj, x)  # [blocks of A's rows, dim] float32
-            if len(vrow) == len(rows):  # no row was cut: a block per row
-                return blocks.to(self.agg_dtype)
-            fresh = blocks[first_block].to(self.agg_dtype)
-            further = torch.ones(len(vrow), dtype=torch.bool)  # the blocks after each long row's first
-            further[first_block] = False
-            extra = further.nonzero().squeeze(1)
-            fresh.index_add_(0, vrow[extra], blocks[extra].to(self.agg_dtype))
-            return fresh
-        adj, vrow, first_block = whole
-        blocks = self._spmm(adj, x)  # [blocks, dim] float32
-        fresh = blocks[first_block[rows_t]].to(self.agg_dtype)
-        if len(vrow) > n:  # add the further blocks of the long rows of A
-            in_rows = torch.zeros(n, dtype=torch.bool, device=dev)
-            in_rows[rows_t] = True
-            further = torch.ones(len(vrow), dtype=torch.bool, device=dev)
-            further[first_block] = False
+            position = torch.arange(len(rows))  # of each CSR row in rows_t
+        else:  # the whole graph's CSR: block row v is slot v
+            adj, vrow, first_block = whole
+            first_block = first_block[rows_t]
             position = torch.full((n,), -1, dtype=torch.long, device=dev)
             position[rows_t] = torch.arange(len(rows_t), device=dev)
-            extra = (further & in_rows[vrow]).nonzero().squeeze(1)
-            fresh.index_add_(0, position[vrow[extra]], blocks[extra].to(self.agg_dtype))
+        blocks = self._spmm(adj, x)  # [blocks, dim] float32
+        if whole is None and len(vrow) == len(position):  # no row was cut: the blocks are A's rows
+            return blocks.to(self.agg_dtype)
+        fresh = blocks[first_block].to(self.agg_dtype)
+        if len(vrow) > len(position):  # a row was cut: add the further blocks of A's rows
+            further = torch.ones(len(vrow), dtype=torch.bool, device=dev)
+            further[first_block] = False
+            target = position[vrow]
+            extra = (further & (target >= 0)).nonzero().squeeze(1)
+            fresh.index_add_(0, target[extra], blocks[extra].to(self.agg_dtype))
         return fresh
 
     def _select(
@@ -955,10 +950,10 @@ class IncrementalEngine:
         src, dst = self.replica.edge_index()
         return torch.as_tensor(np.stack([src, dst]), dtype=torch.long, device=self.device)
 
-    def _csr(self, with_rows: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _csr(self) -> tuple[Tensor, Tensor]:
         """The replica's adjacency in CSR form, built on the device from its block arrays (one
         copy of the used half-edge array; the index arithmetic runs where the data lives):
-        ``crow`` [n+1], ``col`` [half-edges], and with ``with_rows`` the row of every entry.
+        ``crow`` [n+1], ``col`` [half-edges].
         Row v (a block owner) lists the neighbours whose messages v aggregates; dead slots are
         empty rows. int64 throughout."""
         rep, dev, n = self.replica, self.device, self.replica.num_slots
@@ -971,7 +966,7 @@ class IncrementalEngine:
         pos = torch.arange(total, device=dev).add_(offset[row])
         col = self._nbr_on_device()[pos].long()
         del pos
-        return crow, col, (row if with_rows else None)
+        return crow, col
 
     def _nbr_on_device(self) -> Tensor:
         """``replica.nbr[:top]`` on the device. With ``mirror_adjacency`` a device copy is kept
@@ -1025,7 +1020,7 @@ class IncrementalEngine:
     def adjacency(self, dtype: torch.dtype | None = None) -> Tensor:
         """The replica's adjacency as a sparse CSR matrix on the device (row = receiver), for
         layer-wise full-graph passes without an [edges, dim] message tensor."""
-        crow, col, _ = self._csr()
+        crow, col = self._csr()
         return self._sparse(crow, col, dtype or self.agg_dtype)
 
     def _spmm(self, adj: Tensor, x: Tensor) -> Tensor:

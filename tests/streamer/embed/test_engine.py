@@ -347,7 +347,7 @@ def test_blocked_adjacency_cuts_long_rows_and_sums_to_the_plain_product():
     engine = IncrementalEngine(make_model(2), "cpu")
     engine.bulk_load(keys, np.asarray(src), np.asarray(dst), "VIEWED")
     n = engine.replica.num_slots
-    crow, col, _ = engine._csr()
+    crow, col = engine._csr()
     adj, vrow, first = engine._blocked(crow, col, block=4)
     vcrow = adj.crow_indices().long()
     assert int((vcrow[1:] - vcrow[:-1]).max()) <= 4
